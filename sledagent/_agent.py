@@ -1,0 +1,142 @@
+"""SledAgent: one nursery for the process, and the wiring of the core.
+
+```
+open_sled_agent (one nursery)
+ |- NexusNotifier.run      delivery tasks, one per VMM with an undelivered state
+ |- Reaper.run             one task per defunct zone: bundle, then halt
+ |- InstanceManager.run    the runners nursery: one InstanceRunner (+ monitor) per VMM
+```
+
+Data flows one way: API -> manager -> runner -> reaper -> bundler -> store.
+
+Shutdown (leaving the ``async with``, normally or by cancellation): new registrations
+are refused; the reaper and the notifier get ``shutdown_drain_s`` under a shielded
+cancel scope to finish what they hold; then everything is cancelled. Live VMMs' zones
+and whatever the reaper did not finish stay on the host for the next start's sweep.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import structlog
+import trio
+
+from ._bundler import ZoneBundler
+from ._config import AgentConfig, TerminationPolicy
+from ._host import Archiver, BundleStore, NexusClient, PropolisConnector, ZoneBackend
+from ._inline import InlineTeardown, LockedBundleStore
+from ._manager import InstanceManager
+from ._nics import NicReservations
+from ._notifier import NexusNotifier
+from ._reaper import Reaper
+from ._runner import RunnerContext
+
+log = structlog.get_logger("sledagent.agent")
+
+
+@attrs.frozen
+class Host:
+    """The host-facing implementations the agent drives."""
+
+    backend: ZoneBackend
+    connector: PropolisConnector
+    nexus: NexusClient
+    archiver: Archiver
+    store: BundleStore
+
+
+class SledAgent:
+    """The composed core. Build it with ``open_sled_agent``."""
+
+    def __init__(
+        self, config: AgentConfig, host: Host, *, sled_id: uuid.UUID | None = None
+    ) -> None:
+        self.config = config
+        self.host = host
+        self.sled_id = sled_id or uuid.uuid4()
+        self.nics = NicReservations()
+        self.bundle_lock = trio.Lock()  # used only by the inline baseline
+        inline = config.termination_policy is TerminationPolicy.INLINE
+        self.store: BundleStore = (
+            LockedBundleStore(host.store, self.bundle_lock) if inline else host.store
+        )
+        self.bundler = ZoneBundler(
+            host.backend,
+            host.archiver,
+            self.store,
+            collect_concurrency=config.bundle_collect_concurrency,
+            archive_concurrency=config.bundle_archive_concurrency,
+            command_timeout_s=config.command_timeout_s,
+            snapshot_cleanup_timeout_s=config.snapshot_cleanup_timeout_s,
+        )
+        self.notifier = NexusNotifier(
+            host.nexus, backoff=config.nexus_backoff, concurrency=config.nexus_concurrency
+        )
+        self.reaper = Reaper(
+            host.backend,
+            self.bundler,
+            self.nics,
+            capacity=config.max_zones,
+            backoff=config.reaper_backoff,
+            bundle_attempts=config.bundle_attempts,
+            teardown_concurrency=config.teardown_concurrency,
+        )
+        self.manager = InstanceManager(
+            RunnerContext(
+                config=config,
+                backend=host.backend,
+                connector=host.connector,
+                notifier=self.notifier,
+                reaper=self.reaper,
+                nics=self.nics,
+                sled_id=self.sled_id,
+                inline=(
+                    InlineTeardown(
+                        host.backend,
+                        self.bundler,
+                        self.nics,
+                        self.bundle_lock,
+                        config.reaper_backoff,
+                    )
+                    if inline
+                    else None
+                ),
+            )
+        )
+
+    async def drain(self) -> None:
+        """Wait until the reaper holds no zone and the notifier has nothing pending."""
+        await self.reaper.wait_idle()
+        await self.notifier.wait_idle()
+
+
+@asynccontextmanager
+async def open_sled_agent(
+    config: AgentConfig, host: Host, *, sled_id: uuid.UUID | None = None
+) -> AsyncIterator[SledAgent]:
+    """Run a sled agent for the duration of the ``async with`` block."""
+    agent = SledAgent(config, host, sled_id=sled_id)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.notifier.run)
+        await nursery.start(agent.reaper.run)
+        await nursery.start(agent.manager.run)
+        log.info(
+            "agent_started", policy=config.termination_policy.value, sled_id=str(agent.sled_id)
+        )
+        try:
+            yield agent
+        finally:
+            agent.manager.stop_accepting()
+            with trio.move_on_after(config.shutdown_drain_s, shield=True) as scope:
+                await agent.drain()
+            if scope.cancelled_caught:
+                log.warning(
+                    "shutdown_drain_timeout",
+                    zones_left=agent.reaper.backlog,
+                    states_pending=agent.notifier.statistics().pending,
+                )
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,195 @@
+"""ZoneBundler: diagnostics bundles in two bounded phases, with no global lock.
+
+Phase 1 (the zone is held; short and bounded): run the zone-wide and per-process
+commands concurrently, each under its own timeout (a timeout is recorded in the output,
+the other commands are kept), then take a per-bundle snapshot of the zone's log sources.
+Then the zone is *released*: ``on_released`` fires and the reaper may halt the zone while
+phase 2 runs.
+
+Phase 2 (the zone is no longer needed): write the archive from the snapshot (the real
+archiver does this in a worker thread), add it to the store, and drop the snapshot under
+a shielded cancel scope with its own deadline, so a cancelled bundle leaks no snapshot.
+
+Each phase has its own ``trio.CapacityLimiter``; their statistics are exported. omicron
+serializes every bundle on the host, and list/get/delete/cleanup too, behind one mutex
+(#5236); here listing and deleting go to the store and never wait for a bundle.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import attrs
+import structlog
+import trio
+
+from ._host import (
+    ArchiveJob,
+    Archiver,
+    BundleInfo,
+    BundleStore,
+    CommandOutput,
+    Snapshot,
+    Zone,
+    ZoneBackend,
+    ZoneCommand,
+)
+from ._wire import ZoneBundleCause, ZoneBundleId, ZoneBundleMetadata, utcnow
+
+log = structlog.get_logger("sledagent.bundler")
+
+#: The bundle format version written into ``metadata.toml`` (omicron's is 0).
+BUNDLE_VERSION = 0
+
+
+@attrs.frozen
+class LimiterStatistics:
+    borrowed: int
+    total: int
+    waiting: int
+
+
+@attrs.frozen
+class BundlerStatistics:
+    collect: LimiterStatistics  # phase 1: zones held
+    archive: LimiterStatistics  # phase 2: archives being written
+    created: int
+    failed: int
+    #: Seconds each finished phase 1 held its zone, newest last (bounded).
+    zone_held_s: tuple[float, ...]
+
+
+def _limiter_stats(limiter: trio.CapacityLimiter) -> LimiterStatistics:
+    s = limiter.statistics()
+    return LimiterStatistics(
+        borrowed=s.borrowed_tokens, total=int(s.total_tokens), waiting=s.tasks_waiting
+    )
+
+
+class ZoneBundler:
+    _HELD_SAMPLES = 4096
+
+    def __init__(
+        self,
+        backend: ZoneBackend,
+        archiver: Archiver,
+        store: BundleStore,
+        *,
+        collect_concurrency: int,
+        archive_concurrency: int,
+        command_timeout_s: float,
+        snapshot_cleanup_timeout_s: float,
+    ) -> None:
+        self._backend = backend
+        self._archiver = archiver
+        self.store = store
+        self.collect_limiter = trio.CapacityLimiter(collect_concurrency)
+        self.archive_limiter = trio.CapacityLimiter(archive_concurrency)
+        self._command_timeout_s = command_timeout_s
+        self._cleanup_timeout_s = snapshot_cleanup_timeout_s
+        self._created = 0
+        self._failed = 0
+        self._held: list[float] = []
+
+    def statistics(self) -> BundlerStatistics:
+        return BundlerStatistics(
+            collect=_limiter_stats(self.collect_limiter),
+            archive=_limiter_stats(self.archive_limiter),
+            created=self._created,
+            failed=self._failed,
+            zone_held_s=tuple(self._held),
+        )
+
+    async def create(
+        self,
+        zone: Zone,
+        cause: ZoneBundleCause,
+        *,
+        on_released: Callable[[], None] | None = None,
+        bundle_id: uuid.UUID | None = None,
+    ) -> BundleInfo:
+        """Bundle ``zone``; returns the stored bundle.
+
+        ``on_released`` is called once phase 1 has succeeded: from then on the zone may be
+        halted. If phase 1 fails it is not called (the caller decides whether to retry
+        while it still holds the zone). On any failure no bundle is stored and the
+        snapshot, if one was taken, is dropped.
+        """
+        bundle_id = bundle_id or uuid.uuid4()
+        bound = log.bind(zone_name=zone.name, bundle_id=str(bundle_id))
+        metadata = ZoneBundleMetadata(
+            cause=cause,
+            id=ZoneBundleId(bundle_id=bundle_id, zone_name=zone.name),
+            time_created=utcnow(),
+            version=BUNDLE_VERSION,
+        )
+        try:
+            commands, snapshot = await self._collect(zone, bundle_id, bound)
+            if on_released is not None:
+                on_released()
+            try:
+                async with self.archive_limiter:
+                    info = await self._archiver.write(ArchiveJob(metadata, commands, snapshot))
+                await self.store.add(info)
+            finally:
+                await self._drop_snapshot(snapshot, bound)
+        except Exception as exc:
+            self._failed += 1
+            bound.warning("bundle_failed", error=repr(exc))
+            raise
+        self._created += 1
+        bound.info("bundle_created", size=info.size, cause=cause.value)
+        return info
+
+    async def _collect(
+        self, zone: Zone, bundle_id: uuid.UUID, bound: structlog.typing.FilteringBoundLogger
+    ) -> tuple[tuple[CommandOutput, ...], Snapshot]:
+        async with self.collect_limiter:
+            t0 = trio.current_time()
+            commands = await self._run_commands(zone)
+            snapshot = await self._backend.snapshot(zone, bundle_id)
+            held = trio.current_time() - t0
+        self._held.append(held)
+        if len(self._held) > self._HELD_SAMPLES:
+            del self._held[: len(self._held) - self._HELD_SAMPLES]
+        bound.info("zone_released", held_s=round(held, 4), files=len(snapshot.files))
+        return commands, snapshot
+
+    async def _run_commands(self, zone: Zone) -> tuple[CommandOutput, ...]:
+        commands = list(await self._backend.bundle_commands(zone))
+        results: list[CommandOutput | None] = [None] * len(commands)
+
+        async def run_one(i: int, command: ZoneCommand) -> None:
+            t0 = trio.current_time()
+            out: CommandOutput | None = None
+            with trio.move_on_after(self._command_timeout_s):
+                try:
+                    out = await self._backend.run_command(zone, command)
+                except Exception as exc:  # a failed command is recorded, never fatal
+                    out = CommandOutput(
+                        command.argv, b"", None, trio.current_time() - t0, error=repr(exc)
+                    )
+            if out is None:
+                out = CommandOutput(
+                    command.argv, b"", None, trio.current_time() - t0, timed_out=True
+                )
+            results[i] = out
+
+        async with trio.open_nursery() as nursery:
+            for i, command in enumerate(commands):
+                nursery.start_soon(run_one, i, command)
+        return tuple(r for r in results if r is not None)
+
+    async def _drop_snapshot(
+        self, snapshot: Snapshot, bound: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        # Shielded: a cancelled bundle must still not leak its snapshot. If even this
+        # fails or times out, the startup sweep finds the snapshot by its tag.
+        with trio.move_on_after(self._cleanup_timeout_s, shield=True) as scope:
+            try:
+                await self._backend.destroy_snapshot(snapshot)
+            except Exception as exc:
+                bound.error("snapshot_destroy_failed", snapshot=snapshot.name, error=repr(exc))
+        if scope.cancelled_caught:
+            bound.error("snapshot_destroy_timeout", snapshot=snapshot.name)

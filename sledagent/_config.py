@@ -1,0 +1,102 @@
+"""The agent's configuration: one object, validated once, passed down.
+
+Every field has a default that suits a real host; tests shorten the timings. Values are
+checked when the object is built (attrs validators), so a bad config fails at start with
+a message naming the field, never later in a runner.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Any
+
+import attrs
+from attrs import validators as v
+
+
+class TerminationPolicy(enum.StrEnum):
+    """How a halted VMM is published and its zone torn down.
+
+    ``reaper`` (the default): publish at once, hand the zone to the reaper.
+    ``inline``: omicron's behaviour, kept only as a measured baseline: the runner
+    bundles (under one host-wide lock) and tears down before it publishes.
+    """
+
+    REAPER = "reaper"
+    INLINE = "inline"
+
+
+def _positive(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"config `{attribute.name}` must be > 0, got {value!r}")
+
+
+def _at_least(minimum: int) -> Any:
+    def check(_: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+        if value < minimum:
+            raise ValueError(f"config `{attribute.name}` must be >= {minimum}, got {value!r}")
+
+    return check
+
+
+@attrs.frozen(kw_only=True)
+class BackoffPolicy:
+    """Exponential backoff: ``initial_s`` doubling up to ``max_s``."""
+
+    initial_s: float = attrs.field(default=0.25, validator=_positive)
+    max_s: float = attrs.field(default=180.0, validator=_positive)
+
+    def delays(self) -> Any:
+        """An endless iterator of delays: initial, 2x, 4x, ... capped at max."""
+        delay = self.initial_s
+        while True:
+            yield delay
+            delay = min(delay * 2, self.max_s)
+
+
+@attrs.frozen(kw_only=True)
+class AgentConfig:
+    """Everything the core needs to know; see docs/operations.md for the reference."""
+
+    termination_policy: TerminationPolicy = attrs.field(
+        default=TerminationPolicy.REAPER, converter=TerminationPolicy
+    )
+    #: Zones this sled may hold at once (live VMMs plus defunct zones being reaped).
+    max_zones: int = attrs.field(default=1024, validator=_at_least(1))
+    #: Requests queued per VMM runner before callers get INSTANCE_CHANNEL_FULL.
+    runner_queue_size: int = attrs.field(default=64, validator=_at_least(1))
+    #: After a requested stop, how long Propolis has to reach Destroyed (omicron: 10 min).
+    stop_grace_s: float = attrs.field(default=600.0, validator=_positive)
+    #: How long a new VMM waits for a previous incarnation's zone to release its NICs.
+    nic_release_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    #: Nexus deliveries: 250 ms doubling to 3 min (omicron's).
+    nexus_backoff: BackoffPolicy = attrs.field(factory=BackoffPolicy)
+    #: Nexus deliveries in flight at once, over all VMMs.
+    nexus_concurrency: int = attrs.field(default=64, validator=_at_least(1))
+    #: Propolis state-monitor retries: 50 ms doubling to 1 s (omicron's).
+    monitor_backoff: BackoffPolicy = attrs.field(
+        factory=lambda: BackoffPolicy(initial_s=0.05, max_s=1.0)
+    )
+    #: Bundles holding their zone (commands + snapshot) at once.
+    bundle_collect_concurrency: int = attrs.field(default=8, validator=_at_least(1))
+    #: Bundles archiving at once (phase 2); default: the number of cores.
+    bundle_archive_concurrency: int = attrs.field(
+        factory=lambda: os.cpu_count() or 1, validator=_at_least(1)
+    )
+    #: Each zone command's own timeout; a timeout is recorded and the rest kept.
+    command_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    #: How long dropping a snapshot may take during cleanup (shielded).
+    snapshot_cleanup_timeout_s: float = attrs.field(default=60.0, validator=_positive)
+    #: Reaper step retries (bundle, halt): backoff between attempts.
+    reaper_backoff: BackoffPolicy = attrs.field(
+        factory=lambda: BackoffPolicy(initial_s=1.0, max_s=60.0)
+    )
+    #: Bundle attempts before the reaper gives up on a zone's bundle and tears it down.
+    bundle_attempts: int = attrs.field(default=3, validator=_at_least(1))
+    #: Zone teardowns running at once.
+    teardown_concurrency: int = attrs.field(default=16, validator=_at_least(1))
+    #: On shutdown, how long the reaper may keep working (shielded) before it stops.
+    shutdown_drain_s: float = attrs.field(default=30.0, validator=_positive)
+    #: gzip level of bundles (python-isal: 0..3).
+    compression_level: int = attrs.field(default=2, validator=v.and_(v.ge(0), v.le(3)))

@@ -1,0 +1,127 @@
+"""The agent's error types, each with the HTTP status and ``error_code`` it maps to.
+
+Codes and statuses are omicron's where omicron has one (``NO_SUCH_INSTANCE`` as 404 for
+an unknown VMM and 410 for one that is terminating; ``INSTANCE_CHANNEL_FULL``... as a
+503). The API layer turns any ``AgentError`` into ``{message, error_code, request_id}``.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+
+class AgentError(Exception):
+    """Base of every error a caller of the agent can see."""
+
+    status: int = 500
+    error_code: str | None = "INTERNAL"
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class BadRequest(AgentError, ValueError):
+    """Malformed or invalid input; the message names the failing field."""
+
+    status = 400
+    error_code = "INVALID_REQUEST"
+
+
+class NoSuchVmm(AgentError, LookupError):
+    """No VMM with this id is registered on this sled (404 ``NO_SUCH_INSTANCE``)."""
+
+    status = 404
+    error_code = "NO_SUCH_INSTANCE"
+
+    def __init__(self, propolis_id: uuid.UUID) -> None:
+        super().__init__(f"no such VMM: {propolis_id}")
+        self.propolis_id = propolis_id
+
+
+class Terminating(AgentError):
+    """The VMM has halted; it takes no more state changes (410 ``NO_SUCH_INSTANCE``)."""
+
+    status = 410
+    error_code = "NO_SUCH_INSTANCE"
+
+    def __init__(self, propolis_id: uuid.UUID) -> None:
+        super().__init__(f"VMM {propolis_id} is terminating")
+        self.propolis_id = propolis_id
+
+
+class ChannelFull(AgentError):
+    """The VMM's runner queue is full; retry later (503 ``INSTANCE_CHANNEL_FULL``)."""
+
+    status = 503
+    error_code = "INSTANCE_CHANNEL_FULL"
+
+    def __init__(self, propolis_id: uuid.UUID, capacity: int) -> None:
+        super().__init__(
+            f"failed to send request to VMM {propolis_id}: channel at capacity ({capacity})"
+        )
+        self.propolis_id = propolis_id
+
+
+class PropolisAlreadyRegistered(AgentError):
+    """The propolis id is registered for a different instance (409)."""
+
+    status = 409
+    error_code = "PROPOLIS_ALREADY_REGISTERED"
+
+
+class VmNotRunning(AgentError):
+    """The request needs a running VMM and there is none yet (409)."""
+
+    status = 409
+    error_code = "VM_NOT_RUNNING"
+
+    def __init__(self, propolis_id: uuid.UUID) -> None:
+        super().__init__(f"VMM {propolis_id} is registered but not running")
+        self.propolis_id = propolis_id
+
+
+class Unavailable(AgentError):
+    """A resource the request needs is busy or the host is full; retry later (503)."""
+
+    status = 503
+    error_code = "SERVICE_UNAVAILABLE"
+
+
+class NicsStillHeld(Unavailable):
+    """A previous incarnation's zone still holds NICs this VMM needs (503)."""
+
+    error_code = "NIC_IN_USE"
+
+
+class HostFull(Unavailable):
+    """The sled already holds its configured maximum of zones (503)."""
+
+    error_code = "INSUFFICIENT_CAPACITY"
+
+
+class ShuttingDown(Unavailable):
+    """The agent is stopping and accepts no new work (503)."""
+
+    error_code = "SHUTTING_DOWN"
+
+
+# --- errors from the peers the agent drives (never shown to callers as such) ---------
+
+
+class PeerError(Exception):
+    """A request to Propolis or Nexus failed."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying: no answer at all, or a 5xx."""
+        return self.status is None or self.status >= 500
+
+
+class PropolisGone(PeerError):
+    """Propolis answers but has no VM (410 or ``NoInstance``), or its process is gone."""

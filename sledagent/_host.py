@@ -1,0 +1,205 @@
+"""The seams between the agent and the host: zones, Propolis, Nexus, archive, store.
+
+The core (manager, runners, monitor, notifier, reaper, bundler) speaks only these
+protocols. ``sledagent.testing`` implements them with scriptable fakes; the local and
+illumos zone backends and the HTTP clients implement them for real. The value types
+here (``Zone``, ``DefunctZone``, ``Snapshot``...) are what crosses those seams.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+
+from ._wire import (
+    InstanceEnsureRequest,
+    InstanceStateMonitorResponse,
+    InstanceStateRequested,
+    SledVmmState,
+    ZoneBundleCause,
+    ZoneBundleMetadata,
+)
+
+ZONE_PREFIX = "oxz_propolis-server_"
+
+
+def zone_name_for(propolis_id: uuid.UUID) -> str:
+    """omicron's zone name for a VMM's zone."""
+    return f"{ZONE_PREFIX}{propolis_id}"
+
+
+@attrs.frozen
+class ZoneSpec:
+    """What a runner asks the backend to install for its VMM."""
+
+    propolis_id: uuid.UUID
+    instance_id: uuid.UUID
+    propolis_addr: str
+    nic_ids: frozenset[uuid.UUID] = frozenset()
+
+    @property
+    def zone_name(self) -> str:
+        return zone_name_for(self.propolis_id)
+
+
+@attrs.frozen
+class Zone:
+    """An installed zone; ``propolis_addr`` is where its Propolis serves."""
+
+    name: str
+    propolis_id: uuid.UUID | None
+    propolis_addr: str
+    nic_ids: frozenset[uuid.UUID] = frozenset()
+
+
+@attrs.frozen
+class DefunctZone:
+    """A zone whose VMM has halted: the reaper owns it from the moment it is sent."""
+
+    zone: Zone
+    cause: ZoneBundleCause
+    time_defunct: dt.datetime
+
+
+@attrs.frozen
+class ZoneCommand:
+    """A diagnostic command about a zone: an argument list, never a shell string."""
+
+    argv: tuple[str, ...]
+
+
+@attrs.frozen
+class CommandOutput:
+    """The result of one command; a timeout or a missing tool is recorded, not raised."""
+
+    argv: tuple[str, ...]
+    output: bytes
+    exit_status: int | None
+    duration_s: float
+    timed_out: bool = False
+    error: str | None = None
+
+
+@attrs.frozen
+class LogSource:
+    """A file in a snapshot, to be archived under ``name``."""
+
+    name: str
+    path: str
+    size: int
+
+
+@attrs.frozen
+class Snapshot:
+    """A per-bundle, point-in-time copy of a zone's log sources (named by bundle id)."""
+
+    name: str
+    zone_name: str
+    bundle_id: uuid.UUID
+    files: tuple[LogSource, ...] = ()
+
+
+@attrs.frozen
+class ArchiveJob:
+    """Everything phase 2 needs; it no longer needs the zone itself."""
+
+    metadata: ZoneBundleMetadata
+    commands: tuple[CommandOutput, ...]
+    snapshot: Snapshot
+
+
+@attrs.frozen
+class BundleInfo:
+    """A finished bundle as the store indexes it: metadata, size and its copies."""
+
+    metadata: ZoneBundleMetadata
+    size: int
+    paths: tuple[str, ...] = ()
+
+    @property
+    def zone_name(self) -> str:
+        return self.metadata.id.zone_name
+
+    @property
+    def bundle_id(self) -> uuid.UUID:
+        return self.metadata.id.bundle_id
+
+
+class ZoneBackend(Protocol):
+    """Zones on this host. Every method is idempotent where the docstring says so."""
+
+    async def install(self, spec: ZoneSpec) -> Zone:
+        """Create the zone and start its Propolis. On failure nothing is left behind."""
+        ...
+
+    async def zone_exists(self, zone: Zone) -> bool: ...
+
+    async def bundle_commands(self, zone: Zone) -> Sequence[ZoneCommand]:
+        """The zone-wide and per-process diagnostic commands for this zone."""
+        ...
+
+    async def run_command(self, zone: Zone, command: ZoneCommand) -> CommandOutput:
+        """Run one command. Cancellation (the bundler's timeout) kills it."""
+        ...
+
+    async def snapshot(self, zone: Zone, bundle_id: uuid.UUID) -> Snapshot:
+        """Take a per-bundle snapshot of the zone's log sources."""
+        ...
+
+    async def destroy_snapshot(self, snapshot: Snapshot) -> None:
+        """Drop a snapshot; idempotent."""
+        ...
+
+    async def halt_and_remove(self, zone: Zone) -> None:
+        """Stop the zone's processes and remove it; idempotent."""
+        ...
+
+
+class PropolisClient(Protocol):
+    """Drives one Propolis. Errors are ``PeerError``; ``PropolisGone`` when it has no VM."""
+
+    async def ensure(self, request: InstanceEnsureRequest) -> None: ...
+
+    async def put_state(self, requested: InstanceStateRequested) -> None: ...
+
+    async def state_monitor(self, gen: int) -> InstanceStateMonitorResponse:
+        """Long-poll: answers once Propolis's generation reaches ``gen``."""
+        ...
+
+
+class PropolisConnector(Protocol):
+    def client_for(self, zone: Zone) -> PropolisClient: ...
+
+
+class NexusClient(Protocol):
+    async def put_vmm_state(self, propolis_id: uuid.UUID, state: SledVmmState) -> None:
+        """Report a VMM's state; returns on acknowledgement, raises ``PeerError``."""
+        ...
+
+
+class Archiver(Protocol):
+    async def write(self, job: ArchiveJob) -> BundleInfo:
+        """Write the bundle, all or nothing: on failure no file is left behind."""
+        ...
+
+
+class BundleStore(Protocol):
+    """The bundles on this host. Never waits for a bundle in progress."""
+
+    async def add(self, info: BundleInfo) -> None: ...
+
+    async def list_all(self, zone_filter: str | None = None) -> list[BundleInfo]:
+        """All bundles whose zone name contains ``zone_filter``, oldest first."""
+        ...
+
+    async def list_zone(self, zone_name: str) -> list[BundleInfo]: ...
+
+    async def get(self, zone_name: str, bundle_id: uuid.UUID) -> BundleInfo | None: ...
+
+    async def delete(self, zone_name: str, bundle_id: uuid.UUID) -> bool:
+        """Remove every copy; ``False`` if there was no such bundle."""
+        ...

@@ -1,0 +1,166 @@
+"""NexusNotifier: delivers the newest state of each VMM to Nexus, retrying.
+
+Who starts it: the ``SledAgent``, in its own nursery, before any runner.
+What it owns: one slot per VMM with an undelivered state, and one delivery task per
+slot while there is something to send (tasks live in the notifier's nursery, so none
+outlives it).
+What it hands on: each acknowledged (or refused) state goes to ``on_delivered``, which
+lets the manager remove a VMM whose terminal state Nexus now knows.
+
+Rules (omicron's, plus what omicron lacks):
+- ``publish`` never blocks and never fails: it stores the state and returns.
+- Per VMM only the newest state is pending; an older generation is never sent after a
+  newer one (one sequential sender per VMM, and stale states are dropped on arrival).
+- Connection errors and 5xx are retried with backoff (250 ms doubling to 3 min);
+  a 4xx is final: logged, counted, and reported as not acknowledged.
+- On cancellation (agent shutdown) undelivered states are dropped; they are recorded
+  in ``statistics().pending``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import attrs
+import structlog
+import trio
+
+from ._config import BackoffPolicy
+from ._errors import PeerError
+from ._host import NexusClient
+from ._wire import SledVmmState
+
+log = structlog.get_logger("sledagent.notifier")
+
+#: ``on_delivered(propolis_id, state, acknowledged)``
+DeliveredHook = Callable[[uuid.UUID, SledVmmState, bool], None]
+
+
+@attrs.frozen
+class NotifierStatistics:
+    pending: int  # VMMs with a state not yet delivered
+    in_flight: int  # requests to Nexus outstanding now
+    delivered: int  # states acknowledged by Nexus
+    retries: int  # transient failures retried
+    gave_up: int  # states refused by Nexus (4xx)
+    superseded: int  # states replaced by a newer one before delivery
+
+
+@attrs.define
+class _Slot:
+    pending: SledVmmState | None = None
+    newest_gen: int = -1  # newest generation accepted for this VMM
+    sending: bool = False
+
+
+class NexusNotifier:
+    def __init__(
+        self,
+        client: NexusClient,
+        *,
+        backoff: BackoffPolicy,
+        concurrency: int,
+        on_delivered: DeliveredHook | None = None,
+    ) -> None:
+        self._client = client
+        self._backoff = backoff
+        self._limiter = trio.CapacityLimiter(concurrency)
+        self.on_delivered = on_delivered
+        self._slots: dict[uuid.UUID, _Slot] = {}
+        self._nursery: trio.Nursery | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+        self._delivered = self._retries = self._gave_up = self._superseded = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve deliveries until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def publish(self, propolis_id: uuid.UUID, state: SledVmmState) -> None:
+        """Make ``state`` the newest state to deliver for this VMM; returns at once."""
+        if self._nursery is None:
+            raise RuntimeError("NexusNotifier.publish() before run() started")
+        slot = self._slots.setdefault(propolis_id, _Slot())
+        if state.gen <= slot.newest_gen:
+            return  # stale: a newer generation was already accepted
+        slot.newest_gen = state.gen
+        if slot.pending is not None:
+            self._superseded += 1  # the older pending state will never be sent
+        slot.pending = state
+        if not slot.sending:
+            slot.sending = True
+            self._idle = trio.Event() if self._idle.is_set() else self._idle
+            self._nursery.start_soon(self._deliver, propolis_id, slot)
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is pending (used by shutdown and tests)."""
+        while not self._idle.is_set():
+            await self._idle.wait()
+
+    def statistics(self) -> NotifierStatistics:
+        return NotifierStatistics(
+            pending=sum(1 for s in self._slots.values() if s.sending),
+            in_flight=self._limiter.borrowed_tokens,
+            delivered=self._delivered,
+            retries=self._retries,
+            gave_up=self._gave_up,
+            superseded=self._superseded,
+        )
+
+    async def _deliver(self, propolis_id: uuid.UUID, slot: _Slot) -> None:
+        bound = log.bind(propolis_id=str(propolis_id))
+        try:
+            while slot.pending is not None:
+                state, slot.pending = slot.pending, None
+                state, acknowledged = await self._send_until_done(bound, propolis_id, slot, state)
+                if self.on_delivered is not None:
+                    self.on_delivered(propolis_id, state, acknowledged)
+        finally:
+            slot.sending = False
+            if not any(s.sending for s in self._slots.values()):
+                self._idle.set()
+
+    def forget(self, propolis_id: uuid.UUID) -> None:
+        """Drop a VMM's slot once the VMM has left the registry."""
+        slot = self._slots.get(propolis_id)
+        if slot is not None and not slot.sending:
+            del self._slots[propolis_id]
+
+    async def _send_until_done(
+        self,
+        bound: structlog.typing.FilteringBoundLogger,
+        propolis_id: uuid.UUID,
+        slot: _Slot,
+        state: SledVmmState,
+    ) -> tuple[SledVmmState, bool]:
+        """Send until Nexus answers; switches to a newer pending state between retries.
+
+        Returns the state that was finally sent and whether Nexus acknowledged it
+        (``False``: refused with a 4xx)."""
+        delays = self._backoff.delays()
+        while True:
+            try:
+                async with self._limiter:
+                    await self._client.put_vmm_state(propolis_id, state)
+            except PeerError as exc:
+                if not exc.transient:
+                    self._gave_up += 1
+                    bound.error(
+                        "nexus_refused_state", gen=state.gen, status=exc.status, error=str(exc)
+                    )
+                    return state, False
+                self._retries += 1
+                delay = next(delays)
+                bound.warning("nexus_retry", gen=state.gen, status=exc.status, delay_s=delay)
+                await trio.sleep(delay)
+                if slot.pending is not None:  # a newer state arrived: send that instead
+                    self._superseded += 1
+                    state, slot.pending = slot.pending, None
+                continue
+            self._delivered += 1
+            bound.debug("nexus_acknowledged", gen=state.gen, state=state.vmm_state.state.value)
+            return state, True

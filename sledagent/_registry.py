@@ -1,0 +1,78 @@
+"""The registry: one source of truth for each VMM's phase and state.
+
+A read is answered from here at once; it never goes through a runner's queue (omicron
+routes reads through the runner, so a runner busy tearing down blocks them). An entry
+moves ``active -> halted -> published -> removed`` and leaves the registry only after
+Nexus acknowledged its terminal state, so Nexus never sees a 404 for a VMM whose end it
+has not been told about (that 404 makes Nexus mark the instance Failed).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+
+from ._errors import NoSuchVmm
+from ._wire import InstanceEnsureBody, SledVmmState
+
+
+class VmmPhase(enum.StrEnum):
+    ACTIVE = "active"  # a runner applies requests and follows Propolis
+    HALTED = "halted"  # terminal state recorded; zone handed off; publishing
+    PUBLISHED = "published"  # Nexus acknowledged the terminal state
+    REMOVED = "removed"  # gone from the registry: reads answer NoSuchVmm
+
+
+@attrs.define(eq=False)
+class VmmEntry:
+    """One registered VMM. Only its runner (and the manager) write to it."""
+
+    propolis_id: uuid.UUID
+    body: InstanceEnsureBody
+    state: SledVmmState
+    phase: VmmPhase = VmmPhase.ACTIVE
+    #: trio clock time at which the terminal state was recorded.
+    halted_at: float | None = None
+    #: The runner applying this VMM's requests (an ``InstanceRunner``).
+    runner: Any = None
+
+    @property
+    def instance_id(self) -> uuid.UUID:
+        return self.body.instance_id
+
+
+@attrs.define
+class Registry:
+    _entries: dict[uuid.UUID, VmmEntry] = attrs.field(factory=dict)
+
+    def get(self, propolis_id: uuid.UUID) -> VmmEntry:
+        try:
+            return self._entries[propolis_id]
+        except KeyError:
+            raise NoSuchVmm(propolis_id) from None
+
+    def find(self, propolis_id: uuid.UUID) -> VmmEntry | None:
+        return self._entries.get(propolis_id)
+
+    def add(self, entry: VmmEntry) -> None:
+        assert entry.propolis_id not in self._entries
+        self._entries[entry.propolis_id] = entry
+
+    def remove(self, propolis_id: uuid.UUID) -> VmmEntry | None:
+        entry = self._entries.pop(propolis_id, None)
+        if entry is not None:
+            entry.phase = VmmPhase.REMOVED
+        return entry
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[VmmEntry]:
+        return iter(list(self._entries.values()))
+
+    def count(self, phase: VmmPhase) -> int:
+        return sum(1 for e in self._entries.values() if e.phase is phase)

@@ -1,0 +1,349 @@
+"""InstanceRunner: applies one VMM's state-change requests, one at a time.
+
+Who starts it: the ``InstanceManager``, in its runners nursery, at registration.
+What it owns: the VMM's zone (until it hands it off), its Propolis client and its
+monitor task (in the runner's own nursery). Requests arrive on a bounded memory channel;
+a full channel is the caller's ``ChannelFull``, never a wait.
+
+Termination (``terminate``) is synchronous and can be called from anywhere in the
+trio thread: by the monitor on a halted observation, by the stop grace timer, by a stop
+with no VMM, or by the manager on unregister. In this order it records the terminal
+state (generation + 1), hands the zone to the reaper (``send_nowait``; the runner keeps no
+reference), asks the notifier to publish, and cancels the runner. Nothing waits for
+bundling or teardown: that is the fix for omicron #5237/#5235. Requests in flight or
+queued then get ``Terminating`` (410).
+
+Under the ``inline`` policy (the measured baseline) the runner instead bundles and halts
+the zone itself after terminating, and publishes only then, as omicron does.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Generic, TypeVar
+
+import attrs
+import structlog
+import trio
+
+from ._config import AgentConfig
+from ._errors import AgentError, ChannelFull, PeerError, Terminating, Unavailable, VmNotRunning
+from ._host import DefunctZone, PropolisClient, PropolisConnector, Zone, ZoneBackend, ZoneSpec
+from ._inline import InlineTeardown
+from ._monitor import follow_propolis
+from ._nics import NicReservations
+from ._notifier import NexusNotifier
+from ._reaper import Reaper
+from ._registry import VmmEntry, VmmPhase
+from ._vmm_state import Observation, apply_observation, transition
+from ._wire import (
+    InstanceEnsureRequest,
+    InstanceMigrationTargetParams,
+    InstanceProperties,
+    InstanceStateMonitorResponse,
+    InstanceStateRequested,
+    PropolisInstanceMetadata,
+    SledVmmState,
+    VmmState,
+    VmmStateRequested,
+    VmmStateRequestedType,
+    ZoneBundleCause,
+    utcnow,
+)
+
+T = TypeVar("T")
+
+
+class Reply(Generic[T]):
+    """A one-shot answer from the runner to a waiting caller."""
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def ok(self, value: T) -> None:
+        if not self.done:
+            self._value = value
+            self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self._error = error
+            self._done.set()
+
+    async def wait(self) -> T:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+@attrs.frozen
+class PutState:
+    requested: VmmStateRequested
+    reply: Reply[SledVmmState] = attrs.field(factory=Reply)
+
+
+@attrs.frozen
+class ReadState:
+    """Only used by the inline baseline, where reads queue behind the runner."""
+
+    reply: Reply[SledVmmState] = attrs.field(factory=Reply)
+
+
+Request = PutState | ReadState
+
+
+@attrs.frozen
+class RunnerContext:
+    """What every runner shares; built once by the agent."""
+
+    config: AgentConfig
+    backend: ZoneBackend
+    connector: PropolisConnector
+    notifier: NexusNotifier
+    reaper: Reaper
+    nics: NicReservations
+    sled_id: uuid.UUID
+    inline: InlineTeardown | None = None
+
+
+class InstanceRunner:
+    def __init__(self, entry: VmmEntry, ctx: RunnerContext) -> None:
+        self.entry = entry
+        self._ctx = ctx
+        self._send, self._recv = trio.open_memory_channel[Request](ctx.config.runner_queue_size)
+        self._scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self._zone: Zone | None = None
+        self._inline_zone: Zone | None = None
+        self._client: PropolisClient | None = None
+        self._stop_timer = False
+        self._halted = False
+        self.finished = trio.Event()
+        self._log = structlog.get_logger("sledagent.runner").bind(
+            propolis_id=str(entry.propolis_id)
+        )
+
+    @property
+    def propolis_id(self) -> uuid.UUID:
+        return self.entry.propolis_id
+
+    # --- called by the manager -------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises ``ChannelFull`` or ``Terminating`` at once."""
+        if self._halted:
+            raise Terminating(self.propolis_id)
+        try:
+            self._send.send_nowait(request)
+        except trio.WouldBlock:
+            raise ChannelFull(self.propolis_id, self._ctx.config.runner_queue_size) from None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise Terminating(self.propolis_id) from None
+
+    def terminate(self, force: VmmState | None = None) -> SledVmmState:
+        """Record the terminal state, hand off the zone, publish; idempotent.
+
+        ``force`` moves the VMM to that state first (``destroyed`` on unregister or an
+        expired stop grace, ``failed`` when Propolis is gone); without it the current
+        state must already be terminal (a halted observation).
+        """
+        entry = self.entry
+        if self._halted:
+            return entry.state
+        if force is not None:
+            entry.state = transition(entry.state, force, utcnow())
+        self._halted = True
+        entry.phase = VmmPhase.HALTED
+        entry.halted_at = trio.current_time()
+        zone, self._zone, self._client = self._zone, None, None
+        self._log.info("vmm_halted", state=entry.state.vmm_state.state.value, gen=entry.state.gen)
+        if self._ctx.inline is not None:
+            self._inline_zone = zone  # torn down by run(), before publishing (omicron)
+        else:
+            if zone is not None:
+                self._ctx.reaper.submit(
+                    DefunctZone(zone, ZoneBundleCause.TERMINATED_INSTANCE, utcnow())
+                )
+            self._ctx.notifier.publish(self.propolis_id, entry.state)
+        self._scope.cancel()
+        return entry.state
+
+    # --- the task ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._serve)
+            if self._halted and self._ctx.inline is not None:
+                if self._inline_zone is not None:
+                    zone, self._inline_zone = self._inline_zone, None
+                    await self._ctx.inline.teardown(zone, self._log)
+                self._ctx.notifier.publish(self.propolis_id, self.entry.state)
+        finally:
+            self._send.close()
+            self._answer_leftovers()
+            self.finished.set()
+
+    def _answer_leftovers(self) -> None:
+        while True:
+            try:
+                request = self._recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            if isinstance(request, ReadState):
+                request.reply.ok(self.entry.state)
+            else:
+                request.reply.fail(Terminating(self.propolis_id))
+
+    async def _serve(self) -> None:
+        async for request in self._recv:
+            if isinstance(request, ReadState):
+                request.reply.ok(self.entry.state)
+                continue
+            try:
+                request.reply.ok(await self._put_state(request.requested))
+            except AgentError as exc:
+                request.reply.fail(exc)
+            except PeerError as exc:
+                request.reply.fail(Unavailable(f"Propolis request failed: {exc}"))
+            except trio.Cancelled:
+                request.reply.fail(Terminating(self.propolis_id))
+                raise
+            except Exception as exc:  # a bug must not take the runner (and its VMM) down
+                self._log.exception("put_state_error")
+                request.reply.fail(AgentError(f"internal error: {exc!r}"))
+
+    async def _put_state(self, requested: VmmStateRequested) -> SledVmmState:
+        kind = requested.type
+        if kind is VmmStateRequestedType.MIGRATION_TARGET:
+            await self._ensure(requested.value)
+        elif kind is VmmStateRequestedType.RUNNING:
+            client = await self._ensure(None)
+            await client.put_state(InstanceStateRequested.RUN)
+        elif kind is VmmStateRequestedType.STOPPED:
+            if self._client is None:
+                # Nothing will ever report a state: go straight to destroyed.
+                return self.terminate(force=VmmState.DESTROYED)
+            self._start_stop_timer()
+            await self._client.put_state(InstanceStateRequested.STOP)
+            self._set_state(transition(self.entry.state, VmmState.STOPPING, utcnow()))
+        elif kind is VmmStateRequestedType.REBOOT:
+            if self._client is None:
+                raise VmNotRunning(self.propolis_id)
+            await self._client.put_state(InstanceStateRequested.REBOOT)
+            self._set_state(transition(self.entry.state, VmmState.REBOOTING, utcnow()))
+        return self.entry.state
+
+    async def _ensure(self, migration: InstanceMigrationTargetParams | None) -> PropolisClient:
+        """Install the zone and create the VM in Propolis, once."""
+        if self._client is not None:
+            return self._client
+        ctx, body = self._ctx, self.entry.body
+        spec = ZoneSpec(self.propolis_id, body.instance_id, body.propolis_addr, body.nic_ids)
+        await ctx.nics.acquire(spec.nic_ids, spec.zone_name, ctx.config.nic_release_timeout_s)
+        try:
+            zone = await ctx.backend.install(spec)
+        except Exception as exc:
+            ctx.nics.release(spec.zone_name)
+            self._log.error("zone_install_failed", error=repr(exc))
+            self.terminate(force=VmmState.FAILED)
+            raise Unavailable(f"could not install zone {spec.zone_name}: {exc}") from exc
+        self._zone = zone
+        client = ctx.connector.client_for(zone)
+        try:
+            await client.ensure(self._ensure_request(migration))
+        except PeerError:
+            self.terminate(force=VmmState.FAILED)  # the zone goes to the reaper
+            raise
+        self._client = client
+        assert self._nursery is not None
+        self._nursery.start_soon(self._monitor, client, zone)
+        return client
+
+    def _ensure_request(
+        self, migration: InstanceMigrationTargetParams | None
+    ) -> InstanceEnsureRequest:
+        body = self.entry.body
+        init: dict[str, Any]
+        if migration is None:
+            init = {"method": "Spec", "value": {"spec": body.vmm_spec}}
+        else:
+            init = {
+                "method": "MigrationTarget",
+                "value": {
+                    "migration_id": str(body.migration_id or uuid.uuid4()),
+                    "replace_components": {},
+                    "src_addr": migration.src_propolis_addr,
+                },
+            }
+        return InstanceEnsureRequest(
+            init=init,
+            properties=InstanceProperties(
+                description="",
+                id=body.instance_id,
+                name=body.local_config.hostname,
+                metadata=PropolisInstanceMetadata(
+                    project_id=body.metadata.project_id,
+                    silo_id=body.metadata.silo_id,
+                    sled_id=self._ctx.sled_id,
+                    sled_model="sledagent",
+                    sled_revision=0,
+                    sled_serial=str(self._ctx.sled_id),
+                ),
+            ),
+        )
+
+    async def _monitor(self, client: PropolisClient, zone: Zone) -> None:
+        await follow_propolis(
+            client,
+            backoff=self._ctx.config.monitor_backoff,
+            on_observation=self._observe,
+            on_gone=self._gone,
+            zone_exists=lambda: self._ctx.backend.zone_exists(zone),
+            log=self._log,
+        )
+
+    def _observe(self, response: InstanceStateMonitorResponse) -> bool:
+        """Apply one Propolis observation; True once the VMM has halted."""
+        if self._halted:
+            return True
+        new = apply_observation(self.entry.state, Observation.from_monitor(response, utcnow()))
+        self.entry.state = new
+        if new.vmm_state.state.is_halted:
+            self.terminate()
+            return True
+        self._ctx.notifier.publish(self.propolis_id, new)
+        return False
+
+    def _gone(self, why: str) -> None:
+        self._log.warning("propolis_gone", reason=why)
+        self.terminate(force=VmmState.FAILED)
+
+    def _set_state(self, state: SledVmmState) -> None:
+        self.entry.state = state
+        self._ctx.notifier.publish(self.propolis_id, state)
+
+    def _start_stop_timer(self) -> None:
+        # Started by the first stop only: repeated stops do not reset the clock.
+        if self._stop_timer:
+            return
+        self._stop_timer = True
+
+        async def grace() -> None:
+            await trio.sleep(self._ctx.config.stop_grace_s)
+            self._log.warning("stop_grace_expired", grace_s=self._ctx.config.stop_grace_s)
+            # destroyed, not failed: a failed VMM might be restarted by Nexus although
+            # the user asked for it to stop (omicron's reasoning).
+            self.terminate(force=VmmState.DESTROYED)
+
+        assert self._nursery is not None
+        self._nursery.start_soon(grace)

@@ -1,0 +1,70 @@
+"""The bundle index: what bundles exist, answered without opening any of them.
+
+``BundleIndex`` is pure (no I/O) and is what every store keeps in memory. The
+``MemoryBundleStore`` is a complete ``BundleStore`` over it, for hosts whose archiver keeps
+bundles elsewhere (the test fakes, benchmarks on the fake backend); the on-disk store
+rebuilds the same index from its files at startup.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import attrs
+
+from ._host import BundleInfo
+
+
+@attrs.define
+class BundleIndex:
+    _bundles: dict[tuple[str, uuid.UUID], BundleInfo] = attrs.field(factory=dict)
+
+    def add(self, info: BundleInfo) -> None:
+        self._bundles[(info.zone_name, info.bundle_id)] = info
+
+    def get(self, zone_name: str, bundle_id: uuid.UUID) -> BundleInfo | None:
+        return self._bundles.get((zone_name, bundle_id))
+
+    def remove(self, zone_name: str, bundle_id: uuid.UUID) -> BundleInfo | None:
+        return self._bundles.pop((zone_name, bundle_id), None)
+
+    def list_all(self, zone_filter: str | None = None) -> list[BundleInfo]:
+        """Bundles whose zone name contains ``zone_filter``, oldest first."""
+        found = [
+            b
+            for (zone, _), b in self._bundles.items()
+            if zone_filter is None or zone_filter in zone
+        ]
+        return sorted(found, key=lambda b: (b.metadata.time_created, str(b.bundle_id)))
+
+    def list_zone(self, zone_name: str) -> list[BundleInfo]:
+        return [b for b in self.list_all() if b.zone_name == zone_name]
+
+    def __len__(self) -> int:
+        return len(self._bundles)
+
+    @property
+    def bytes_used(self) -> int:
+        return sum(b.size for b in self._bundles.values())
+
+
+class MemoryBundleStore:
+    """A ``BundleStore`` that keeps only the index (no files)."""
+
+    def __init__(self) -> None:
+        self.index = BundleIndex()
+
+    async def add(self, info: BundleInfo) -> None:
+        self.index.add(info)
+
+    async def list_all(self, zone_filter: str | None = None) -> list[BundleInfo]:
+        return self.index.list_all(zone_filter)
+
+    async def list_zone(self, zone_name: str) -> list[BundleInfo]:
+        return self.index.list_zone(zone_name)
+
+    async def get(self, zone_name: str, bundle_id: uuid.UUID) -> BundleInfo | None:
+        return self.index.get(zone_name, bundle_id)
+
+    async def delete(self, zone_name: str, bundle_id: uuid.UUID) -> bool:
+        return self.index.remove(zone_name, bundle_id) is not None

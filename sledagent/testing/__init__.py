@@ -1,0 +1,37 @@
+"""Test doubles and fixtures for the sled agent: a product feature, not a test detail.
+
+Everything is in process and deterministic under ``trio.testing.MockClock`` (durations
+are ``trio.sleep``s; no threads). See docs/testing.md.
+"""
+
+from ._examples import ensure_body as ensure_body
+from ._examples import ensure_body_json as ensure_body_json
+from ._harness import AgentHarness as AgentHarness
+from ._harness import FakeHost as FakeHost
+from ._harness import fast_config as fast_config
+from ._harness import open_fake_agent as open_fake_agent
+from ._nexus import FakeNexus as FakeNexus
+from ._nexus import NexusUpdate as NexusUpdate
+from ._propolis import FakePropolis as FakePropolis
+from ._propolis import FakePropolisFleet as FakePropolisFleet
+from ._zones import FakeArchiver as FakeArchiver
+from ._zones import FakeZones as FakeZones
+from ._zones import InjectedFault as InjectedFault
+from ._zones import ZoneTimeline as ZoneTimeline
+
+__all__ = [
+    "AgentHarness",
+    "FakeArchiver",
+    "FakeHost",
+    "FakeNexus",
+    "FakePropolis",
+    "FakePropolisFleet",
+    "FakeZones",
+    "InjectedFault",
+    "NexusUpdate",
+    "ZoneTimeline",
+    "ensure_body",
+    "ensure_body_json",
+    "fast_config",
+    "open_fake_agent",
+]

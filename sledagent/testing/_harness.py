@@ -1,0 +1,84 @@
+"""Compose a sled agent from the fakes: what the fixtures (and the benchmark) use."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+import attrs
+
+from .._agent import Host, SledAgent, open_sled_agent
+from .._config import AgentConfig, BackoffPolicy
+from .._store import MemoryBundleStore
+from .._wire import SledVmmState, VmmStateRequested, VmmStateRequestedType
+from ._examples import ensure_body
+from ._nexus import FakeNexus
+from ._propolis import FakePropolisFleet
+from ._zones import FakeZones
+
+
+def fast_config(**overrides: object) -> AgentConfig:
+    """A config with short retry timings, for tests and the fake-backend benchmark."""
+    base: dict[str, object] = {
+        "reaper_backoff": BackoffPolicy(initial_s=0.05, max_s=1.0),
+        "nic_release_timeout_s": 5.0,
+        "shutdown_drain_s": 5.0,
+    }
+    base.update(overrides)
+    return AgentConfig(**base)  # type: ignore[arg-type]
+
+
+@attrs.define
+class FakeHost:
+    zones: FakeZones = attrs.field(factory=FakeZones)
+    propolis: FakePropolisFleet = attrs.field(factory=FakePropolisFleet)
+    nexus: FakeNexus = attrs.field(factory=FakeNexus)
+    store: MemoryBundleStore = attrs.field(factory=MemoryBundleStore)
+
+    def host(self) -> Host:
+        return Host(
+            backend=self.zones,
+            connector=self.propolis,
+            nexus=self.nexus,
+            archiver=self.zones.archiver(),
+            store=self.store,
+        )
+
+
+@attrs.define
+class AgentHarness:
+    """An agent running on fakes, with helpers that act as Nexus would."""
+
+    agent: SledAgent
+    fakes: FakeHost
+
+    async def start_vmm(
+        self,
+        *,
+        instance_id: uuid.UUID | None = None,
+        nic_ids: Iterable[uuid.UUID] = (),
+        propolis_id: uuid.UUID | None = None,
+    ) -> uuid.UUID:
+        """Register a VMM and ask it to run; returns its propolis id once it is running."""
+        propolis_id = propolis_id or uuid.uuid4()
+        manager = self.agent.manager
+        manager.register(propolis_id, ensure_body(instance_id, nic_ids=nic_ids))
+        await manager.put_state(propolis_id, VmmStateRequested(VmmStateRequestedType.RUNNING))
+        return propolis_id
+
+    async def request(
+        self, propolis_id: uuid.UUID, kind: VmmStateRequestedType
+    ) -> SledVmmState | None:
+        response = await self.agent.manager.put_state(propolis_id, VmmStateRequested(kind))
+        return response.updated_runtime
+
+
+@asynccontextmanager
+async def open_fake_agent(
+    config: AgentConfig | None = None, fakes: FakeHost | None = None
+) -> AsyncIterator[AgentHarness]:
+    """Run a sled agent on fakes for the duration of the block."""
+    fakes = fakes or FakeHost()
+    async with open_sled_agent(config or fast_config(), fakes.host()) as agent:
+        yield AgentHarness(agent, fakes)

@@ -1,0 +1,34 @@
+"""pytest fixtures for trio projects that test against a sled agent.
+
+Registered as a pytest plugin (entry point ``sledagent``); needs pytest-trio with
+``trio_mode = true``. Fixtures:
+
+- ``fake_host``: fresh ``FakeHost`` (zones, Propolis fleet, Nexus, bundle store).
+- ``agent_config``: ``fast_config()``; override the fixture to change timings.
+- ``fake_agent``: an ``AgentHarness`` running for the test, on ``fake_host``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from .._config import AgentConfig
+from ._harness import AgentHarness, FakeHost, fast_config, open_fake_agent
+
+
+@pytest.fixture
+def fake_host() -> FakeHost:
+    return FakeHost()
+
+
+@pytest.fixture
+def agent_config() -> AgentConfig:
+    return fast_config()
+
+
+@pytest.fixture
+async def fake_agent(agent_config: AgentConfig, fake_host: FakeHost) -> AsyncIterator[AgentHarness]:
+    async with open_fake_agent(agent_config, fake_host) as harness:
+        yield harness

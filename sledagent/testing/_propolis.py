@@ -1,0 +1,157 @@
+"""FakePropolis: a scriptable Propolis state stream, one per VMM, all in process.
+
+The long-poll follows Propolis's semantics: ``state_monitor(gen)`` answers at once when
+the fake's generation is at least ``gen``, and otherwise waits for the next change.
+With ``auto=True`` (the default) requests behave like Propolis: ``Run`` walks Starting
+-> Running, ``Stop`` walks Stopping -> Stopped -> Destroyed, ``Reboot`` Rebooting ->
+Running. Tests script everything else: ``push``, ``halt`` (the guest powers off),
+``fail``, ``disconnect``, ``error``, ``hang``, ``vanish``.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import trio
+
+from .._errors import PeerError, PropolisGone
+from .._host import Zone
+from .._wire import (
+    InstanceEnsureRequest,
+    InstanceMigrateStatusResponse,
+    InstanceState,
+    InstanceStateMonitorResponse,
+    InstanceStateRequested,
+)
+
+
+class FakePropolis:
+    def __init__(self, propolis_id: uuid.UUID | None, *, auto: bool = True) -> None:
+        self.propolis_id = propolis_id
+        self.auto = auto
+        self.gen = 0
+        self.state = InstanceState.CREATING
+        self.migration = InstanceMigrateStatusResponse()
+        self.ensured: InstanceEnsureRequest | None = None
+        self.requests: list[InstanceStateRequested] = []
+        #: trio time at which the VM reached Destroyed/Failed (halt_to_publish origin).
+        self.halted_at: float | None = None
+        self.monitor_delay_s = 0.0
+        self.request_delay_s = 0.0
+        self._changed = trio.Event()
+        self._disconnected = False
+        self._hung = False
+        self._gone = False
+        self._errors: list[PeerError] = []
+
+    # --- scripting ----------------------------------------------------------------------
+
+    def push(
+        self, state: InstanceState, *, migration: InstanceMigrateStatusResponse | None = None
+    ) -> None:
+        """Move to ``state`` (generation + 1) and wake every waiting monitor."""
+        self.gen += 1
+        self.state = state
+        if migration is not None:
+            self.migration = migration
+        if state in (InstanceState.DESTROYED, InstanceState.FAILED) and self.halted_at is None:
+            self.halted_at = trio.current_time()
+        self._wake()
+
+    def halt(self) -> None:
+        """The guest powers off: Stopping -> Stopped -> Destroyed."""
+        for state in (InstanceState.STOPPING, InstanceState.STOPPED, InstanceState.DESTROYED):
+            self.push(state)
+
+    def fail(self) -> None:
+        self.push(InstanceState.FAILED)
+
+    def disconnect(self, on: bool = True) -> None:
+        """While on, every call fails as a refused connection (transient)."""
+        self._disconnected = on
+        self._wake()
+
+    def error(self, status: int, code: str | None = None, *, times: int = 1) -> None:
+        """The next ``times`` monitor calls answer ``status`` (410 = no VM)."""
+        for _ in range(times):
+            cls = PropolisGone if status == 410 or code == "NoInstance" else PeerError
+            self._errors.append(cls(f"injected {status}", status=status, code=code))
+        self._wake()
+
+    def hang(self, on: bool = True) -> None:
+        """While on, monitor calls never answer."""
+        self._hung = on
+        self._wake()
+
+    def vanish(self) -> None:
+        """The process is gone: every call fails with ``PropolisGone``."""
+        self._gone = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _check(self) -> None:
+        if self._gone:
+            raise PropolisGone("Propolis is gone", status=410, code="NoInstance")
+        if self._disconnected:
+            raise PeerError("connection refused (injected)")
+
+    # --- PropolisClient -----------------------------------------------------------------
+
+    async def ensure(self, request: InstanceEnsureRequest) -> None:
+        if self.request_delay_s:
+            await trio.sleep(self.request_delay_s)
+        self._check()
+        if self.ensured is None:
+            self.ensured = request
+            self.push(InstanceState.CREATING)
+
+    async def put_state(self, requested: InstanceStateRequested) -> None:
+        if self.request_delay_s:
+            await trio.sleep(self.request_delay_s)
+        self._check()
+        if self.ensured is None:
+            raise PropolisGone("no instance", status=404, code="NoInstance")
+        self.requests.append(requested)
+        if not self.auto:
+            return
+        if requested is InstanceStateRequested.RUN and self.state is not InstanceState.RUNNING:
+            self.push(InstanceState.STARTING)
+            self.push(InstanceState.RUNNING)
+        elif requested is InstanceStateRequested.STOP:
+            self.halt()
+        elif requested is InstanceStateRequested.REBOOT:
+            self.push(InstanceState.REBOOTING)
+            self.push(InstanceState.RUNNING)
+
+    async def state_monitor(self, gen: int) -> InstanceStateMonitorResponse:
+        while True:
+            self._check()
+            if self._errors:
+                raise self._errors.pop(0)
+            if not self._hung and self.ensured is not None and self.gen >= gen:
+                break
+            await self._changed.wait()
+        if self.monitor_delay_s:
+            await trio.sleep(self.monitor_delay_s)
+        return InstanceStateMonitorResponse(
+            gen=self.gen, state=self.state, migration=self.migration
+        )
+
+
+class FakePropolisFleet:
+    """A ``PropolisConnector``: one ``FakePropolis`` per VMM, made on first use."""
+
+    def __init__(self, *, auto: bool = True) -> None:
+        self.auto = auto
+        self.by_id: dict[uuid.UUID | None, FakePropolis] = {}
+
+    def __getitem__(self, propolis_id: uuid.UUID) -> FakePropolis:
+        return self.by_id[propolis_id]
+
+    def client_for(self, zone: Zone) -> FakePropolis:
+        if zone.propolis_id not in self.by_id:
+            self.by_id[zone.propolis_id] = FakePropolis(zone.propolis_id, auto=self.auto)
+        return self.by_id[zone.propolis_id]

@@ -1,0 +1,61 @@
+"""Shared test helpers.
+
+Determinism rules (as in trio-websocket's suite): timed behaviour runs under
+``autojump_clock`` (virtual time; the fakes sleep, they never use threads); any test that
+does real I/O carries a ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTRACTS = ROOT / "contracts"
+
+
+def _openapi_to_jsonschema(node: Any) -> Any:
+    """OpenAPI 3.0 ``nullable: true`` means "this schema, or null"; JSON Schema has no
+    such keyword, so rewrite it (contracts/README.md)."""
+    if isinstance(node, list):
+        return [_openapi_to_jsonschema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _openapi_to_jsonschema(v) for k, v in node.items() if k != "nullable"}
+    if node.get("nullable") is True:
+        return {"anyOf": [out, {"type": "null"}]}
+    return out
+
+
+class Contract:
+    """One contract document, able to validate an instance against a named schema."""
+
+    def __init__(self, name: str) -> None:
+        self.document = json.loads((CONTRACTS / name).read_text())
+        self._root = _openapi_to_jsonschema(self.document)
+
+    def validate(self, schema_name: str, instance: Any) -> None:
+        assert schema_name in self.document["components"]["schemas"], schema_name
+        schema = {**self._root, "$ref": f"#/components/schemas/{schema_name}"}
+        jsonschema.Draft202012Validator(
+            schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+        ).validate(instance)
+
+
+@pytest.fixture(scope="session")
+def sled_agent_contract() -> Contract:
+    return Contract("sled-agent.json")
+
+
+@pytest.fixture(scope="session")
+def nexus_contract() -> Contract:
+    return Contract("nexus-internal.json")
+
+
+@pytest.fixture(scope="session")
+def propolis_contract() -> Contract:
+    return Contract("propolis-server.json")
