@@ -12,7 +12,14 @@ import trio
 
 from sledagent import NoSuchVmm, Terminating, TerminationPolicy, VmmPhase
 from sledagent._wire import VmmState, VmmStateRequestedType
-from sledagent.testing import AgentHarness, FakeHost, FakeNexus, FakeZones, fast_config, open_fake_agent
+from sledagent.testing import (
+    AgentHarness,
+    FakeHost,
+    FakeNexus,
+    FakeZones,
+    fast_config,
+    open_fake_agent,
+)
 
 
 async def wait_until_all_halted(h: AgentHarness, ids: list[uuid.UUID]) -> None:

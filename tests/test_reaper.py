@@ -1,0 +1,133 @@
+"""The reaper: bundles then tears down every defunct zone; retries; NIC handover."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import trio
+
+from sledagent import NicsStillHeld, ReaperStep, VmmPhase, VmmState
+from sledagent.testing import FakeHost, FakeZones, fast_config, open_fake_agent
+
+
+async def test_a_failing_bundle_still_leads_to_teardown(autojump_clock: trio.abc.Clock) -> None:
+    fakes = FakeHost()
+    fakes.zones.fail_snapshot = 100  # every attempt fails
+    async with open_fake_agent(fast_config(bundle_attempts=3), fakes) as h:
+        pid = await h.start_vmm()
+        fakes.propolis[pid].halt()
+        await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
+        await h.agent.drain()
+        stats = h.agent.reaper.statistics()
+    assert fakes.zones.fail_snapshot == 97  # three attempts
+    assert stats.bundles_failed == 1 and stats.reaped == 1
+    assert fakes.zones.zones == {} and len(fakes.store.index) == 0
+    assert fakes.zones.live_snapshots == set()
+
+
+async def test_a_failing_archive_drops_its_snapshot_and_the_zone_is_still_halted(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fakes = FakeHost()
+    fakes.zones.fail_archive = 1
+    async with open_fake_agent(fast_config(), fakes) as h:
+        pid = await h.start_vmm()
+        fakes.propolis[pid].halt()
+        await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
+        await h.agent.drain()
+    assert fakes.zones.live_snapshots == set()
+    assert fakes.zones.zones == {} and len(fakes.store.index) == 0
+
+
+async def test_a_failing_teardown_is_retried_until_it_succeeds(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fakes = FakeHost()
+    fakes.zones.fail_halt = 4
+    async with open_fake_agent(fast_config(), fakes) as h:
+        pid = await h.start_vmm()
+        fakes.propolis[pid].halt()
+        await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
+        await trio.sleep(0.1)
+        (held,) = h.agent.reaper.holdings()
+        assert held.step in (ReaperStep.HALTING, ReaperStep.ARCHIVING, ReaperStep.BUNDLING)
+        await h.agent.drain()
+        assert h.agent.reaper.statistics().halt_retries == 4
+    (timeline,) = fakes.zones.timeline.values()
+    assert timeline.halt_attempts == 5 and timeline.halted_at is not None
+    assert len(fakes.store.index) == 1
+
+
+async def test_a_new_vmm_of_the_same_instance_waits_for_the_old_zone_to_release_its_nics(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fakes = FakeHost(zones=FakeZones(command_s=3.0, copy_s=20.0))
+    instance, nic = uuid.uuid4(), uuid.uuid4()
+    async with open_fake_agent(fast_config(nic_release_timeout_s=30.0), fakes) as h:
+        old = await h.start_vmm(instance_id=instance, nic_ids=[nic])
+        fakes.propolis[old].halt()
+        await fakes.nexus.wait_for(old, VmmState.DESTROYED)
+        assert h.agent.nics.holder(nic) == f"oxz_propolis-server_{old}"
+        new = await h.start_vmm(instance_id=instance, nic_ids=[nic])  # waits, no crash
+        old_tl = fakes.zones.timeline[f"oxz_propolis-server_{old}"]
+        new_tl = fakes.zones.timeline[f"oxz_propolis-server_{new}"]
+        assert old_tl.halted_at is not None
+        assert new_tl.installed_at >= old_tl.halted_at
+        assert h.agent.nics.holder(nic) == f"oxz_propolis-server_{new}"
+        # The old zone's archive is still being written: the new VMM did not wait for it.
+        assert old_tl.archived_at == []
+        assert (await h.agent.manager.get_state(new)).vmm_state.state is VmmState.RUNNING
+
+
+async def test_nics_held_past_the_deadline_give_a_clear_503_and_keep_the_vmm(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fakes = FakeHost()
+    fakes.zones.fail_halt = 10**6  # the old zone never goes away
+    instance, nic = uuid.uuid4(), uuid.uuid4()
+    async with open_fake_agent(
+        fast_config(nic_release_timeout_s=30.0, shutdown_drain_s=1.0), fakes
+    ) as h:
+        old = await h.start_vmm(instance_id=instance, nic_ids=[nic])
+        fakes.propolis[old].halt()
+        await fakes.nexus.wait_for(old, VmmState.DESTROYED)
+        new = uuid.uuid4()
+        t0 = trio.current_time()
+        with pytest.raises(NicsStillHeld) as info:
+            await h.start_vmm(instance_id=instance, nic_ids=[nic], propolis_id=new)
+        assert trio.current_time() - t0 == pytest.approx(30.0)
+        assert info.value.status == 503 and str(nic) in str(info.value)
+        assert h.agent.manager.registry.get(new).phase is VmmPhase.ACTIVE
+
+
+async def test_shutdown_drains_the_reaper_within_its_deadline(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fakes = FakeHost(zones=FakeZones(command_s=1.0, copy_s=2.0))
+    async with open_fake_agent(fast_config(shutdown_drain_s=60.0), fakes) as h:
+        ids = [await h.start_vmm() for _ in range(10)]
+        for pid in ids:
+            fakes.propolis[pid].halt()
+            await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
+        t0 = trio.current_time()
+    # Leaving the block drained the reaper: every zone bundled and gone.
+    assert trio.current_time() - t0 < 60.0
+    assert fakes.zones.zones == {} and len(fakes.store.index) == 10
+
+
+async def test_shutdown_stops_at_its_deadline_and_leaves_the_rest_on_the_host(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fakes = FakeHost(zones=FakeZones(command_s=1.0, copy_s=100.0))
+    async with open_fake_agent(
+        fast_config(shutdown_drain_s=5.0, bundle_archive_concurrency=1), fakes
+    ) as h:
+        ids = [await h.start_vmm() for _ in range(3)]
+        for pid in ids:
+            fakes.propolis[pid].halt()
+            await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
+        t0 = trio.current_time()
+    assert trio.current_time() - t0 == pytest.approx(5.0)
+    assert len(fakes.store.index) == 0  # no archive finished; no partial bundle recorded
+    assert fakes.zones.live_snapshots == set()  # snapshots dropped under the shield
