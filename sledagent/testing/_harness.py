@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 import attrs
+import trio
 
 from .._agent import Host, SledAgent, open_sled_agent
 from .._config import AgentConfig, BackoffPolicy
+from .._registry import VmmPhase
 from .._store import MemoryBundleStore
-from .._wire import SledVmmState, VmmStateRequested, VmmStateRequestedType
+from .._wire import SledVmmState, VmmState, VmmStateRequested, VmmStateRequestedType
 from ._examples import ensure_body
 from ._nexus import FakeNexus
 from ._propolis import FakePropolisFleet
@@ -65,6 +67,11 @@ class AgentHarness:
         manager = self.agent.manager
         manager.register(propolis_id, ensure_body(instance_id, nic_ids=nic_ids))
         await manager.put_state(propolis_id, VmmStateRequested(VmmStateRequestedType.RUNNING))
+        entry = manager.registry.get(propolis_id)
+        while entry.state.vmm_state.state is not VmmState.RUNNING:
+            if entry.phase is not VmmPhase.ACTIVE:
+                raise RuntimeError(f"VMM {propolis_id} halted while starting: {entry.state}")
+            await trio.sleep(0.001)  # the monitor observes Propolis's Running
         return propolis_id
 
     async def request(
