@@ -72,8 +72,9 @@ class AgentConfig:
     nic_release_timeout_s: float = attrs.field(default=30.0, validator=_positive)
     #: Nexus deliveries: 250 ms doubling to 3 min (omicron's).
     nexus_backoff: BackoffPolicy = attrs.field(factory=BackoffPolicy)
-    #: Nexus deliveries in flight at once, over all VMMs.
-    nexus_concurrency: int = attrs.field(default=64, validator=_at_least(1))
+    #: Nexus deliveries in flight at once, over all VMMs (omicron does not bound them;
+    #: a mass stop of N VMMs needs about N / this many round trips).
+    nexus_concurrency: int = attrs.field(default=256, validator=_at_least(1))
     #: Propolis state-monitor retries: 50 ms doubling to 1 s (omicron's).
     monitor_backoff: BackoffPolicy = attrs.field(
         factory=lambda: BackoffPolicy(initial_s=0.05, max_s=1.0)

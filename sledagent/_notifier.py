@@ -112,11 +112,10 @@ class NexusNotifier:
         )
 
     async def _deliver(self, propolis_id: uuid.UUID, slot: _Slot) -> None:
-        bound = log.bind(propolis_id=str(propolis_id))
         try:
             while slot.pending is not None:
                 state, slot.pending = slot.pending, None
-                state, acknowledged = await self._send_until_done(bound, propolis_id, slot, state)
+                state, acknowledged = await self._send_until_done(propolis_id, slot, state)
                 if self.on_delivered is not None:
                     self.on_delivered(propolis_id, state, acknowledged)
         finally:
@@ -131,11 +130,7 @@ class NexusNotifier:
             del self._slots[propolis_id]
 
     async def _send_until_done(
-        self,
-        bound: structlog.typing.FilteringBoundLogger,
-        propolis_id: uuid.UUID,
-        slot: _Slot,
-        state: SledVmmState,
+        self, propolis_id: uuid.UUID, slot: _Slot, state: SledVmmState
     ) -> tuple[SledVmmState, bool]:
         """Send until Nexus answers; switches to a newer pending state between retries.
 
@@ -147,6 +142,7 @@ class NexusNotifier:
                 async with self._limiter:
                     await self._client.put_vmm_state(propolis_id, state)
             except PeerError as exc:
+                bound = log.bind(propolis_id=str(propolis_id))
                 if not exc.transient:
                     self._gave_up += 1
                     bound.error(
@@ -162,5 +158,4 @@ class NexusNotifier:
                     state, slot.pending = slot.pending, None
                 continue
             self._delivered += 1
-            bound.debug("nexus_acknowledged", gen=state.gen, state=state.vmm_state.state.value)
             return state, True

@@ -9,9 +9,9 @@ Termination (``terminate``) is synchronous and can be called from anywhere in th
 trio thread: by the monitor on a halted observation, by the stop grace timer, by a stop
 with no VMM, or by the manager on unregister. In this order it records the terminal
 state (generation + 1), hands the zone to the reaper (``send_nowait``; the runner keeps no
-reference), asks the notifier to publish, and cancels the runner. Nothing waits for
-bundling or teardown: that is the fix for omicron #5237/#5235. Requests in flight or
-queued then get ``Terminating`` (410).
+reference), asks the notifier to publish, and closes the runner's queue. Nothing waits
+for bundling or teardown: that is the fix for omicron #5237/#5235. A request in flight
+is cancelled; it and every queued request get ``Terminating`` (410).
 
 Under the ``inline`` policy (the measured baseline) the runner instead bundles and halts
 the zone itself after terminating, and publishes only then, as omicron does.
@@ -118,7 +118,11 @@ class InstanceRunner:
         self.entry = entry
         self._ctx = ctx
         self._send, self._recv = trio.open_memory_channel[Request](ctx.config.runner_queue_size)
-        self._scope = trio.CancelScope()
+        # What terminate() interrupts: only work that is actually waiting on something.
+        # (An idle runner just sees its queue close; no Cancelled is thrown through it.)
+        self._request_scope: trio.CancelScope | None = None
+        self._monitor_scope = trio.CancelScope()
+        self._grace_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._zone: Zone | None = None
         self._inline_zone: Zone | None = None
@@ -172,17 +176,20 @@ class InstanceRunner:
                     DefunctZone(zone, ZoneBundleCause.TERMINATED_INSTANCE, utcnow())
                 )
             self._ctx.notifier.publish(self.propolis_id, entry.state)
-        self._scope.cancel()
+        self._send.close()  # the serve loop answers what is queued, then ends
+        if self._request_scope is not None:
+            self._request_scope.cancel()  # a request in flight gets Terminating
+        self._monitor_scope.cancel()
+        self._grace_scope.cancel()
         return entry.state
 
     # --- the task ---------------------------------------------------------------------
 
     async def run(self) -> None:
         try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    nursery.start_soon(self._serve)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._serve)
             if self._halted and self._ctx.inline is not None:
                 if self._inline_zone is not None:
                     zone, self._inline_zone = self._inline_zone, None
@@ -208,19 +215,27 @@ class InstanceRunner:
         async for request in self._recv:
             if isinstance(request, ReadState):
                 request.reply.ok(self.entry.state)
-                continue
+            elif self._halted:
+                request.reply.fail(Terminating(self.propolis_id))
+            else:
+                await self._apply(request)
+
+    async def _apply(self, request: PutState) -> None:
+        with trio.CancelScope() as scope:
+            self._request_scope = scope
             try:
                 request.reply.ok(await self._put_state(request.requested))
             except AgentError as exc:
                 request.reply.fail(exc)
             except PeerError as exc:
                 request.reply.fail(Unavailable(f"Propolis request failed: {exc}"))
-            except trio.Cancelled:
-                request.reply.fail(Terminating(self.propolis_id))
-                raise
             except Exception as exc:  # a bug must not take the runner (and its VMM) down
                 self._log.exception("put_state_error")
                 request.reply.fail(AgentError(f"internal error: {exc!r}"))
+            finally:
+                self._request_scope = None
+        if scope.cancelled_caught:  # terminated while waiting on Propolis
+            request.reply.fail(Terminating(self.propolis_id))
 
     async def _put_state(self, requested: VmmStateRequested) -> SledVmmState:
         kind = requested.type
@@ -303,14 +318,15 @@ class InstanceRunner:
         )
 
     async def _monitor(self, client: PropolisClient, zone: Zone) -> None:
-        await follow_propolis(
-            client,
-            backoff=self._ctx.config.monitor_backoff,
-            on_observation=self._observe,
-            on_gone=self._gone,
-            zone_exists=lambda: self._ctx.backend.zone_exists(zone),
-            log=self._log,
-        )
+        with self._monitor_scope:
+            await follow_propolis(
+                client,
+                backoff=self._ctx.config.monitor_backoff,
+                on_observation=self._observe,
+                on_gone=self._gone,
+                zone_exists=lambda: self._ctx.backend.zone_exists(zone),
+                log=self._log,
+            )
 
     def _observe(self, response: InstanceStateMonitorResponse) -> bool:
         """Apply one Propolis observation; True once the VMM has halted."""
@@ -339,11 +355,12 @@ class InstanceRunner:
         self._stop_timer = True
 
         async def grace() -> None:
-            await trio.sleep(self._ctx.config.stop_grace_s)
-            self._log.warning("stop_grace_expired", grace_s=self._ctx.config.stop_grace_s)
-            # destroyed, not failed: a failed VMM might be restarted by Nexus although
-            # the user asked for it to stop (omicron's reasoning).
-            self.terminate(force=VmmState.DESTROYED)
+            with self._grace_scope:
+                await trio.sleep(self._ctx.config.stop_grace_s)
+                self._log.warning("stop_grace_expired", grace_s=self._ctx.config.stop_grace_s)
+                # destroyed, not failed: a failed VMM might be restarted by Nexus although
+                # the user asked for it to stop (omicron's reasoning).
+                self.terminate(force=VmmState.DESTROYED)
 
         assert self._nursery is not None
         self._nursery.start_soon(grace)

@@ -27,6 +27,8 @@ class FakeNexus:
     def __init__(self, *, latency_s: float = 0.0) -> None:
         self.latency_s = latency_s
         self.updates: list[NexusUpdate] = []
+        self._by_vmm: dict[uuid.UUID, list[NexusUpdate]] = {}
+        self._first: dict[tuple[uuid.UUID, VmmState], float] = {}
         self.attempts = 0
         self._fail_until = float("-inf")
         self._fail_status: int | None = 503
@@ -58,24 +60,24 @@ class FakeNexus:
         if self._refusals > 0:
             self._refusals -= 1
             raise PeerError("Nexus refused the update (injected)", status=self._refuse_status)
-        self.updates.append(NexusUpdate(trio.current_time(), propolis_id, state))
+        update = NexusUpdate(trio.current_time(), propolis_id, state)
+        self.updates.append(update)
+        self._by_vmm.setdefault(propolis_id, []).append(update)
+        self._first.setdefault((propolis_id, state.vmm_state.state), update.time)
         self._arrived.set()
         self._arrived = trio.Event()
 
     # --- reading ------------------------------------------------------------------------
 
     def states_for(self, propolis_id: uuid.UUID) -> list[SledVmmState]:
-        return [u.state for u in self.updates if u.propolis_id == propolis_id]
+        return [u.state for u in self._by_vmm.get(propolis_id, ())]
 
     def latest(self, propolis_id: uuid.UUID) -> SledVmmState | None:
         states = self.states_for(propolis_id)
         return states[-1] if states else None
 
     def first_time(self, propolis_id: uuid.UUID, state: VmmState) -> float | None:
-        for u in self.updates:
-            if u.propolis_id == propolis_id and u.state.vmm_state.state is state:
-                return u.time
-        return None
+        return self._first.get((propolis_id, state))
 
     async def wait_for(self, propolis_id: uuid.UUID, state: VmmState) -> float:
         """Wait until Nexus has acknowledged ``state`` for this VMM; returns the time."""
