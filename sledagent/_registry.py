@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
+import trio
 
 from ._errors import NoSuchVmm
 from ._wire import InstanceEnsureBody, SledVmmState
@@ -33,16 +34,46 @@ class VmmEntry:
 
     propolis_id: uuid.UUID
     body: InstanceEnsureBody
-    state: SledVmmState
-    phase: VmmPhase = VmmPhase.ACTIVE
+    _state: SledVmmState
+    _phase: VmmPhase = VmmPhase.ACTIVE
     #: trio clock time at which the terminal state was recorded.
     halted_at: float | None = None
     #: The runner applying this VMM's requests (an ``InstanceRunner``).
     runner: Any = None
+    _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     @property
     def instance_id(self) -> uuid.UUID:
         return self.body.instance_id
+
+    @property
+    def state(self) -> SledVmmState:
+        return self._state
+
+    @state.setter
+    def state(self, value: SledVmmState) -> None:
+        self._state = value
+        self._notify()
+
+    @property
+    def phase(self) -> VmmPhase:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: VmmPhase) -> None:
+        self._phase = value
+        self._notify()
+
+    def _notify(self) -> None:
+        # Only pay for a new Event when someone is waiting (the hot path has no waiter).
+        if self._changed.statistics().tasks_waiting:
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[VmmEntry], bool]) -> None:
+        """Return once ``predicate(entry)`` holds (checked after each change)."""
+        while not predicate(self):
+            await self._changed.wait()
 
 
 @attrs.define

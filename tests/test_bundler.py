@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from sledagent import VmmState
@@ -48,7 +49,7 @@ async def test_zone_is_released_and_halted_before_its_archive_is_written(
     assert timeline.halted_at is not None
     assert released <= timeline.halted_at < archived
     held = h.agent.bundler.statistics().zone_held_s
-    assert held == (1.0,)
+    assert held == pytest.approx((1.0,))
 
 
 async def test_a_hanging_command_times_out_and_the_bundle_still_completes(
@@ -63,7 +64,7 @@ async def test_a_hanging_command_times_out_and_the_bundle_still_completes(
         await h.agent.drain()
     (job,) = fakes.zones.archived_jobs
     by_tool = {c.argv[0]: c for c in job.commands}
-    assert by_tool["ss"].timed_out and by_tool["ss"].duration_s == 10.0
+    assert by_tool["ss"].timed_out and by_tool["ss"].duration_s == pytest.approx(10.0)
     assert all(not c.timed_out and c.exit_status == 0 for t, c in by_tool.items() if t != "ss")
     assert len(fakes.store.index) == 1
     assert fakes.zones.zones == {}

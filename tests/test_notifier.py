@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
+import pytest
 import trio
 
 from sledagent import BackoffPolicy, NexusNotifier, SledVmmState, VmmRuntimeState, VmmState
@@ -64,7 +65,7 @@ async def test_connection_failures_are_retried_with_doubling_backoff(
         await nexus.wait_for(pid, VmmState.RUNNING)
         # 0 + .25 + .5 + 1 + 2 (>= 2 s after start): five attempts, delivered at 3.75 s.
         assert nexus.attempts == 5
-        assert trio.current_time() - t0 == 3.75
+        assert trio.current_time() - t0 == pytest.approx(3.75)
         nursery.cancel_scope.cancel()
 
 

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 import trio
+import trio.lowlevel
 
 from sledagent import (
     ChannelFull,
@@ -20,7 +21,8 @@ from sledagent import (
     VmNotRunning,
 )
 from sledagent._codec import encode
-from sledagent._wire import InstanceState, InstanceStateRequested, VmmStateRequestedType as Req
+from sledagent._wire import InstanceState, InstanceStateRequested
+from sledagent._wire import VmmStateRequestedType as Req
 from sledagent.testing import AgentHarness, FakeHost, ensure_body, fast_config, open_fake_agent
 
 from .conftest import Contract
@@ -79,7 +81,7 @@ async def test_stop_before_start_goes_straight_to_destroyed(fake_agent: AgentHar
     assert stopped.vmm_state.state is VmmState.DESTROYED
     assert stopped.gen == registered.gen + 1
     await fake_agent.fakes.nexus.wait_for(pid, VmmState.DESTROYED)
-    await trio.sleep(0)
+    await trio.lowlevel.checkpoint()
     with pytest.raises(NoSuchVmm):
         await manager.get_state(pid)
     assert fake_agent.fakes.zones.timeline == {}  # no zone was ever made

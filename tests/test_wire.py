@@ -34,7 +34,7 @@ from sledagent._wire import (
     ZoneBundleId,
     ZoneBundleMetadata,
 )
-from sledagent.testing import ensure_body, ensure_body_json
+from sledagent.testing import ensure_body_json
 
 from .conftest import Contract
 

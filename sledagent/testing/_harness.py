@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 import attrs
-import trio
 
 from .._agent import Host, SledAgent, open_sled_agent
 from .._config import AgentConfig, BackoffPolicy
@@ -68,10 +67,12 @@ class AgentHarness:
         manager.register(propolis_id, ensure_body(instance_id, nic_ids=nic_ids))
         await manager.put_state(propolis_id, VmmStateRequested(VmmStateRequestedType.RUNNING))
         entry = manager.registry.get(propolis_id)
-        while entry.state.vmm_state.state is not VmmState.RUNNING:
-            if entry.phase is not VmmPhase.ACTIVE:
-                raise RuntimeError(f"VMM {propolis_id} halted while starting: {entry.state}")
-            await trio.sleep(0.001)  # the monitor observes Propolis's Running
+        # The monitor observes Propolis's Running shortly after the request returns.
+        await entry.wait_until(
+            lambda e: e.state.vmm_state.state is VmmState.RUNNING or e.phase is not VmmPhase.ACTIVE
+        )
+        if entry.phase is not VmmPhase.ACTIVE:
+            raise RuntimeError(f"VMM {propolis_id} halted while starting: {entry.state}")
         return propolis_id
 
     async def request(
