@@ -47,6 +47,12 @@ class BackoffPolicy:
     initial_s: float = attrs.field(default=0.25, validator=_positive)
     max_s: float = attrs.field(default=180.0, validator=_positive)
 
+    def __attrs_post_init__(self) -> None:
+        if self.max_s < self.initial_s:
+            raise ValueError(
+                f"backoff `max_s` ({self.max_s}) must be >= `initial_s` ({self.initial_s})"
+            )
+
     def delays(self) -> Any:
         """An endless iterator of delays: initial, 2x, 4x, ... capped at max."""
         delay = self.initial_s

@@ -17,7 +17,7 @@ import uuid
 import structlog
 import trio
 
-from ._errors import HostFull, PropolisAlreadyRegistered, ShuttingDown, Terminating
+from ._errors import BadRequest, HostFull, PropolisAlreadyRegistered, ShuttingDown, Terminating
 from ._registry import Registry, VmmEntry, VmmPhase
 from ._runner import InstanceRunner, PutState, ReadState, RunnerContext
 from ._vmm_state import initial_state
@@ -32,6 +32,12 @@ from ._wire import (
 )
 
 log = structlog.get_logger("sledagent.manager")
+
+
+def _require(value: object, kind: type, name: str) -> None:
+    # The API decodes into these types; a library caller gets the same clear refusal.
+    if not isinstance(value, kind):
+        raise BadRequest(f"`{name}` must be a {kind.__name__}, got {type(value).__name__}")
 
 
 class InstanceManager:
@@ -65,6 +71,8 @@ class InstanceManager:
 
     def register(self, propolis_id: uuid.UUID, body: InstanceEnsureBody) -> SledVmmState:
         """Register a VMM; idempotent for the same instance id."""
+        _require(propolis_id, uuid.UUID, "propolis_id")
+        _require(body, InstanceEnsureBody, "body")
         existing = self.registry.find(propolis_id)
         if existing is not None:
             if existing.instance_id != body.instance_id:
@@ -91,6 +99,7 @@ class InstanceManager:
 
     async def get_state(self, propolis_id: uuid.UUID) -> SledVmmState:
         """The VMM's current state, from the registry; raises ``NoSuchVmm``."""
+        _require(propolis_id, uuid.UUID, "propolis_id")
         entry = self.registry.get(propolis_id)
         if self.inline:
             await self._inline_read(entry)
@@ -102,6 +111,7 @@ class InstanceManager:
         """Queue a state change on the VMM's runner and wait for its answer.
 
         Raises ``NoSuchVmm``, ``Terminating`` (halted), ``ChannelFull`` (queue full)."""
+        _require(requested, VmmStateRequested, "requested")
         entry = self.registry.get(propolis_id)
         if entry.phase is not VmmPhase.ACTIVE:
             raise Terminating(propolis_id)
@@ -112,6 +122,7 @@ class InstanceManager:
 
     async def unregister(self, propolis_id: uuid.UUID) -> VmmUnregisterResponse:
         """Terminate the VMM at once (destroyed); an unknown VMM is not an error."""
+        _require(propolis_id, uuid.UUID, "propolis_id")
         entry = self.registry.find(propolis_id)
         if entry is None:
             return VmmUnregisterResponse(updated_runtime=None)

@@ -51,6 +51,11 @@ class FakeZones:
         log_files: int = 4,
         halt_s: float = 0.0,
     ) -> None:
+        for name, value in (("command_s", command_s), ("copy_s", copy_s), ("halt_s", halt_s)):
+            if value < 0:
+                raise ValueError(f"FakeZones `{name}` must be >= 0, got {value}")
+        if commands < 0 or log_bytes < 0 or log_files < 1:
+            raise ValueError("FakeZones needs commands >= 0, log_bytes >= 0, log_files >= 1")
         self.command_s = command_s
         self.commands = commands
         self.copy_s = copy_s
