@@ -129,5 +129,6 @@ __all__ = [
     "ZoneBundler",
     "ZoneCommand",
     "ZoneSpec",
+    "open_sled_agent",
     "zone_name_for",
 ]

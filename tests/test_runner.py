@@ -222,3 +222,19 @@ async def test_a_migration_target_starts_with_a_pending_migration_in(
     assert ensured is not None and ensured.init["method"] == "MigrationTarget"
     assert ensured.init["value"]["migration_id"] == str(mig)
     fake_agent.fakes.propolis[pid].push(InstanceState.MIGRATING)
+
+
+async def test_a_hung_state_monitor_does_not_keep_a_stopped_vmm_alive(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fakes = FakeHost()
+    async with open_fake_agent(fast_config(stop_grace_s=120.0), fakes) as h:
+        pid = await h.start_vmm()
+        propolis = fakes.propolis[pid]
+        propolis.hang()  # the monitor long-poll never answers again
+        t0 = trio.current_time()
+        await h.request(pid, Req.STOPPED)  # Propolis walks to Destroyed, unseen
+        t = await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
+        assert t - t0 == pytest.approx(120.0)  # forced by the grace period, not waited forever
+        await h.agent.drain()
+        assert fakes.zones.zones == {}
