@@ -126,6 +126,7 @@ class InstanceRunner:
         self._nursery: trio.Nursery | None = None
         self._zone: Zone | None = None
         self._inline_zone: Zone | None = None
+        self._deferred: list[Request] = []
         self._client: PropolisClient | None = None
         self._stop_timer = False
         self._halted = False
@@ -168,13 +169,9 @@ class InstanceRunner:
         entry.halted_at = trio.current_time()
         zone, self._zone, self._client = self._zone, None, None
         self._log.info("vmm_halted", state=entry.state.vmm_state.state.value, gen=entry.state.gen)
-        if self._ctx.inline is not None:
-            self._inline_zone = zone  # torn down by run(), before publishing (omicron)
-        else:
-            if zone is not None:
-                self._ctx.reaper.submit(
-                    DefunctZone(zone, ZoneBundleCause.TERMINATED_INSTANCE, utcnow())
-                )
+        if zone is not None:
+            self._hand_off(zone)
+        if self._ctx.inline is None:
             self._ctx.notifier.publish(self.propolis_id, entry.state)
         self._send.close()  # the serve loop answers what is queued, then ends
         if self._request_scope is not None:
@@ -182,6 +179,15 @@ class InstanceRunner:
         self._monitor_scope.cancel()
         self._grace_scope.cancel()
         return entry.state
+
+    def _hand_off(self, zone: Zone) -> None:
+        """Give up a defunct zone: to the reaper, or (inline) to run()'s own teardown."""
+        if self._ctx.inline is not None:
+            self._inline_zone = zone  # torn down by run(), before publishing (omicron)
+        else:
+            self._ctx.reaper.submit(
+                DefunctZone(zone, ZoneBundleCause.TERMINATED_INSTANCE, utcnow())
+            )
 
     # --- the task ---------------------------------------------------------------------
 
@@ -197,6 +203,8 @@ class InstanceRunner:
                 self._ctx.notifier.publish(self.propolis_id, self.entry.state)
         finally:
             self._send.close()
+            for request in self._deferred:
+                self._answer_halted(request)
             self._answer_leftovers()
             self.finished.set()
 
@@ -206,19 +214,29 @@ class InstanceRunner:
                 request = self._recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            if isinstance(request, ReadState):
-                request.reply.ok(self.entry.state)
-            else:
-                request.reply.fail(Terminating(self.propolis_id))
+            self._answer_halted(request)
+
+    def _answer_halted(self, request: Request) -> None:
+        if isinstance(request, ReadState):
+            request.reply.ok(self.entry.state)
+        else:
+            request.reply.fail(Terminating(self.propolis_id))
 
     async def _serve(self) -> None:
         async for request in self._recv:
-            if isinstance(request, ReadState):
+            if self._halted and self._ctx.inline is not None:
+                # omicron: what is queued waits until the runner has torn the zone down.
+                self._answer_later(request)
+                return
+            if self._halted:
+                self._answer_halted(request)
+            elif isinstance(request, ReadState):
                 request.reply.ok(self.entry.state)
-            elif self._halted:
-                request.reply.fail(Terminating(self.propolis_id))
             else:
                 await self._apply(request)
+
+    def _answer_later(self, request: Request) -> None:
+        self._deferred.append(request)
 
     async def _apply(self, request: PutState) -> None:
         with trio.CancelScope() as scope:
@@ -272,6 +290,12 @@ class InstanceRunner:
             self._log.error("zone_install_failed", error=repr(exc))
             self.terminate(force=VmmState.FAILED)
             raise Unavailable(f"could not install zone {spec.zone_name}: {exc}") from exc
+        except BaseException:  # cancelled (terminated) mid-install: the backend cleans up
+            ctx.nics.release(spec.zone_name)
+            raise
+        if self._halted:  # terminated while installing: the zone is defunct at birth
+            self._hand_off(zone)
+            raise Terminating(self.propolis_id)
         self._zone = zone
         client = ctx.connector.client_for(zone)
         try:

@@ -23,7 +23,14 @@ from sledagent import (
 from sledagent._codec import encode
 from sledagent._wire import InstanceState, InstanceStateRequested
 from sledagent._wire import VmmStateRequestedType as Req
-from sledagent.testing import AgentHarness, FakeHost, ensure_body, fast_config, open_fake_agent
+from sledagent.testing import (
+    AgentHarness,
+    FakeHost,
+    FakeZones,
+    ensure_body,
+    fast_config,
+    open_fake_agent,
+)
 
 from .conftest import Contract
 
@@ -238,3 +245,48 @@ async def test_a_hung_state_monitor_does_not_keep_a_stopped_vmm_alive(
         assert t - t0 == pytest.approx(120.0)  # forced by the grace period, not waited forever
         await h.agent.drain()
         assert fakes.zones.zones == {}
+
+
+async def test_unregister_while_the_zone_installs_leaks_neither_zone_nor_nics(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fakes = FakeHost(zones=FakeZones(install_s=5.0))
+    nic = uuid.uuid4()
+    async with open_fake_agent(fast_config(), fakes) as h:
+        pid = uuid.uuid4()
+        h.agent.manager.register(pid, ensure_body(nic_ids=[nic]))
+        outcome: list[BaseException] = []
+
+        async def start() -> None:
+            try:
+                await h.request(pid, Req.RUNNING)
+            except Terminating as exc:
+                outcome.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start)
+            await trio.sleep(1.0)
+            assert h.agent.nics.holder(nic) is not None  # reserved for the install
+            await h.agent.manager.unregister(pid)
+        assert len(outcome) == 1
+        await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
+        await h.agent.drain()
+        assert h.agent.nics.holder(nic) is None
+        assert fakes.zones.zones == {}
+
+
+async def test_inline_reads_queue_behind_the_teardown_as_in_omicron(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from sledagent import TerminationPolicy
+
+    fakes = FakeHost(zones=FakeZones(command_s=10.0, copy_s=10.0))
+    config = fast_config(termination_policy=TerminationPolicy.INLINE)
+    async with open_fake_agent(config, fakes) as h:
+        pid = await h.start_vmm()
+        fakes.propolis[pid].halt()
+        await trio.sleep(0.5)
+        t0 = trio.current_time()
+        state = await h.agent.manager.get_state(pid)
+        assert state.vmm_state.state is VmmState.DESTROYED
+        assert trio.current_time() - t0 >= 19.0  # waited for the bundle (20 s) to finish

@@ -50,6 +50,7 @@ class FakeZones:
         log_bytes: int = 1 << 20,
         log_files: int = 4,
         halt_s: float = 0.0,
+        install_s: float = 0.0,
     ) -> None:
         for name, value in (("command_s", command_s), ("copy_s", copy_s), ("halt_s", halt_s)):
             if value < 0:
@@ -62,6 +63,7 @@ class FakeZones:
         self.log_bytes = log_bytes
         self.log_files = log_files
         self.halt_s = halt_s
+        self.install_s = install_s
         self.zones: dict[str, Zone] = {}
         self.timeline: dict[str, ZoneTimeline] = {}
         self.live_snapshots: set[str] = set()
@@ -79,7 +81,7 @@ class FakeZones:
     # --- ZoneBackend --------------------------------------------------------------------
 
     async def install(self, spec: ZoneSpec) -> Zone:
-        await trio.lowlevel.checkpoint()
+        await trio.sleep(self.install_s)  # cancelled here: nothing was created
         if self.fail_install > 0:
             self.fail_install -= 1
             raise InjectedFault("zone install failed")
