@@ -129,6 +129,7 @@ class InstanceRunner:
         self._deferred: list[Request] = []
         self._client: PropolisClient | None = None
         self._stop_timer = False
+        self._observing = False
         self._halted = False
         self.finished = trio.Event()
         self._log = structlog.get_logger("sledagent.runner").bind(
@@ -176,8 +177,10 @@ class InstanceRunner:
         self._send.close()  # the serve loop answers what is queued, then ends
         if self._request_scope is not None:
             self._request_scope.cancel()  # a request in flight gets Terminating
-        self._monitor_scope.cancel()
-        self._grace_scope.cancel()
+        if not self._observing:
+            self._monitor_scope.cancel()  # (from the monitor itself: it returns by itself)
+        if self._stop_timer:
+            self._grace_scope.cancel()
         return entry.state
 
     def _hand_off(self, zone: Zone) -> None:
@@ -359,6 +362,7 @@ class InstanceRunner:
         new = apply_observation(self.entry.state, Observation.from_monitor(response, utcnow()))
         self.entry.state = new
         if new.vmm_state.state.is_halted:
+            self._observing = True
             self.terminate()
             return True
         self._ctx.notifier.publish(self.propolis_id, new)

@@ -36,7 +36,7 @@ class MassStopParams:
     command_s: float = 0.1
     copy_s: float = 0.1
     nexus_latency_s: float = 0.002
-    get_interval_s: float = 0.05
+    get_interval_s: float = 0.5
     get_timeout_s: float = 10.0
     archive_concurrency: int | None = None
     seed: int = 1
@@ -64,7 +64,11 @@ async def _probe_reads(
     timeouts: list[int],
     offset_s: float,
 ) -> None:
-    # Clients do not synchronize on the halt: each starts at a random point of its period.
+    """Read one VMM's state every ``get_interval_s`` until cancelled (end of drain).
+
+    A ``NoSuchVmm`` (the VMM left the registry after Nexus acknowledged its end) is an
+    answer too. Clients do not synchronize on the halt: each starts at a random offset.
+    """
     await trio.sleep(offset_s)
     while True:
         t0 = trio.current_time()
@@ -72,7 +76,7 @@ async def _probe_reads(
             try:
                 await get_state(pid)  # type: ignore[operator]
             except NoSuchVmm:
-                return  # Nexus was told and the VMM is gone: nothing more to read
+                pass
         if scope.cancelled_caught:
             timeouts[0] += 1
         else:
@@ -111,8 +115,9 @@ async def run_policy(policy: TerminationPolicy, params: MassStopParams) -> dict[
                 nursery.start_soon(_probe_reads, get_state, pid, params, reads, timeouts, offset)
             for pid in ids:
                 await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
-        await h.agent.drain()
-        drain_s = trio.current_time() - t_halt
+            await h.agent.drain()
+            drain_s = trio.current_time() - t_halt
+            nursery.cancel_scope.cancel()  # reads went on for the whole drain
         halt_to_publish = []
         for pid in ids:
             published = fakes.nexus.first_time(pid, VmmState.DESTROYED)
