@@ -27,13 +27,22 @@ import trio
 
 from ._bundler import ZoneBundler
 from ._config import AgentConfig, TerminationPolicy
-from ._host import Archiver, BundleStore, NexusClient, PropolisConnector, ZoneBackend
+from ._host import (
+    Archiver,
+    BundleStore,
+    DefunctZone,
+    NexusClient,
+    PropolisConnector,
+    ZoneBackend,
+)
 from ._inline import InlineTeardown, LockedBundleStore
+from ._jobs import BundleJobs
 from ._manager import InstanceManager
 from ._nics import NicReservations
 from ._notifier import NexusNotifier
 from ._reaper import Reaper
 from ._runner import RunnerContext
+from ._wire import ZoneBundleCause, utcnow
 
 log = structlog.get_logger("sledagent.agent")
 
@@ -108,6 +117,24 @@ class SledAgent:
             )
         )
 
+        self.jobs = BundleJobs(self.bundler, self.manager.live_zone)
+
+    async def startup_sweep(self) -> None:
+        """Pick up what an earlier run left: open the store, remove partial bundle files
+        and leftover snapshots, and hand every zone nobody owns to the reaper."""
+        await self.store.open()
+        partial = await self.host.archiver.sweep_partial()
+        snapshots = await self.host.backend.sweep_snapshots()
+        orphans = 0
+        for zone in await self.host.backend.list_zones():
+            if zone.propolis_id is not None and self.manager.registry.find(zone.propolis_id):
+                continue
+            self.reaper.submit(DefunctZone(zone, ZoneBundleCause.UNEXPECTED_ZONE, utcnow()))
+            orphans += 1
+        log.info(
+            "startup_sweep", partial_files=partial, snapshots=snapshots, unexpected_zones=orphans
+        )
+
     async def drain(self) -> None:
         """Wait until the reaper holds no zone and the notifier has nothing pending."""
         await self.reaper.wait_idle()
@@ -121,9 +148,11 @@ async def open_sled_agent(
     """Run a sled agent for the duration of the ``async with`` block."""
     agent = SledAgent(config, host, sled_id=sled_id)
     async with trio.open_nursery() as nursery:
+        await agent.startup_sweep()  # before any bundle can take a snapshot
         await nursery.start(agent.notifier.run)
         await nursery.start(agent.reaper.run)
         await nursery.start(agent.manager.run)
+        await nursery.start(agent.jobs.run)
         log.info(
             "agent_started", policy=config.termination_policy.value, sled_id=str(agent.sled_id)
         )

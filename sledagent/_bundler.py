@@ -107,13 +107,15 @@ class ZoneBundler:
         cause: ZoneBundleCause,
         *,
         on_released: Callable[[], None] | None = None,
+        on_collecting: Callable[[], None] | None = None,
         bundle_id: uuid.UUID | None = None,
     ) -> BundleInfo:
         """Bundle ``zone``; returns the stored bundle.
 
-        ``on_released`` is called once phase 1 has succeeded: from then on the zone may be
-        halted. If phase 1 fails it is not called (the caller decides whether to retry
-        while it still holds the zone). On any failure no bundle is stored and the
+        ``on_collecting`` is called when a phase-1 slot is taken. ``on_released`` is
+        called once phase 1 has succeeded: from then on the zone may be halted. If
+        phase 1 fails it is not called (the caller decides whether to retry while it
+        still holds the zone). On any failure no bundle is stored and the
         snapshot, if one was taken, is dropped.
         """
         bundle_id = bundle_id or uuid.uuid4()
@@ -125,7 +127,7 @@ class ZoneBundler:
             version=BUNDLE_VERSION,
         )
         try:
-            commands, snapshot = await self._collect(zone, bundle_id, bound)
+            commands, snapshot = await self._collect(zone, bundle_id, bound, on_collecting)
             if on_released is not None:
                 on_released()
             try:
@@ -143,9 +145,15 @@ class ZoneBundler:
         return info
 
     async def _collect(
-        self, zone: Zone, bundle_id: uuid.UUID, bound: structlog.typing.FilteringBoundLogger
+        self,
+        zone: Zone,
+        bundle_id: uuid.UUID,
+        bound: structlog.typing.FilteringBoundLogger,
+        on_collecting: Callable[[], None] | None,
     ) -> tuple[tuple[CommandOutput, ...], Snapshot]:
         async with self.collect_limiter:
+            if on_collecting is not None:
+                on_collecting()
             t0 = trio.current_time()
             commands = await self._run_commands(zone)
             snapshot = await self._backend.snapshot(zone, bundle_id)
@@ -168,11 +176,16 @@ class ZoneBundler:
                     out = await self._backend.run_command(zone, command)
                 except Exception as exc:  # a failed command is recorded, never fatal
                     out = CommandOutput(
-                        command.argv, b"", None, trio.current_time() - t0, error=repr(exc)
+                        command.name,
+                        command.argv,
+                        b"",
+                        None,
+                        trio.current_time() - t0,
+                        error=repr(exc),
                     )
             if out is None:
                 out = CommandOutput(
-                    command.argv, b"", None, trio.current_time() - t0, timed_out=True
+                    command.name, command.argv, b"", None, trio.current_time() - t0, timed_out=True
                 )
             results[i] = out
 

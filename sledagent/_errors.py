@@ -63,6 +63,20 @@ class ChannelFull(AgentError):
         self.propolis_id = propolis_id
 
 
+class NoSuchZone(AgentError, LookupError):
+    """No live VMM zone by this name on this sled (404)."""
+
+    status = 404
+    error_code = "NO_SUCH_ZONE"
+
+
+class NoSuchBundleJob(AgentError, LookupError):
+    """No bundle job with this id (404)."""
+
+    status = 404
+    error_code = "NO_SUCH_BUNDLE_JOB"
+
+
 class PropolisAlreadyRegistered(AgentError):
     """The propolis id is registered for a different instance (409)."""
 

@@ -67,15 +67,24 @@ class DefunctZone:
 
 @attrs.frozen
 class ZoneCommand:
-    """A diagnostic command about a zone: an argument list, never a shell string."""
+    """A diagnostic command about a zone: an argument list, never a shell string.
+
+    ``name`` is its entry in the bundle: the tool's name for a zone-wide command,
+    ``<tool>.<pid>`` for a per-process one (omicron's naming)."""
 
     argv: tuple[str, ...]
+    name: str = attrs.field()
+
+    @name.default
+    def _default_name(self) -> str:
+        return self.argv[0].rsplit("/", 1)[-1]
 
 
 @attrs.frozen
 class CommandOutput:
     """The result of one command; a timeout or a missing tool is recorded, not raised."""
 
+    name: str
     argv: tuple[str, ...]
     output: bytes
     exit_status: int | None
@@ -138,6 +147,14 @@ class ZoneBackend(Protocol):
 
     async def zone_exists(self, zone: Zone) -> bool: ...
 
+    async def list_zones(self) -> list[Zone]:
+        """Every VMM zone on this host (the startup sweep hands them to the reaper)."""
+        ...
+
+    async def sweep_snapshots(self) -> int:
+        """Remove every bundle snapshot left behind (found by its tag); how many."""
+        ...
+
     async def bundle_commands(self, zone: Zone) -> Sequence[ZoneCommand]:
         """The zone-wide and per-process diagnostic commands for this zone."""
         ...
@@ -186,9 +203,17 @@ class Archiver(Protocol):
         """Write the bundle, all or nothing: on failure no file is left behind."""
         ...
 
+    async def sweep_partial(self) -> int:
+        """Remove temporary bundle files a crash left behind; how many."""
+        ...
+
 
 class BundleStore(Protocol):
     """The bundles on this host. Never waits for a bundle in progress."""
+
+    async def open(self) -> None:
+        """Load the index (from the files, for an on-disk store); called at startup."""
+        ...
 
     async def add(self, info: BundleInfo) -> None: ...
 

@@ -61,6 +61,9 @@ class LockedBundleStore:
         self._inner = inner
         self._lock = lock
 
+    async def open(self) -> None:
+        await self._inner.open()
+
     async def add(self, info: BundleInfo) -> None:
         # Called by the bundler while the lock is already held by the inline teardown.
         await self._inner.add(info)

@@ -18,6 +18,7 @@ import structlog
 import trio
 
 from ._errors import BadRequest, HostFull, PropolisAlreadyRegistered, ShuttingDown, Terminating
+from ._host import ZONE_PREFIX, Zone
 from ._registry import Registry, VmmEntry, VmmPhase
 from ._runner import InstanceRunner, PutState, ReadState, RunnerContext
 from ._vmm_state import initial_state
@@ -132,6 +133,20 @@ class InstanceManager:
             await runner.finished.wait()  # omicron answers after the zone is gone
             state = entry.state
         return VmmUnregisterResponse(updated_runtime=state)
+
+    def live_zone(self, zone_name: str) -> Zone | None:
+        """The zone of an active VMM, by zone name (for explicit bundles)."""
+        if not zone_name.startswith(ZONE_PREFIX):
+            return None
+        try:
+            propolis_id = uuid.UUID(zone_name.removeprefix(ZONE_PREFIX))
+        except ValueError:
+            return None
+        entry = self.registry.find(propolis_id)
+        if entry is None or entry.phase is not VmmPhase.ACTIVE:
+            return None
+        runner: InstanceRunner = entry.runner
+        return runner.zone
 
     async def _inline_read(self, entry: VmmEntry) -> None:
         runner: InstanceRunner = entry.runner

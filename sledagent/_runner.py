@@ -140,6 +140,11 @@ class InstanceRunner:
     def propolis_id(self) -> uuid.UUID:
         return self.entry.propolis_id
 
+    @property
+    def zone(self) -> Zone | None:
+        """The VMM's live zone, until it is handed off."""
+        return self._zone
+
     # --- called by the manager -------------------------------------------------------
 
     def submit(self, request: Request) -> None:

@@ -54,6 +54,9 @@ class MemoryBundleStore:
     def __init__(self) -> None:
         self.index = BundleIndex()
 
+    async def open(self) -> None:
+        pass  # nothing persisted
+
     async def add(self, info: BundleInfo) -> None:
         self.index.add(info)
 

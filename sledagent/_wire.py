@@ -329,3 +329,47 @@ class ZoneBundleMetadata:
     id: ZoneBundleId
     time_created: dt.datetime
     version: U8
+
+
+class PriorityDimension(enum.StrEnum):
+    TIME = "time"
+    CAUSE = "cause"
+
+
+@attrs.frozen
+class Duration:
+    secs: U64
+    nanos: U32 = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.secs + self.nanos / 1e9
+
+
+@attrs.frozen
+class CleanupContext:
+    """The zone bundle cleanup task's context (what ``GET .../context`` answers)."""
+
+    period: Duration
+    priority: list[PriorityDimension]
+    storage_limit: U8
+
+
+@attrs.frozen
+class CleanupContextUpdate:
+    period: Duration | None = None
+    priority: list[PriorityDimension] | None = None
+    storage_limit: U8 | None = None
+
+
+@attrs.frozen
+class CleanupCount:
+    bundles: U64
+    bytes: U64
+
+
+@attrs.frozen
+class BundleUtilization:
+    bytes_available: U64
+    bytes_used: U64
+    dataset_quota: U64

@@ -94,6 +94,16 @@ class FakeZones:
         await trio.lowlevel.checkpoint()
         return zone.name in self.zones
 
+    async def list_zones(self) -> list[Zone]:
+        await trio.lowlevel.checkpoint()
+        return list(self.zones.values())
+
+    async def sweep_snapshots(self) -> int:
+        await trio.lowlevel.checkpoint()
+        removed = len(self.live_snapshots)
+        self.live_snapshots.clear()
+        return removed
+
     async def bundle_commands(self, zone: Zone) -> Sequence[ZoneCommand]:
         await trio.lowlevel.checkpoint()
         self.collecting.add(zone.name)
@@ -105,7 +115,9 @@ class FakeZones:
         if command.argv[0] in self.hanging_commands:
             await trio.sleep_forever()
         await trio.sleep(self.command_s)
-        return CommandOutput(command.argv, f"{command.argv}: ok\n".encode(), 0, self.command_s)
+        return CommandOutput(
+            command.name, command.argv, f"{command.argv}: ok\n".encode(), 0, self.command_s
+        )
 
     async def snapshot(self, zone: Zone, bundle_id: uuid.UUID) -> Snapshot:
         try:
@@ -151,6 +163,10 @@ class FakeArchiver:
 
     def __init__(self, zones: FakeZones) -> None:
         self._zones = zones
+
+    async def sweep_partial(self) -> int:
+        await trio.lowlevel.checkpoint()
+        return 0  # writes no files
 
     async def write(self, job: ArchiveJob) -> BundleInfo:
         zones = self._zones

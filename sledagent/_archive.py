@@ -1,0 +1,245 @@
+"""TarArchiver: writes a bundle as tar.gz, all or nothing, in a worker thread.
+
+Layout of a bundle (compatible with omicron's zone bundles, plus a manifest of ours):
+
+1. ``metadata.toml``: ``time_created``, ``version``, ``cause``, ``[id] zone_name, bundle_id``;
+2. one entry per command, named by the command (``ps``, ``pargs.<pid>``...), whose first
+   line is ``Command: ["argv0", "arg", ...]``;
+3. every current, rotated and archived log under its file name, from the snapshot; a
+   file larger than ``max_file_bytes`` keeps only its newest bytes;
+4. ``manifest.json``: size of each entry, each command's duration, exit status, timeout
+   and error, and which files were truncated.
+
+The file is written to a hidden temporary name in ``<debug_dir>/<zone_name>/``, fsynced,
+renamed, then copied the same way to every other debug directory (omicron keeps one per
+M.2). On any failure or cancellation every file of this bundle is removed: omicron #3876
+leaves partial tarballs behind; we do not. Compression is python-isal's igzip (level 2 is
+about 7x stdlib gzip here, and releases the GIL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+import structlog
+import trio
+from isal import igzip
+
+from ._host import ArchiveJob, BundleInfo, CommandOutput, LogSource
+from ._wire import ZoneBundleMetadata
+
+log = structlog.get_logger("sledagent.archive")
+
+TMP_PREFIX = "."
+TMP_SUFFIX = ".tar.gz.tmp"
+BUNDLE_SUFFIX = ".tar.gz"
+BUNDLE_MODE = 0o640
+
+
+class ArchiveAborted(Exception):
+    """The bundle was cancelled while being written; nothing was left behind."""
+
+
+def bundle_path(debug_dir: Path, zone_name: str, bundle_id: object) -> Path:
+    return debug_dir / zone_name / f"{bundle_id}{BUNDLE_SUFFIX}"
+
+
+def metadata_toml(metadata: ZoneBundleMetadata) -> bytes:
+    """omicron's ``metadata.toml`` (``time_created`` as an RFC 3339 string, as serde does)."""
+    doc = {
+        "time_created": metadata.time_created.isoformat().replace("+00:00", "Z"),
+        "version": metadata.version,
+        "cause": metadata.cause.value,
+        "id": {"zone_name": metadata.id.zone_name, "bundle_id": str(metadata.id.bundle_id)},
+    }
+    return msgspec.toml.encode(doc)
+
+
+def command_entry(output: CommandOutput) -> bytes:
+    header = "Command: [" + ", ".join(json.dumps(a) for a in output.argv) + "]\n"
+    body = output.output
+    if output.timed_out:
+        body += b"\n[timed out]\n"
+    if output.error:
+        body += f"\n[error: {output.error}]\n".encode()
+    return header.encode() + body
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(mtime)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _add_tail(tar: tarfile.TarFile, source: LogSource, cap: int) -> tuple[int, bool]:
+    """Add ``source``; beyond ``cap`` bytes only its newest bytes. Returns (size, truncated)."""
+    with open(source.path, "rb") as f:
+        st = os.fstat(f.fileno())
+        size, truncated = st.st_size, st.st_size > cap
+        if truncated:
+            f.seek(st.st_size - cap)
+            size = cap
+        info = tarfile.TarInfo(source.name)
+        info.size = size
+        info.mtime = int(st.st_mtime)
+        info.mode = 0o644
+        tar.addfile(info, f)
+    return size, truncated
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class TarArchiver:
+    """An ``Archiver`` writing tar.gz bundles into one or more debug directories."""
+
+    def __init__(
+        self,
+        debug_dirs: Sequence[Path],
+        *,
+        compression_level: int = 2,
+        max_file_bytes: int = 64 << 20,
+    ) -> None:
+        if not debug_dirs:
+            raise ValueError("TarArchiver needs at least one debug directory")
+        if not 0 <= compression_level <= 3:
+            raise ValueError(f"compression_level must be 0..3 (isal), got {compression_level}")
+        if max_file_bytes < 1:
+            raise ValueError("max_file_bytes must be >= 1")
+        self.debug_dirs = [Path(d) for d in debug_dirs]
+        self.compression_level = compression_level
+        self.max_file_bytes = max_file_bytes
+
+    async def write(self, job: ArchiveJob) -> BundleInfo:
+        """Write ``job``'s bundle in a worker thread; cancellation aborts it cleanly."""
+        abort = threading.Event()
+
+        async def watch_for_cancel() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                abort.set()  # the thread checks this between entries
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_for_cancel)
+            try:
+                info = await trio.to_thread.run_sync(self._write_sync, job, abort)
+            finally:
+                nursery.cancel_scope.cancel()
+        return info
+
+    async def sweep_partial(self) -> int:
+        """Remove temporary files a crash left behind (at startup)."""
+        return await trio.to_thread.run_sync(self._sweep_partial)
+
+    def _sweep_partial(self) -> int:
+        removed = 0
+        for debug_dir in self.debug_dirs:
+            for tmp in debug_dir.glob(f"*/{TMP_PREFIX}*{TMP_SUFFIX}"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    # --- in the worker thread ---------------------------------------------------------
+
+    def _write_sync(self, job: ArchiveJob, abort: threading.Event) -> BundleInfo:
+        meta = job.metadata
+        written: list[Path] = []  # every file of this bundle, to remove on failure
+        try:
+            primary = bundle_path(self.debug_dirs[0], meta.id.zone_name, meta.id.bundle_id)
+            self._write_primary(job, primary, abort, written)
+            for other in self.debug_dirs[1:]:
+                if abort.is_set():
+                    raise ArchiveAborted("cancelled")
+                copy = bundle_path(other, meta.id.zone_name, meta.id.bundle_id)
+                self._copy_atomically(primary, copy, written)
+            size = primary.stat().st_size
+        except BaseException:
+            for path in written:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
+        return BundleInfo(meta, size, tuple(str(p) for p in written))  # primary first
+
+    def _tmp_for(self, final: Path) -> Path:
+        return final.with_name(f"{TMP_PREFIX}{final.name.removesuffix(BUNDLE_SUFFIX)}{TMP_SUFFIX}")
+
+    def _write_primary(
+        self, job: ArchiveJob, final: Path, abort: threading.Event, written: list[Path]
+    ) -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp_for(final)
+        written.append(tmp)
+        now = time.time()
+        manifest: dict[str, object] = {"entries": [], "commands": [], "truncated": []}
+        entries: list[dict[str, object]] = manifest["entries"]  # type: ignore[assignment]
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, BUNDLE_MODE)
+        with os.fdopen(fd, "wb") as raw:
+            with (
+                igzip.IGzipFile(  # type: ignore[no-untyped-call]
+                    fileobj=raw, mode="wb", compresslevel=self.compression_level
+                ) as gz,
+                tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+            ):
+                meta = metadata_toml(job.metadata)
+                _add_bytes(tar, "metadata.toml", meta, now)
+                entries.append({"name": "metadata.toml", "size": len(meta)})
+                for cmd in job.commands:
+                    data = command_entry(cmd)
+                    _add_bytes(tar, cmd.name, data, now)
+                    entries.append({"name": cmd.name, "size": len(data)})
+                    manifest["commands"].append(  # type: ignore[attr-defined]
+                        {
+                            "name": cmd.name,
+                            "argv": list(cmd.argv),
+                            "duration_s": round(cmd.duration_s, 6),
+                            "exit_status": cmd.exit_status,
+                            "timed_out": cmd.timed_out,
+                            "error": cmd.error,
+                        }
+                    )
+                for source in job.snapshot.files:
+                    if abort.is_set():
+                        raise ArchiveAborted("cancelled")
+                    size, truncated = _add_tail(tar, source, self.max_file_bytes)
+                    entries.append({"name": source.name, "size": size})
+                    if truncated:
+                        manifest["truncated"].append(  # type: ignore[attr-defined]
+                            {"name": source.name, "original_size": source.size, "kept": size}
+                        )
+                _add_bytes(tar, "manifest.json", json.dumps(manifest, indent=1).encode(), now)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.rename(tmp, final)
+        written[written.index(tmp)] = final
+        _fsync_dir(final.parent)
+
+    def _copy_atomically(self, source: Path, final: Path, written: list[Path]) -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp_for(final)
+        written.append(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, BUNDLE_MODE)
+        with os.fdopen(fd, "wb") as dst, open(source, "rb") as src:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.rename(tmp, final)
+        written[written.index(tmp)] = final
+        _fsync_dir(final.parent)

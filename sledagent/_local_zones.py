@@ -1,0 +1,339 @@
+"""The local zone backend (the default; runs on any Linux).
+
+A zone is a directory tree, ``<root>/zones/<zone_name>/``, with ``zone.json`` (who it is,
+which processes are its own) and ``root/var/svc/log/`` laid out like a Propolis zone's
+service log directory; archived logs live apart in ``<root>/archive/<zone_name>/`` with a
+Unix timestamp suffix, as omicron archives them to a debug dataset. The zone's VMM is a
+real child process (``sledagent._logwriter``, until the simulated Propolis takes its place)
+in a session of its own.
+
+Diagnostics are real Linux commands about the zone's processes, as argument lists:
+zone-wide ``ps``, ``uptime``, ``ss -an``, ``who``, ``last``; per process the local analogues
+of ``pargs``/``pfiles``/``pstack`` (``/proc/<pid>/cmdline``, ``ls -l /proc/<pid>/fd``,
+``/proc/<pid>/status``). A missing tool is recorded by the bundler, not raised.
+
+A snapshot is a directory ``<root>/snapshots/<bundle_id>/`` tagged with
+``.zone-bundle-snapshot`` (so the startup sweep finds leftovers): rotated and archived
+files are immutable and hard-linked; the live log is copied, newest bytes, size-capped.
+Every filesystem walk runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import attrs
+import structlog
+import trio
+
+from ._host import CommandOutput, LogSource, Snapshot, Zone, ZoneCommand, ZoneSpec
+from ._logwriter import SERVICE_LOG, log_lines
+
+log = structlog.get_logger("sledagent.zones.local")
+R = TypeVar("R")
+
+SNAPSHOT_TAG = ".zone-bundle-snapshot"
+LOG_SUBDIR = Path("root/var/svc/log")
+MAX_COMMAND_OUTPUT = 1 << 20
+
+
+@attrs.frozen(kw_only=True)
+class LocalZonesConfig:
+    root: Path = attrs.field(converter=Path)
+    #: Bytes/s each zone's log writer appends; 0 starts no writer process.
+    log_rate_bps: int = 2048
+    rotate_bytes: int = 1 << 20
+    keep_rotated: int = 4
+    #: Log volume to create at install (rotated and archived files), for realism.
+    seed_log_bytes: int = 0
+    #: The live log is copied into a snapshot up to this many (newest) bytes.
+    max_live_copy_bytes: int = 64 << 20
+    #: SIGTERM, then SIGKILL after this long.
+    term_timeout_s: float = 5.0
+
+
+def _zone_dir(cfg: LocalZonesConfig, name: str) -> Path:
+    return cfg.root / "zones" / name
+
+
+class LocalZoneBackend:
+    def __init__(self, config: LocalZonesConfig) -> None:
+        self.config = config
+        self._procs: dict[str, trio.Process] = {}
+        self._fs_limiter = trio.CapacityLimiter(4)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def install(self, spec: ZoneSpec) -> Zone:
+        zone = Zone(spec.zone_name, spec.propolis_id, spec.propolis_addr, spec.nic_ids)
+        try:
+            await self._thread(self._create_tree, zone)
+            if self.config.log_rate_bps > 0:
+                proc = await trio.lowlevel.open_process(
+                    self._writer_argv(zone.name),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+                self._procs[zone.name] = proc
+                await self._thread(self._record_pids, zone.name, [proc.pid])
+        except BaseException:
+            with trio.CancelScope(shield=True):  # leave nothing behind
+                await self.halt_and_remove(zone)
+            raise
+        return zone
+
+    def _writer_argv(self, name: str) -> list[str]:
+        c = self.config
+        return [
+            sys.executable, "-m", "sledagent._logwriter",
+            "--zone-name", name,
+            "--log-dir", str(_zone_dir(c, name) / LOG_SUBDIR),
+            "--archive-dir", str(c.root / "archive" / name),
+            "--rate-bps", str(c.log_rate_bps),
+            "--rotate-bytes", str(c.rotate_bytes),
+            "--keep", str(c.keep_rotated),
+        ]  # fmt: skip
+
+    def _create_tree(self, zone: Zone) -> None:
+        c = self.config
+        zdir = _zone_dir(c, zone.name)
+        (zdir / LOG_SUBDIR).mkdir(parents=True, exist_ok=True)
+        meta = {
+            "zone_name": zone.name,
+            "propolis_id": str(zone.propolis_id) if zone.propolis_id else None,
+            "propolis_addr": zone.propolis_addr,
+            "nic_ids": sorted(str(n) for n in zone.nic_ids),
+            "created": time.time(),
+            "pids": [],
+        }
+        (zdir / "zone.json").write_text(json.dumps(meta))
+        if c.seed_log_bytes > 0:
+            seed_logs(zdir / LOG_SUBDIR, c.root / "archive" / zone.name, c.seed_log_bytes)
+
+    def _record_pids(self, name: str, pids: list[int]) -> None:
+        path = _zone_dir(self.config, name) / "zone.json"
+        meta = json.loads(path.read_text())
+        meta["pids"] = pids
+        path.write_text(json.dumps(meta))
+
+    def _pids(self, name: str) -> list[int]:
+        try:
+            meta = json.loads((_zone_dir(self.config, name) / "zone.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return []
+        # Only processes that are still ours (a pid may have been reused since).
+        return [p for p in meta.get("pids", []) if _is_zone_process(p, name)]
+
+    async def zone_exists(self, zone: Zone) -> bool:
+        return await self._thread((_zone_dir(self.config, zone.name) / "zone.json").exists)
+
+    async def list_zones(self) -> list[Zone]:
+        """Every zone on disk (for the startup sweep)."""
+        return await self._thread(self._list_zones)
+
+    def _list_zones(self) -> list[Zone]:
+        zones = []
+        for path in sorted((self.config.root / "zones").glob("*/zone.json")):
+            try:
+                meta = json.loads(path.read_text())
+                pid = meta.get("propolis_id")
+                zones.append(
+                    Zone(
+                        meta["zone_name"],
+                        uuid.UUID(pid) if pid else None,
+                        meta.get("propolis_addr", ""),
+                        frozenset(uuid.UUID(n) for n in meta.get("nic_ids", [])),
+                    )
+                )
+            except (ValueError, KeyError) as exc:  # a half-written zone is still a zone
+                log.warning("zone_metadata_unreadable", path=str(path), error=str(exc))
+                zones.append(Zone(path.parent.name, None, ""))
+        return zones
+
+    async def halt_and_remove(self, zone: Zone) -> None:
+        """SIGTERM the zone's processes, SIGKILL after a deadline, remove the tree."""
+        name = zone.name
+        pids = await self._thread(self._pids, name)
+        proc = self._procs.get(name)
+        for pid in pids:
+            _signal_group(pid, signal.SIGTERM)
+        with trio.move_on_after(self.config.term_timeout_s):
+            await self._wait_gone(pids, proc)
+        for pid in await self._thread(self._pids, name):
+            _signal_group(pid, signal.SIGKILL)
+        await self._wait_gone(pids, proc)
+        self._procs.pop(name, None)
+        await self._thread(shutil.rmtree, _zone_dir(self.config, name), True)
+        await self._thread(shutil.rmtree, self.config.root / "archive" / name, True)
+
+    async def _wait_gone(self, pids: Sequence[int], proc: trio.Process | None) -> None:
+        if proc is not None:
+            await proc.wait()  # our child: reap it
+        for pid in pids:  # an earlier agent's children: a pidfd turns readable at exit
+            await _wait_exit(pid)
+
+    # --- diagnostics ------------------------------------------------------------------
+
+    async def bundle_commands(self, zone: Zone) -> Sequence[ZoneCommand]:
+        pids = await self._thread(self._pids, zone.name)
+        pid_list = ",".join(str(p) for p in pids) or "1"
+        cmds = [
+            ZoneCommand(("ps", "-o", "pid,ppid,stat,etime,rss,args", "--forest", "-p", pid_list)),
+            ZoneCommand(("uptime",)),
+            ZoneCommand(("ss", "-an")),
+            ZoneCommand(("who",)),
+            ZoneCommand(("last", "-n", "20")),
+        ]
+        for pid in pids:
+            cmds += [
+                ZoneCommand(("cat", f"/proc/{pid}/cmdline"), name=f"pargs.{pid}"),
+                ZoneCommand(("ls", "-l", f"/proc/{pid}/fd"), name=f"pfiles.{pid}"),
+                ZoneCommand(("cat", f"/proc/{pid}/status"), name=f"pstack.{pid}"),
+            ]
+        return cmds
+
+    async def run_command(self, zone: Zone, command: ZoneCommand) -> CommandOutput:
+        t0 = trio.current_time()
+        try:
+            result = await trio.run_process(
+                list(command.argv),
+                capture_stdout=True,
+                stderr=subprocess.STDOUT,
+                check=False,
+                stdin=b"",
+            )
+        except FileNotFoundError:
+            return CommandOutput(
+                command.name, command.argv, b"", None, trio.current_time() - t0,
+                error=f"{command.argv[0]}: not found on this host",
+            )  # fmt: skip
+        out = result.stdout[-MAX_COMMAND_OUTPUT:]
+        return CommandOutput(
+            command.name, command.argv, out, result.returncode, trio.current_time() - t0
+        )
+
+    async def snapshot(self, zone: Zone, bundle_id: uuid.UUID) -> Snapshot:
+        return await self._thread(self._snapshot, zone, bundle_id)
+
+    def _snapshot(self, zone: Zone, bundle_id: uuid.UUID) -> Snapshot:
+        c = self.config
+        snap_dir = c.root / "snapshots" / str(bundle_id)
+        snap_dir.mkdir(parents=True)
+        tag = {"zone_name": zone.name, "bundle_id": str(bundle_id), "created": time.time()}
+        (snap_dir / SNAPSHOT_TAG).write_text(json.dumps(tag))
+        files: list[LogSource] = []
+        try:
+            sources = sorted((_zone_dir(c, zone.name) / LOG_SUBDIR).glob(f"{SERVICE_LOG}*"))
+            sources += sorted((c.root / "archive" / zone.name).glob(f"{SERVICE_LOG}.*"))
+            for src in sources:
+                dst = snap_dir / src.name
+                if src.name == SERVICE_LOG:
+                    _copy_tail(src, dst, c.max_live_copy_bytes)  # live: still growing
+                else:
+                    _link_or_copy(src, dst)  # rotated / archived: immutable
+                files.append(LogSource(src.name, str(dst), dst.stat().st_size))
+        except BaseException:
+            shutil.rmtree(snap_dir, ignore_errors=True)
+            raise
+        return Snapshot(str(snap_dir), zone.name, bundle_id, tuple(files))
+
+    async def destroy_snapshot(self, snapshot: Snapshot) -> None:
+        await self._thread(shutil.rmtree, snapshot.name, True)
+
+    async def sweep_snapshots(self) -> int:
+        """Remove every tagged snapshot a crash left behind; returns how many."""
+        return await self._thread(self._sweep_snapshots)
+
+    def _sweep_snapshots(self) -> int:
+        removed = 0
+        for tag in (self.config.root / "snapshots").glob(f"*/{SNAPSHOT_TAG}"):
+            shutil.rmtree(tag.parent, ignore_errors=True)
+            removed += 1
+        return removed
+
+    async def _thread(self, fn: Callable[..., R], *args: object) -> R:
+        """Blocking filesystem work, off the trio thread, a few at a time."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._fs_limiter)
+
+
+def seed_logs(log_dir: Path, archive_dir: Path, total_bytes: int, seed: int | None = None) -> None:
+    """Create about ``total_bytes`` of logs: live, rotated and archived files whose sizes
+    follow a log-normal distribution (a long-running VMM's log directory)."""
+    rng = random.Random(seed)
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    sizes: list[int] = []
+    while sum(sizes) < total_bytes:
+        sizes.append(max(4096, int(rng.lognormvariate(13.0, 1.0))))  # median ~440 KiB
+    sizes[-1] = max(1024, total_bytes - sum(sizes[:-1]))
+    now = int(time.time())
+    for i, size in enumerate(sizes):
+        data = log_lines(size, rng, start=now - (len(sizes) - i) * 3600)
+        if i == len(sizes) - 1:
+            path = log_dir / SERVICE_LOG
+        elif i >= len(sizes) - 5:
+            path = log_dir / f"{SERVICE_LOG}.{len(sizes) - 2 - i}"
+        else:
+            path = archive_dir / f"{SERVICE_LOG}.{now - (len(sizes) - i) * 3600}"
+        path.write_bytes(data)
+
+
+def _copy_tail(src: Path, dst: Path, cap: int) -> None:
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        size = os.fstat(f.fileno()).st_size
+        if size > cap:
+            f.seek(size - cap)
+        shutil.copyfileobj(f, out, 1 << 20)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"  # a zombie is gone for us
+    except (FileNotFoundError, IndexError, ProcessLookupError):
+        return False
+
+
+def _is_zone_process(pid: int, zone_name: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return zone_name.encode() in f.read() and _alive(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+async def _wait_exit(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except (ProcessLookupError, OSError):
+        return  # already gone
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+def _signal_group(pid: int, signo: int) -> None:
+    try:
+        os.killpg(pid, signo)  # the writer leads its own session and process group
+    except (ProcessLookupError, PermissionError):
+        pass
