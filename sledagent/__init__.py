@@ -6,6 +6,8 @@ The public API is what this module names; everything in ``sledagent._*`` may cha
 from ._agent import Host as Host
 from ._agent import SledAgent as SledAgent
 from ._agent import open_sled_agent as open_sled_agent
+from ._archive import TarArchiver as TarArchiver
+from ._bundle_store import DiskBundleStore as DiskBundleStore
 from ._bundler import BundlerStatistics as BundlerStatistics
 from ._bundler import ZoneBundler as ZoneBundler
 from ._config import AgentConfig as AgentConfig
@@ -16,7 +18,9 @@ from ._errors import BadRequest as BadRequest
 from ._errors import ChannelFull as ChannelFull
 from ._errors import HostFull as HostFull
 from ._errors import NicsStillHeld as NicsStillHeld
+from ._errors import NoSuchBundleJob as NoSuchBundleJob
 from ._errors import NoSuchVmm as NoSuchVmm
+from ._errors import NoSuchZone as NoSuchZone
 from ._errors import PeerError as PeerError
 from ._errors import PropolisAlreadyRegistered as PropolisAlreadyRegistered
 from ._errors import PropolisGone as PropolisGone
@@ -39,6 +43,11 @@ from ._host import ZoneBackend as ZoneBackend
 from ._host import ZoneCommand as ZoneCommand
 from ._host import ZoneSpec as ZoneSpec
 from ._host import zone_name_for as zone_name_for
+from ._jobs import BundleJob as BundleJob
+from ._jobs import BundleJobs as BundleJobs
+from ._jobs import BundleJobState as BundleJobState
+from ._local_zones import LocalZoneBackend as LocalZoneBackend
+from ._local_zones import LocalZonesConfig as LocalZonesConfig
 from ._manager import InstanceManager as InstanceManager
 from ._notifier import NexusNotifier as NexusNotifier
 from ._notifier import NotifierStatistics as NotifierStatistics
@@ -76,11 +85,15 @@ __all__ = [
     "BadRequest",
     "BundleIndex",
     "BundleInfo",
+    "BundleJob",
+    "BundleJobState",
+    "BundleJobs",
     "BundleStore",
     "BundlerStatistics",
     "ChannelFull",
     "CommandOutput",
     "DefunctZone",
+    "DiskBundleStore",
     "Error",
     "Host",
     "HostFull",
@@ -89,6 +102,8 @@ __all__ = [
     "InstanceState",
     "InstanceStateMonitorResponse",
     "InstanceStateRequested",
+    "LocalZoneBackend",
+    "LocalZonesConfig",
     "LogSource",
     "MemoryBundleStore",
     "MigrationRuntimeState",
@@ -96,7 +111,9 @@ __all__ = [
     "NexusClient",
     "NexusNotifier",
     "NicsStillHeld",
+    "NoSuchBundleJob",
     "NoSuchVmm",
+    "NoSuchZone",
     "NotifierStatistics",
     "PeerError",
     "PropolisAlreadyRegistered",
@@ -109,6 +126,7 @@ __all__ = [
     "SledAgent",
     "SledVmmState",
     "Snapshot",
+    "TarArchiver",
     "Terminating",
     "TerminationPolicy",
     "Unavailable",

@@ -83,7 +83,22 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> No
     tar.addfile(info, io.BytesIO(data))
 
 
-def _add_tail(tar: tarfile.TarFile, source: LogSource, cap: int) -> tuple[int, bool]:
+class _AbortableReader:
+    """A file whose reads fail once the bundle is aborted (checked per chunk)."""
+
+    def __init__(self, f: io.BufferedReader, abort: threading.Event) -> None:
+        self._f = f
+        self._abort = abort
+
+    def read(self, size: int = -1) -> bytes:
+        if self._abort.is_set():
+            raise ArchiveAborted("cancelled")
+        return self._f.read(size)
+
+
+def _add_tail(
+    tar: tarfile.TarFile, source: LogSource, cap: int, abort: threading.Event
+) -> tuple[int, bool]:
     """Add ``source``; beyond ``cap`` bytes only its newest bytes. Returns (size, truncated)."""
     with open(source.path, "rb") as f:
         st = os.fstat(f.fileno())
@@ -95,7 +110,7 @@ def _add_tail(tar: tarfile.TarFile, source: LogSource, cap: int) -> tuple[int, b
         info.size = size
         info.mtime = int(st.st_mtime)
         info.mode = 0o644
-        tar.addfile(info, f)
+        tar.addfile(info, _AbortableReader(f, abort))
     return size, truncated
 
 
@@ -128,22 +143,20 @@ class TarArchiver:
         self.max_file_bytes = max_file_bytes
 
     async def write(self, job: ArchiveJob) -> BundleInfo:
-        """Write ``job``'s bundle in a worker thread; cancellation aborts it cleanly."""
+        """Write ``job``'s bundle in a worker thread.
+
+        On cancellation this returns at once (``Cancelled``) and tells the thread to stop:
+        it notices within one read chunk, removes every file of this bundle and exits, so
+        a cancelled bundle never appears under its final name.
+        """
         abort = threading.Event()
-
-        async def watch_for_cancel() -> None:
-            try:
-                await trio.sleep_forever()
-            finally:
-                abort.set()  # the thread checks this between entries
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_for_cancel)
-            try:
-                info = await trio.to_thread.run_sync(self._write_sync, job, abort)
-            finally:
-                nursery.cancel_scope.cancel()
-        return info
+        try:
+            return await trio.to_thread.run_sync(
+                self._write_sync, job, abort, abandon_on_cancel=True
+            )
+        except trio.Cancelled:
+            abort.set()
+            raise
 
     async def sweep_partial(self) -> int:
         """Remove temporary files a crash left behind (at startup)."""
@@ -218,7 +231,7 @@ class TarArchiver:
                 for source in job.snapshot.files:
                     if abort.is_set():
                         raise ArchiveAborted("cancelled")
-                    size, truncated = _add_tail(tar, source, self.max_file_bytes)
+                    size, truncated = _add_tail(tar, source, self.max_file_bytes, abort)
                     entries.append({"name": source.name, "size": size})
                     if truncated:
                         manifest["truncated"].append(  # type: ignore[attr-defined]
@@ -227,6 +240,8 @@ class TarArchiver:
                 _add_bytes(tar, "manifest.json", json.dumps(manifest, indent=1).encode(), now)
             raw.flush()
             os.fsync(raw.fileno())
+        if abort.is_set():  # never publish a bundle whose caller has gone
+            raise ArchiveAborted("cancelled")
         os.rename(tmp, final)
         written[written.index(tmp)] = final
         _fsync_dir(final.parent)

@@ -8,6 +8,7 @@ from ._examples import ensure_body as ensure_body
 from ._examples import ensure_body_json as ensure_body_json
 from ._harness import AgentHarness as AgentHarness
 from ._harness import FakeHost as FakeHost
+from ._harness import LocalHost as LocalHost
 from ._harness import fast_config as fast_config
 from ._harness import open_fake_agent as open_fake_agent
 from ._nexus import FakeNexus as FakeNexus
@@ -28,6 +29,7 @@ __all__ = [
     "FakePropolisFleet",
     "FakeZones",
     "InjectedFault",
+    "LocalHost",
     "NexusUpdate",
     "ZoneTimeline",
     "ensure_body",

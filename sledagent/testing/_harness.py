@@ -5,11 +5,16 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import attrs
 
 from .._agent import Host, SledAgent, open_sled_agent
+from .._archive import TarArchiver
+from .._bundle_store import DiskBundleStore
 from .._config import AgentConfig, BackoffPolicy
+from .._local_zones import LocalZoneBackend, LocalZonesConfig
 from .._registry import VmmPhase
 from .._store import MemoryBundleStore
 from .._wire import SledVmmState, VmmState, VmmStateRequested, VmmStateRequestedType
@@ -48,11 +53,54 @@ class FakeHost:
 
 
 @attrs.define
+class LocalHost:
+    """Real local zones, real tar.gz bundles and store; fake Propolis and Nexus."""
+
+    zones: LocalZoneBackend
+    archiver: TarArchiver
+    store: DiskBundleStore
+    propolis: FakePropolisFleet = attrs.field(factory=FakePropolisFleet)
+    nexus: FakeNexus = attrs.field(factory=FakeNexus)
+
+    @classmethod
+    def at(
+        cls,
+        root: Path,
+        *,
+        debug_dirs: int = 1,
+        compression_level: int = 2,
+        max_file_bytes: int = 64 << 20,
+        quota_bytes: int | None = None,
+        **zone_options: Any,
+    ) -> LocalHost:
+        """Everything under ``root``: ``zones/``, ``snapshots/``, ``debug<i>/``."""
+        dirs = [root / f"debug{i}" for i in range(debug_dirs)]
+        return cls(
+            zones=LocalZoneBackend(LocalZonesConfig(root=root, **zone_options)),
+            archiver=TarArchiver(
+                dirs, compression_level=compression_level, max_file_bytes=max_file_bytes
+            ),
+            store=DiskBundleStore(
+                dirs, context_path=root / "bundle-cleanup-context.toml", quota_bytes=quota_bytes
+            ),
+        )
+
+    def host(self) -> Host:
+        return Host(
+            backend=self.zones,
+            connector=self.propolis,
+            nexus=self.nexus,
+            archiver=self.archiver,
+            store=self.store,
+        )
+
+
+@attrs.define
 class AgentHarness:
     """An agent running on fakes, with helpers that act as Nexus would."""
 
     agent: SledAgent
-    fakes: FakeHost
+    fakes: Any  # FakeHost or LocalHost
 
     async def start_vmm(
         self,
@@ -84,9 +132,9 @@ class AgentHarness:
 
 @asynccontextmanager
 async def open_fake_agent(
-    config: AgentConfig | None = None, fakes: FakeHost | None = None
+    config: AgentConfig | None = None, fakes: FakeHost | LocalHost | None = None
 ) -> AsyncIterator[AgentHarness]:
-    """Run a sled agent on fakes for the duration of the block."""
-    fakes = fakes or FakeHost()
-    async with open_sled_agent(config or fast_config(), fakes.host()) as agent:
-        yield AgentHarness(agent, fakes)
+    """Run a sled agent on fakes (or a ``LocalHost``) for the duration of the block."""
+    host = fakes or FakeHost()
+    async with open_sled_agent(config or fast_config(), host.host()) as agent:
+        yield AgentHarness(agent, host)
