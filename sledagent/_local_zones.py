@@ -269,24 +269,30 @@ class LocalZoneBackend:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._fs_limiter)
 
 
-def seed_logs(log_dir: Path, archive_dir: Path, total_bytes: int, seed: int | None = None) -> None:
+def seed_logs(
+    log_dir: Path, archive_dir: Path, total_bytes: int, *, keep: int = 4, seed: int | None = None
+) -> None:
     """Create about ``total_bytes`` of logs: live, rotated and archived files whose sizes
     follow a log-normal distribution (a long-running VMM's log directory)."""
     rng = random.Random(seed)
     archive_dir.mkdir(parents=True, exist_ok=True)
     sizes: list[int] = []
+    cap = max(4096, total_bytes // 4)  # at least four files: live, rotated and archived
     while sum(sizes) < total_bytes:
-        sizes.append(max(4096, int(rng.lognormvariate(13.0, 1.0))))  # median ~440 KiB
+        sizes.append(min(cap, max(4096, int(rng.lognormvariate(13.0, 1.0)))))  # median ~440 KiB
     sizes[-1] = max(1024, total_bytes - sum(sizes[:-1]))
+    n = len(sizes)
+    rotated = min(keep, (n - 1) // 2)  # the newest files before the live one
     now = int(time.time())
     for i, size in enumerate(sizes):
-        data = log_lines(size, rng, start=now - (len(sizes) - i) * 3600)
-        if i == len(sizes) - 1:
+        age_s = (n - i) * 3600
+        data = log_lines(size, rng, start=now - age_s)
+        if i == n - 1:
             path = log_dir / SERVICE_LOG
-        elif i >= len(sizes) - 5:
-            path = log_dir / f"{SERVICE_LOG}.{len(sizes) - 2 - i}"
+        elif i >= n - 1 - rotated:
+            path = log_dir / f"{SERVICE_LOG}.{n - 2 - i}"  # .0 is the newest
         else:
-            path = archive_dir / f"{SERVICE_LOG}.{now - (len(sizes) - i) * 3600}"
+            path = archive_dir / f"{SERVICE_LOG}.{now - age_s}"
         path.write_bytes(data)
 
 
