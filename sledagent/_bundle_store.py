@@ -78,6 +78,8 @@ class DiskBundleStore:
         self.index = BundleIndex()
         self.context = AsyncValue(DEFAULT_CONTEXT)
         self.skipped: list[tuple[str, str]] = []  # (path, why) of unreadable bundles
+        #: How many periodic cleanups have run (lets a caller wait for the next one).
+        self.cleanup_runs = AsyncValue(0)
 
     # --- startup ----------------------------------------------------------------------
 
@@ -226,6 +228,7 @@ class DiskBundleStore:
                 await self.cleanup()
             except Exception as exc:  # retried at the next period
                 log.error("cleanup_failed", error=repr(exc))
+            self.cleanup_runs.value += 1
 
 
 def _unlink_all(paths: Sequence[str]) -> None:

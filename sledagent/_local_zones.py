@@ -4,8 +4,9 @@ A zone is a directory tree, ``<root>/zones/<zone_name>/``, with ``zone.json`` (w
 which processes are its own) and ``root/var/svc/log/`` laid out like a Propolis zone's
 service log directory; archived logs live apart in ``<root>/archive/<zone_name>/`` with a
 Unix timestamp suffix, as omicron archives them to a debug dataset. The zone's VMM is a
-real child process (``sledagent._logwriter``, until the simulated Propolis takes its place)
-in a session of its own.
+real process (``sledagent._logwriter``, until the simulated Propolis takes its place),
+detached in a session of its own so that it outlives an agent restart like a real zone;
+it is halted through its pid (recorded in ``zone.json``, checked against its command line).
 
 Diagnostics are real Linux commands about the zone's processes, as argument lists:
 zone-wide ``ps``, ``uptime``, ``ss -an``, ``who``, ``last``; per process the local analogues
@@ -70,7 +71,6 @@ def _zone_dir(cfg: LocalZonesConfig, name: str) -> Path:
 class LocalZoneBackend:
     def __init__(self, config: LocalZonesConfig) -> None:
         self.config = config
-        self._procs: dict[str, trio.Process] = {}
         self._fs_limiter = trio.CapacityLimiter(4)
 
     # --- lifecycle --------------------------------------------------------------------
@@ -80,15 +80,12 @@ class LocalZoneBackend:
         try:
             await self._thread(self._create_tree, zone)
             if self.config.log_rate_bps > 0:
-                proc = await trio.lowlevel.open_process(
-                    self._writer_argv(zone.name),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
+                started = await trio.run_process(
+                    [*self._writer_argv(zone.name), "--daemonize"],
+                    stdin=b"",
+                    capture_stdout=True,
                 )
-                self._procs[zone.name] = proc
-                await self._thread(self._record_pids, zone.name, [proc.pid])
+                await self._thread(self._record_pids, zone.name, [int(started.stdout)])
         except BaseException:
             with trio.CancelScope(shield=True):  # leave nothing behind
                 await self.halt_and_remove(zone)
@@ -167,23 +164,15 @@ class LocalZoneBackend:
         """SIGTERM the zone's processes, SIGKILL after a deadline, remove the tree."""
         name = zone.name
         pids = await self._thread(self._pids, name)
-        proc = self._procs.get(name)
         for pid in pids:
             _signal_group(pid, signal.SIGTERM)
         with trio.move_on_after(self.config.term_timeout_s):
-            await self._wait_gone(pids, proc)
+            await _wait_all_exit(pids)
         for pid in await self._thread(self._pids, name):
             _signal_group(pid, signal.SIGKILL)
-        await self._wait_gone(pids, proc)
-        self._procs.pop(name, None)
+        await _wait_all_exit(pids)
         await self._thread(shutil.rmtree, _zone_dir(self.config, name), True)
         await self._thread(shutil.rmtree, self.config.root / "archive" / name, True)
-
-    async def _wait_gone(self, pids: Sequence[int], proc: trio.Process | None) -> None:
-        if proc is not None:
-            await proc.wait()  # our child: reap it
-        for pid in pids:  # an earlier agent's children: a pidfd turns readable at exit
-            await _wait_exit(pid)
 
     # --- diagnostics ------------------------------------------------------------------
 
@@ -327,7 +316,13 @@ def _is_zone_process(pid: int, zone_name: str) -> bool:
         return False
 
 
+async def _wait_all_exit(pids: Sequence[int]) -> None:
+    for pid in pids:
+        await _wait_exit(pid)
+
+
 async def _wait_exit(pid: int) -> None:
+    """Wait for a process that is not our child: its pidfd turns readable at exit."""
     try:
         fd = os.pidfd_open(pid)
     except (ProcessLookupError, OSError):

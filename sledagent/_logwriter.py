@@ -93,7 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-bps", type=int, default=2048)
     parser.add_argument("--rotate-bytes", type=int, default=1 << 20)
     parser.add_argument("--keep", type=int, default=4)
+    parser.add_argument(
+        "--daemonize", action="store_true", help="detach (own session), print the pid, exit"
+    )
     args = parser.parse_args(argv)
+    if args.daemonize:
+        # The zone's process must not be the agent's child: zones outlive an agent
+        # restart, and the agent halts them the same way whether it started them or not.
+        pid = os.fork()
+        if pid > 0:
+            print(pid, flush=True)
+            return 0
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
 
     running = True
 

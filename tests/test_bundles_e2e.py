@@ -1,0 +1,191 @@
+"""The agent on real local zones with real bundles (fake Propolis and Nexus).
+
+Real time and real threads (no mock clock); every test carries a ``fail_after``.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import time
+import tomllib
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+from sledagent import BundleJobState, NoSuchZone, VmmState, ZoneBundleCause, ZoneSpec
+from sledagent._archive import BUNDLE_SUFFIX
+from sledagent._local_zones import LOG_SUBDIR
+from sledagent.testing import LocalHost, fast_config, open_fake_agent
+
+LOG_MB = 2
+
+
+def files_under(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+
+
+def check_bundle(path: str, zone_name: str, cause: ZoneBundleCause) -> list[str]:
+    with tarfile.open(path, "r:gz") as tar:
+        names = tar.getnames()
+        meta = tomllib.loads(tar.extractfile("metadata.toml").read().decode())  # type: ignore[union-attr]
+    assert names[0] == "metadata.toml"
+    assert meta["id"]["zone_name"] == zone_name and meta["cause"] == cause.value
+    assert Path(path).name == f"{meta['id']['bundle_id']}{BUNDLE_SUFFIX}"
+    assert "manifest.json" in names and "oxide-propolis-server:default.log" in names
+    return names
+
+
+async def test_eight_zones_with_limiters_at_two_give_eight_correct_bundles(tmp_path: Path) -> None:
+    local = LocalHost.at(tmp_path, log_rate_bps=4096, seed_log_bytes=LOG_MB << 20, debug_dirs=2)
+    config = fast_config(bundle_collect_concurrency=2, bundle_archive_concurrency=2)
+    with trio.fail_after(120):
+        async with open_fake_agent(config, local) as h:
+            ids = [await h.start_vmm() for _ in range(8)]
+            peak = [0, 0]
+
+            async def watch() -> None:
+                while True:
+                    stats = h.agent.bundler.statistics()
+                    peak[0] = max(peak[0], stats.collect.borrowed)
+                    peak[1] = max(peak[1], stats.archive.borrowed)
+                    await trio.sleep(0.005)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                for pid in ids:
+                    local.propolis[pid].halt()
+                for pid in ids:
+                    await local.nexus.wait_for(pid, VmmState.DESTROYED)
+                await h.agent.drain()
+                nursery.cancel_scope.cancel()
+            bundles = await h.agent.store.list_all()
+    assert 1 <= peak[0] <= 2 and 1 <= peak[1] <= 2
+    assert len(bundles) == 8
+    for b in bundles:
+        assert len(b.paths) == 2
+        names = check_bundle(b.paths[0], b.zone_name, ZoneBundleCause.TERMINATED_INSTANCE)
+        assert any(n.startswith("pargs.") for n in names)  # the zone's process was there
+    assert files_under(tmp_path / "zones") == [] and files_under(tmp_path / "snapshots") == []
+
+
+@pytest.mark.parametrize("step", ["command", "snapshot", "archive", "rename"])
+async def test_a_failure_at_any_step_leaves_no_partial_file_and_no_snapshot(
+    step: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = LocalHost.at(tmp_path, log_rate_bps=0, seed_log_bytes=1 << 20)
+    if step == "command":
+
+        async def broken_command(*args: object) -> object:
+            raise OSError("command failed (injected)")
+
+        monkeypatch.setattr(local.zones, "run_command", broken_command)
+    elif step == "snapshot":
+        original = local.zones._snapshot
+
+        def broken_snapshot(zone: object, bundle_id: uuid.UUID) -> object:
+            def fail(*a: object) -> None:
+                raise OSError("snapshot failed (injected)")
+
+            monkeypatch.setattr("sledagent._local_zones._link_or_copy", fail)
+            return original(zone, bundle_id)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(local.zones, "_snapshot", broken_snapshot)
+    elif step == "archive":
+
+        def broken_tail(*args: object) -> None:
+            raise OSError("disk full (injected)")
+
+        monkeypatch.setattr("sledagent._archive._add_tail", broken_tail)
+    else:
+
+        def broken_rename(*args: object) -> None:
+            raise OSError("rename failed (injected)")
+
+        monkeypatch.setattr("sledagent._archive.os.rename", broken_rename)
+
+    config = fast_config(bundle_attempts=2)
+    with trio.fail_after(60):
+        async with open_fake_agent(config, local) as h:
+            pid = await h.start_vmm()
+            local.propolis[pid].halt()
+            await local.nexus.wait_for(pid, VmmState.DESTROYED)
+            await h.agent.drain()
+            bundles = await h.agent.store.list_all()
+    debug = files_under(tmp_path / "debug0")
+    assert files_under(tmp_path / "snapshots") == []
+    assert files_under(tmp_path / "zones") == []  # teardown proceeded
+    if step == "command":  # a failed command is recorded; the bundle is complete
+        (b,) = bundles
+        with tarfile.open(b.paths[0], "r:gz") as tar:
+            ps = tar.extractfile("ps").read()  # type: ignore[union-attr]
+        assert b"injected" in ps
+    else:
+        assert bundles == [] and debug == []
+
+
+async def test_the_startup_sweep_handles_every_leftover(tmp_path: Path) -> None:
+    local = LocalHost.at(tmp_path, log_rate_bps=4096, seed_log_bytes=1 << 20)
+    with trio.fail_after(60):
+        # What a crash leaves: a zone nobody owns (its process still running), a tagged
+        # snapshot, and a temporary bundle file.
+        orphan = await local.zones.install(ZoneSpec(uuid.uuid4(), uuid.uuid4(), "127.0.0.1:0"))
+        leftover_snap = await local.zones.snapshot(orphan, uuid.uuid4())
+        partial = tmp_path / "debug0" / orphan.name / f".{uuid.uuid4()}.tar.gz.tmp"
+        partial.parent.mkdir(parents=True)
+        partial.write_bytes(b"half")
+        async with open_fake_agent(fast_config(), local) as h:
+            assert not Path(leftover_snap.name).exists()
+            assert not partial.exists()
+            await h.agent.drain()
+            (bundle,) = await h.agent.store.list_all()
+    assert bundle.zone_name == orphan.name
+    check_bundle(bundle.paths[0], orphan.name, ZoneBundleCause.UNEXPECTED_ZONE)
+    assert files_under(tmp_path / "zones") == [] and files_under(tmp_path / "snapshots") == []
+
+
+async def test_an_explicit_bundle_of_a_live_zone_runs_as_a_job(tmp_path: Path) -> None:
+    local = LocalHost.at(tmp_path, log_rate_bps=4096, seed_log_bytes=1 << 20)
+    with trio.fail_after(60):
+        async with open_fake_agent(fast_config(), local) as h:
+            pid = await h.start_vmm()
+            zone_name = f"oxz_propolis-server_{pid}"
+            job = h.agent.jobs.create(zone_name)
+            seen = {job.state}
+            while job.state not in (BundleJobState.DONE, BundleJobState.FAILED):
+                await trio.sleep(0.001)
+                seen.add(job.state)
+            assert job.state is BundleJobState.DONE, job.error
+            assert h.agent.jobs.get(job.job_id) is job
+            assert job.bundle is not None and job.bundle.cause is ZoneBundleCause.OTHER
+            (b,) = await h.agent.store.list_zone(zone_name)
+            check_bundle(b.paths[0], zone_name, ZoneBundleCause.OTHER)
+            assert BundleJobState.QUEUED in seen or BundleJobState.COLLECTING in seen
+            assert (tmp_path / "zones" / zone_name / LOG_SUBDIR).exists()  # still live
+            with pytest.raises(NoSuchZone):
+                h.agent.jobs.create("oxz_propolis-server_not-a-vmm")
+            await h.agent.manager.unregister(pid)  # leave no zone process behind
+            await h.agent.drain()
+    assert files_under(tmp_path / "zones") == []
+
+
+async def test_listing_answers_at_once_while_four_bundles_are_written(tmp_path: Path) -> None:
+    local = LocalHost.at(tmp_path, log_rate_bps=0, seed_log_bytes=24 << 20, compression_level=3)
+    config = fast_config(bundle_archive_concurrency=4)
+    with trio.fail_after(120):
+        async with open_fake_agent(config, local) as h:
+            ids = [await h.start_vmm() for _ in range(4)]
+            for pid in ids:
+                local.propolis[pid].halt()
+            while h.agent.bundler.statistics().archive.borrowed < 4:  # noqa: ASYNC110
+                await trio.sleep(0.001)
+            t0 = time.perf_counter()
+            listed = await h.agent.store.list_all()
+            utilization = await h.agent.store.utilization()  # type: ignore[attr-defined]
+            elapsed = time.perf_counter() - t0
+            assert h.agent.bundler.statistics().archive.borrowed == 4  # still writing
+            assert listed == [] and utilization
+            assert elapsed < 0.5
+            await h.agent.drain()
+            assert len(await h.agent.store.list_all()) == 4
