@@ -5,7 +5,13 @@ open_sled_agent (one nursery)
  |- NexusNotifier.run      delivery tasks, one per VMM with an undelivered state
  |- Reaper.run             one task per defunct zone: bundle, then halt
  |- InstanceManager.run    the runners nursery: one InstanceRunner (+ monitor) per VMM
+ |- BundleJobs.run         explicit bundles of live zones
+ |- store.run_periodic_cleanup   retention, every `period` of the cleanup context
 ```
+
+Before any of them starts, ``startup_sweep`` opens the store (index from the files) and
+hands what an earlier run left (zones nobody owns, snapshots, partial files) to the
+reaper or removes it.
 
 Data flows one way: API -> manager -> runner -> reaper -> bundler -> store.
 
@@ -153,6 +159,7 @@ async def open_sled_agent(
         await nursery.start(agent.reaper.run)
         await nursery.start(agent.manager.run)
         await nursery.start(agent.jobs.run)
+        await nursery.start(agent.store.run_periodic_cleanup)
         log.info(
             "agent_started", policy=config.termination_policy.value, sled_id=str(agent.sled_id)
         )

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import attrs
+import trio
 
 from ._wire import (
     InstanceEnsureRequest,
@@ -213,6 +214,12 @@ class BundleStore(Protocol):
 
     async def open(self) -> None:
         """Load the index (from the files, for an on-disk store); called at startup."""
+        ...
+
+    async def run_periodic_cleanup(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Apply the retention policy periodically until cancelled (started by the agent)."""
         ...
 
     async def add(self, info: BundleInfo) -> None: ...

@@ -64,6 +64,11 @@ class LockedBundleStore:
     async def open(self) -> None:
         await self._inner.open()
 
+    async def run_periodic_cleanup(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        await self._inner.run_periodic_cleanup(task_status=task_status)
+
     async def add(self, info: BundleInfo) -> None:
         # Called by the bundler while the lock is already held by the inline teardown.
         await self._inner.add(info)

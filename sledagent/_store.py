@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 
 import attrs
+import trio
 
 from ._host import BundleInfo
 
@@ -56,6 +57,12 @@ class MemoryBundleStore:
 
     async def open(self) -> None:
         pass  # nothing persisted
+
+    async def run_periodic_cleanup(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()  # no files, nothing to reclaim: idle until cancelled
+        await trio.sleep_forever()
 
     async def add(self, info: BundleInfo) -> None:
         self.index.add(info)
