@@ -44,6 +44,7 @@ TMP_PREFIX = "."
 TMP_SUFFIX = ".tar.gz.tmp"
 BUNDLE_SUFFIX = ".tar.gz"
 BUNDLE_MODE = 0o640
+COPY_CHUNK = 1 << 20
 
 
 class ArchiveAborted(Exception):
@@ -209,8 +210,13 @@ class TarArchiver:
                 igzip.IGzipFile(  # type: ignore[no-untyped-call]
                     fileobj=raw, mode="wb", compresslevel=self.compression_level
                 ) as gz,
-                tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+                tarfile.TarFile(
+                    fileobj=gz, mode="w", format=tarfile.PAX_FORMAT, copybufsize=COPY_CHUNK
+                ) as tar,
             ):
+                # Plain "w" mode writes straight into igzip, so large copy chunks are
+                # cheap ("w|" re-slices its buffer per record: quadratic with big writes).
+                # Measured: 331 MB/s ("w|", 16 KiB) -> 501 MB/s ("w", 1 MiB), one thread.
                 meta = metadata_toml(job.metadata)
                 _add_bytes(tar, "metadata.toml", meta, now)
                 entries.append({"name": "metadata.toml", "size": len(meta)})

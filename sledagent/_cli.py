@@ -7,12 +7,14 @@ import shlex
 import sys
 from typing import Annotated, Literal
 
+import attrs
 import cyclopts
 from rich.console import Console
 from rich.table import Table
 
 from ._config import TerminationPolicy
 from ._log import configure_logging
+from .bench._bundle import BundleBenchParams, run_bundle_bench
 from .bench._mass_stop import MassStopParams, run_mass_stop
 
 app = cyclopts.App(
@@ -63,6 +65,8 @@ async def mass_stop(
     copy_s: float = 0.1,
     nexus_latency_s: float = 0.002,
     get_timeout_s: float = 10.0,
+    backend: Literal["fake", "local"] = "fake",
+    log_mb: float = 1.0,
     json: Annotated[bool, cyclopts.Parameter(negative="")] = False,
 ) -> int:
     """Halt N VMMs at once and measure how long until Nexus is told, per policy.
@@ -84,6 +88,10 @@ async def mass_stop(
         Simulated latency of each request to Nexus.
     get_timeout_s
         Client timeout of each GET state issued while zones are reaped.
+    backend
+        ``fake`` (simulated bundle work) or ``local`` (real zones, real tar.gz bundles).
+    log_mb
+        With ``--backend local``: MB of logs per zone.
     json
         Print only the JSON report.
     """
@@ -94,6 +102,8 @@ async def mass_stop(
         copy_s=copy_s,
         nexus_latency_s=nexus_latency_s,
         get_timeout_s=get_timeout_s,
+        backend=backend,
+        log_mb=log_mb,
     )
     policies = (
         [TerminationPolicy.REAPER, TerminationPolicy.INLINE]
@@ -107,6 +117,50 @@ async def mass_stop(
         console.print(_policy_table(report, f"mass stop of {vmms} VMMs: {report['command']}"))
         if "ratios" in report:
             console.print(f"inline / reaper, halt->publish p99: {report['ratios']}")
+    return 0
+
+
+@bench.command(name="bundle")
+async def bundle(
+    *,
+    zones: int = 8,
+    log_mb: float = 10.0,
+    level: int = 2,
+    archive_concurrency: int | None = None,
+    json: Annotated[bool, cyclopts.Parameter(negative="")] = False,
+) -> int:
+    """Bundle Z local zones with M MB of logs each; compare with pigz -1 and gzip -9.
+
+    Parameters
+    ----------
+    zones
+        Number of zones bundled at once.
+    log_mb
+        MB of realistic JSON logs per zone (live, rotated and archived files).
+    level
+        isal compression level of our bundles (0..3).
+    archive_concurrency
+        Phase-2 slots (default: the number of cores).
+    json
+        Print only the JSON report.
+    """
+    configure_logging(json=True, level="error")
+    params = BundleBenchParams(zones=zones, log_mb=log_mb, level=level)
+    if archive_concurrency is not None:
+        params = attrs.evolve(params, archive_concurrency=archive_concurrency)
+    report = {"command": _command_line(), **(await run_bundle_bench(params))}
+    print(jsonlib.dumps(report, indent=None if json else 2))
+    if not json:
+        table = Table(title=f"bundles: {report['command']}")
+        for col in ("method", "MB/s", "seconds", "output/input"):
+            table.add_column(col, justify="right")
+        for key in ("ours", "pigz_1", "gzip9_serial"):
+            r = report.get(key)
+            if isinstance(r, dict):
+                table.add_row(key, str(r["mb_per_s"]), str(r["seconds"]), str(r["ratio"]))
+        console = Console(stderr=True)
+        console.print(table)
+        console.print(f"ratios: {report.get('ratios')}; zone held: {report['ours']['zone_held_s']}")  # type: ignore[index]
     return 0
 
 

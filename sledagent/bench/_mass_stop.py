@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import random
 import resource
+import tempfile
 import uuid
+from pathlib import Path
 
 import attrs
 import trio
@@ -26,7 +28,7 @@ import trio
 from .._config import AgentConfig, BackoffPolicy, TerminationPolicy
 from .._errors import NoSuchVmm
 from .._wire import VmmState
-from ..testing import FakeHost, FakeNexus, FakeZones, open_fake_agent
+from ..testing import FakeHost, FakeNexus, FakeZones, LocalHost, open_fake_agent
 from ._stats import summary
 
 
@@ -40,6 +42,10 @@ class MassStopParams:
     get_timeout_s: float = 10.0
     archive_concurrency: int | None = None
     seed: int = 1
+    #: ``fake``: bundle work simulated by command_s/copy_s. ``local``: real zones and
+    #: tar.gz bundles of ``log_mb`` MB of logs per zone (Propolis and Nexus still fakes).
+    backend: str = "fake"
+    log_mb: float = 1.0
 
     def __attrs_post_init__(self) -> None:
         if self.vmms < 1:
@@ -49,6 +55,10 @@ class MassStopParams:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         if self.get_interval_s <= 0 or self.get_timeout_s <= 0:
             raise ValueError("--get-interval-s and --get-timeout-s must be > 0")
+        if self.backend not in ("fake", "local"):
+            raise ValueError("--backend must be `fake` or `local`")
+        if self.log_mb < 0:
+            raise ValueError("--log-mb must be >= 0")
 
 
 def _peak_rss_mb() -> float:
@@ -86,10 +96,23 @@ async def _probe_reads(
 
 async def run_policy(policy: TerminationPolicy, params: MassStopParams) -> dict[str, object]:
     """Run one mass stop under ``policy`` and return its figures."""
+    if params.backend == "local":
+        with tempfile.TemporaryDirectory(prefix="sledagent-mass-stop-") as tmp:
+            local = LocalHost.at(
+                Path(tmp), log_rate_bps=0, seed_log_bytes=int(params.log_mb * (1 << 20))
+            )
+            local.nexus.latency_s = params.nexus_latency_s
+            return await _run_policy(policy, params, local)
     fakes = FakeHost(
         zones=FakeZones(command_s=params.command_s, copy_s=params.copy_s),
         nexus=FakeNexus(latency_s=params.nexus_latency_s),
     )
+    return await _run_policy(policy, params, fakes)
+
+
+async def _run_policy(
+    policy: TerminationPolicy, params: MassStopParams, fakes: FakeHost | LocalHost
+) -> dict[str, object]:
     overrides: dict[str, object] = {}
     if params.archive_concurrency is not None:
         overrides["bundle_archive_concurrency"] = params.archive_concurrency
@@ -130,7 +153,7 @@ async def run_policy(policy: TerminationPolicy, params: MassStopParams) -> dict[
             "get_state_s": {**summary(reads), "timeouts": timeouts[0], "reads": len(reads)},
             "zone_held_s": {k: v for k, v in summary(held).items() if k != "max"},
             "drain_s": round(drain_s, 3),
-            "bundles": len(fakes.store.index),
+            "bundles": len(await h.agent.store.list_all()),
             "peak_rss_mb": _peak_rss_mb(),
         }
 
