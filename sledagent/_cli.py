@@ -5,14 +5,17 @@ from __future__ import annotations
 import json as jsonlib
 import shlex
 import sys
+from pathlib import Path
 from typing import Annotated, Literal
 
 import attrs
 import cyclopts
+import trio
 from rich.console import Console
 from rich.table import Table
 
 from ._config import TerminationPolicy
+from ._demo import run_local_demo
 from ._log import configure_logging
 from .bench._bundle import BundleBenchParams, run_bundle_bench
 from .bench._mass_stop import MassStopParams, run_mass_stop
@@ -165,26 +168,37 @@ async def bundle(
 
 
 @app.command
-async def demo(*, vmms: int = 10, bundle_s: float = 1.0) -> int:
-    """Show the core at work: VMMs halt at once under both policies, side by side.
+async def demo(
+    *, vmms: int = 10, bundle_s: float = 1.0, data_dir: Path = Path("demo-data"), log_mb: float = 2
+) -> int:
+    """Show the agent at work, in two parts.
 
-    Runs on the in-process fake host. Each bundle takes ``bundle_s`` seconds (half with
-    the zone held, half archiving). Under the reaper every halt reaches Nexus at once;
-    under the inline baseline (omicron's behaviour) each waits for the bundles ahead.
+    1. On the in-process fake host, ``vmms`` VMMs halt at once under both policies, side
+       by side; each bundle takes ``bundle_s`` seconds. Under the reaper every halt
+       reaches Nexus at once; under the inline baseline (omicron's behaviour) each waits
+       for the bundles ahead of it.
+    2. On real local zones under ``data_dir`` (a process writing logs in each, ``log_mb``
+       MB of seeded logs), five VMMs start and stop; the reaper writes real tar.gz
+       bundles, listed at the end. (Propolis and Nexus are in-process fakes until the
+       HTTP daemon lands.)
 
     Parameters
     ----------
     vmms
-        Number of VMMs to start and then halt at once.
+        Number of VMMs to halt at once in part 1.
     bundle_s
-        Simulated duration of one bundle.
+        Simulated duration of one bundle in part 1.
+    data_dir
+        Where part 2 keeps its zones and bundles.
+    log_mb
+        MB of logs per zone in part 2.
     """
     configure_logging(json=False, level="error")
     console = Console()
     params = MassStopParams(vmms=vmms, command_s=bundle_s / 2, copy_s=bundle_s / 2)
     console.print(
-        f"Starting {vmms} VMMs on the fake host, halting them at once, "
-        f"bundles of {bundle_s:g} s each; first with the reaper, then inline (omicron)..."
+        f"[bold]1.[/] {vmms} VMMs on the fake host halt at once, bundles of {bundle_s:g} s "
+        "each; first with the reaper, then inline (omicron)..."
     )
     report = await run_mass_stop([TerminationPolicy.REAPER, TerminationPolicy.INLINE], params)
     console.print(_policy_table(report, f"{vmms} VMMs halting at once"))
@@ -192,8 +206,20 @@ async def demo(*, vmms: int = 10, bundle_s: float = 1.0) -> int:
     console.print(
         "reaper: each halt reaches Nexus at once and reads never wait; zones are bundled "
         "and torn down behind it.\ninline (omicron): each halt waits for its own bundle, "
-        "and every bundle waits for the host-wide lock, so reads time out."
+        "and every bundle waits for the host-wide lock, so reads time out.\n"
     )
+    console.print(f"[bold]2.[/] Five VMMs on real local zones under {data_dir}/ ...")
+    bundles = await run_local_demo(Path(await trio.Path(data_dir).resolve()), vmms=5, log_mb=log_mb)
+    table = Table(title=f"bundles written under {data_dir}/")
+    for col in ("VMM (zone oxz_propolis-server_...)", "cause", "KiB", "entries"):
+        table.add_column(col)
+    for b in bundles:
+        table.add_row(b.zone.removeprefix("oxz_propolis-server_")[:13] + "...", b.cause,
+                      f"{b.size / 1024:.0f}", str(b.entries))  # fmt: skip
+    console.print(table)
+    for b in bundles:
+        console.print(f"  {b.path}", soft_wrap=True)
+    console.print("Open one with: tar -tzvf <file>")
     return 0
 
 

@@ -94,8 +94,10 @@ class LocalZoneBackend:
 
     def _writer_argv(self, name: str) -> list[str]:
         c = self.config
+        # `-c`, not `-m`: running a module of an already-imported package as __main__
+        # makes runpy warn. The zone name stays on the command line: halting checks it.
         return [
-            sys.executable, "-m", "sledagent._logwriter",
+            sys.executable, "-c", "import sys, sledagent._logwriter as w; sys.exit(w.main())",
             "--zone-name", name,
             "--log-dir", str(_zone_dir(c, name) / LOG_SUBDIR),
             "--archive-dir", str(c.root / "archive" / name),
