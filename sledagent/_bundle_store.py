@@ -31,7 +31,7 @@ from ._codec import convert
 from ._host import BundleInfo
 from ._retention import DEFAULT_CONTEXT, apply_update, bytes_available, plan_cleanup
 from ._retention import validate_context as _validate
-from ._store import BundleIndex
+from ._store import BundleIndex, MemoryBundleStore
 from ._wire import (
     BundleUtilization,
     CleanupContext,
@@ -62,7 +62,9 @@ def read_bundle_metadata(path: Path) -> ZoneBundleMetadata:
         raise ValueError(f"invalid metadata.toml: {exc}") from exc
 
 
-class DiskBundleStore:
+class DiskBundleStore(MemoryBundleStore):
+    """The index-backed store of ``_store``, whose bundles are files in debug dirs."""
+
     def __init__(
         self,
         debug_dirs: Sequence[Path],
@@ -75,7 +77,7 @@ class DiskBundleStore:
         self.debug_dirs = [Path(d) for d in debug_dirs]
         self.context_path = Path(context_path)
         self.quota_bytes = quota_bytes
-        self.index = BundleIndex()
+        super().__init__()
         self.context = AsyncValue(DEFAULT_CONTEXT)
         self.skipped: list[tuple[str, str]] = []  # (path, why) of unreadable bundles
         #: How many periodic cleanups have run (lets a caller wait for the next one).
@@ -122,18 +124,6 @@ class DiskBundleStore:
             return DEFAULT_CONTEXT
 
     # --- BundleStore --------------------------------------------------------------------
-
-    async def add(self, info: BundleInfo) -> None:
-        self.index.add(info)
-
-    async def list_all(self, zone_filter: str | None = None) -> list[BundleInfo]:
-        return self.index.list_all(zone_filter)
-
-    async def list_zone(self, zone_name: str) -> list[BundleInfo]:
-        return self.index.list_zone(zone_name)
-
-    async def get(self, zone_name: str, bundle_id: uuid.UUID) -> BundleInfo | None:
-        return self.index.get(zone_name, bundle_id)
 
     async def delete(self, zone_name: str, bundle_id: uuid.UUID) -> bool:
         info = self.index.remove(zone_name, bundle_id)
