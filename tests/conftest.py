@@ -59,3 +59,23 @@ def nexus_contract() -> Contract:
 @pytest.fixture(scope="session")
 def propolis_contract() -> Contract:
     return Contract("propolis-server.json")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Kill zone processes a failed test left running (they are detached daemons)."""
+    import os
+    import signal
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"sledagent._logwriter" in cmdline and b"pytest-of-" in cmdline:
+            try:
+                os.killpg(int(proc.name), signal.SIGKILL)
+            except OSError:
+                pass
