@@ -78,7 +78,6 @@ class DiskBundleStore(MemoryBundleStore):
         self.context_path = Path(context_path)
         self.quota_bytes = quota_bytes
         super().__init__()
-        self.context = AsyncValue(DEFAULT_CONTEXT)
         self.skipped: list[tuple[str, str]] = []  # (path, why) of unreadable bundles
         #: How many periodic cleanups have run (lets a caller wait for the next one).
         self.cleanup_runs = AsyncValue(0)

@@ -17,6 +17,10 @@ import attrs
 import trio
 
 from ._wire import (
+    BundleUtilization,
+    CleanupContext,
+    CleanupContextUpdate,
+    CleanupCount,
     InstanceEnsureRequest,
     InstanceStateMonitorResponse,
     InstanceStateRequested,
@@ -234,4 +238,18 @@ class BundleStore(Protocol):
 
     async def delete(self, zone_name: str, bundle_id: uuid.UUID) -> bool:
         """Remove every copy; ``False`` if there was no such bundle."""
+        ...
+
+    def cleanup_context(self) -> CleanupContext: ...
+
+    async def update_context(self, update: CleanupContextUpdate) -> CleanupContext:
+        """Validate (``BadRequest`` naming the field), persist and apply at once."""
+        ...
+
+    async def utilization(self) -> dict[str, BundleUtilization]:
+        """Per debug directory: quota, bytes available to bundles, bytes used."""
+        ...
+
+    async def cleanup(self) -> dict[str, CleanupCount]:
+        """Apply retention now; per debug directory, what was removed."""
         ...

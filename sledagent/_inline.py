@@ -19,7 +19,13 @@ from ._bundler import ZoneBundler
 from ._config import BackoffPolicy
 from ._host import BundleInfo, BundleStore, Zone, ZoneBackend
 from ._nics import NicReservations
-from ._wire import ZoneBundleCause
+from ._wire import (
+    BundleUtilization,
+    CleanupContext,
+    CleanupContextUpdate,
+    CleanupCount,
+    ZoneBundleCause,
+)
 
 
 class InlineTeardown:
@@ -88,3 +94,18 @@ class LockedBundleStore:
     async def delete(self, zone_name: str, bundle_id: uuid.UUID) -> bool:
         async with self._lock:
             return await self._inner.delete(zone_name, bundle_id)
+
+    def cleanup_context(self) -> CleanupContext:
+        return self._inner.cleanup_context()
+
+    async def update_context(self, update: CleanupContextUpdate) -> CleanupContext:
+        async with self._lock:
+            return await self._inner.update_context(update)
+
+    async def utilization(self) -> dict[str, BundleUtilization]:
+        async with self._lock:
+            return await self._inner.utilization()
+
+    async def cleanup(self) -> dict[str, CleanupCount]:
+        async with self._lock:
+            return await self._inner.cleanup()

@@ -12,8 +12,11 @@ import uuid
 
 import attrs
 import trio
+from trio_util import AsyncValue
 
 from ._host import BundleInfo
+from ._retention import DEFAULT_CONTEXT, apply_update
+from ._wire import BundleUtilization, CleanupContext, CleanupContextUpdate, CleanupCount
 
 
 @attrs.define
@@ -50,10 +53,26 @@ class BundleIndex:
 
 
 class MemoryBundleStore:
-    """A ``BundleStore`` that keeps only the index (no files)."""
+    """A ``BundleStore`` that keeps only the index (no files, so nothing to reclaim)."""
 
     def __init__(self) -> None:
         self.index = BundleIndex()
+        self.context = AsyncValue(DEFAULT_CONTEXT)
+
+    def cleanup_context(self) -> CleanupContext:
+        ctx: CleanupContext = self.context.value  # trio-util is untyped
+        return ctx
+
+    async def update_context(self, update: CleanupContextUpdate) -> CleanupContext:
+        new = apply_update(self.cleanup_context(), update)
+        self.context.value = new
+        return new
+
+    async def utilization(self) -> dict[str, BundleUtilization]:
+        return {}
+
+    async def cleanup(self) -> dict[str, CleanupCount]:
+        return {}
 
     async def open(self) -> None:
         pass  # nothing persisted
