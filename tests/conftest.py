@@ -38,6 +38,23 @@ class Contract:
         self.document = json.loads((CONTRACTS / name).read_text())
         self._root = _openapi_to_jsonschema(self.document)
 
+    def validate_response(self, method: str, path: str, status: int, body: Any) -> None:
+        """Validate a response body against the operation's declared response."""
+        op = self.document["paths"][path][method.lower()]
+        key = str(status) if str(status) in op["responses"] else f"{str(status)[0]}XX"
+        response = op["responses"][key]
+        if "$ref" in response:  # the shared Error response
+            response = self.document["components"]["responses"][response["$ref"].split("/")[-1]]
+        content = response.get("content")
+        if content is None:
+            assert body in (None, b"", ""), f"{method} {path} {status}: expected no body"
+            return
+        schema = next(iter(content.values()))["schema"]
+        full = {**self._root, **_openapi_to_jsonschema(schema)}
+        jsonschema.Draft202012Validator(
+            full, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+        ).validate(body)
+
     def validate(self, schema_name: str, instance: Any) -> None:
         assert schema_name in self.document["components"]["schemas"], schema_name
         schema = {**self._root, "$ref": f"#/components/schemas/{schema_name}"}

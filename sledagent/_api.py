@@ -1,0 +1,281 @@
+"""The sled-agent HTTP API (``contracts/sled-agent.json``), as a Starlette app.
+
+Handlers only translate: decode and validate the request (msgspec, strict), call the
+agent, encode the answer. Every error is ``{message, error_code, request_id}`` with the
+status of the ``AgentError`` raised (omicron's codes); malformed paths, queries and bodies
+are 400 naming the field, oversized bodies 413, non-JSON bodies 415, unknown routes 404.
+Nothing a client sends produces a 500. Beyond omicron (ours, documented in the served
+spec): explicit bundle jobs and the reaper's holdings.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import structlog
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from ._agent import SledAgent
+from ._codec import decode, encode
+from ._errors import AgentError, BadRequest
+from ._wire import (
+    CleanupContextUpdate,
+    Error,
+    InstanceEnsureBody,
+    VmmPutStateBody,
+)
+
+log = structlog.get_logger("sledagent.api")
+T = TypeVar("T")
+
+MAX_BODY_BYTES = 1 << 20
+# Zone names as the agent makes them; anything else (``..``, ``/``, NUL...) is refused.
+_ZONE_NAME = re.compile(r"^oxz_[A-Za-z0-9][A-Za-z0-9_.:-]{0,126}$")
+
+
+class PayloadTooLarge(AgentError):
+    status = 413
+    error_code = "PAYLOAD_TOO_LARGE"
+
+
+class UnsupportedMediaType(AgentError):
+    status = 415
+    error_code = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class Unauthorized(AgentError):
+    status = 401
+    error_code = "UNAUTHORIZED"
+
+
+class NotFound(AgentError):
+    status = 404
+    error_code = "NOT_FOUND"
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(encode(obj), status_code=status, media_type="application/json")
+
+
+def _error(exc: AgentError, request_id: str) -> Response:
+    body = Error(message=exc.message, request_id=request_id, error_code=exc.error_code)
+    return Response(
+        encode(body),
+        status_code=exc.status,
+        media_type="application/json",
+        headers={"x-request-id": request_id},
+    )
+
+
+def _uuid_param(request: Request, name: str) -> uuid.UUID:
+    raw = request.path_params[name]
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise BadRequest(f"path parameter `{name}` is not a UUID: {raw!r}") from None
+
+
+def _zone_param(request: Request) -> str:
+    name: str = request.path_params["zone_name"]
+    if not _ZONE_NAME.match(name) or ".." in name:
+        raise BadRequest(f"path parameter `zone_name` is not a zone name: {name!r}")
+    return name
+
+
+async def _body(request: Request, tp: type[T]) -> T:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise UnsupportedMediaType(f"expected content type application/json, got {ctype!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return decode(b"".join(chunks), tp)
+
+
+def _confined(paths: tuple[str, ...], roots: list[Path]) -> Path | None:
+    """The first copy whose real path lies inside a debug directory (blocking)."""
+    real_roots = [r.resolve() for r in roots]
+    for p in paths:
+        real = Path(p).resolve()
+        if any(real.is_relative_to(r) for r in real_roots) and real.is_file():
+            return real
+    return None
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def build_app(agent: SledAgent, *, token: str | None = None) -> Starlette:
+    """The sled-agent API over ``agent``; with ``token``, every route but ``/metrics``
+    requires ``Authorization: Bearer <token>``."""
+    manager, store, jobs = agent.manager, agent.store, agent.jobs
+    expected = f"Bearer {token}".encode() if token else None
+    roots: list[Path] = list(getattr(agent.host.store, "debug_dirs", []))
+
+    def route(path: str, methods: list[str]) -> Callable[[Handler], Route]:
+        def wrap(handler: Handler) -> Route:
+            async def endpoint(request: Request) -> Response:
+                request_id = uuid.uuid4().hex
+                try:
+                    if expected is not None:
+                        given = request.headers.get("authorization", "").encode()
+                        if not hmac.compare_digest(given, expected):
+                            raise Unauthorized("missing or wrong bearer token")
+                    response = await handler(request)
+                except AgentError as exc:
+                    return _error(exc, request_id)
+                except Exception:  # a bug: logged with its request id, never a traceback
+                    log.exception("api_error", request_id=request_id, path=request.url.path)
+                    return _error(AgentError("internal error"), request_id)
+                response.headers["x-request-id"] = request_id
+                return response
+
+            return Route(path, endpoint, methods=methods)
+
+        return wrap
+
+    # --- VMMs -------------------------------------------------------------------------
+
+    @route("/vmms/{propolis_id}", ["PUT"])
+    async def vmm_register(request: Request) -> Response:
+        propolis_id = _uuid_param(request, "propolis_id")
+        body = await _body(request, InstanceEnsureBody)
+        return _json(manager.register(propolis_id, body))
+
+    @route("/vmms/{propolis_id}", ["DELETE"])
+    async def vmm_unregister(request: Request) -> Response:
+        return _json(await manager.unregister(_uuid_param(request, "propolis_id")))
+
+    @route("/vmms/{propolis_id}/state", ["GET"])
+    async def vmm_get_state(request: Request) -> Response:
+        return _json(await manager.get_state(_uuid_param(request, "propolis_id")))
+
+    @route("/vmms/{propolis_id}/state", ["PUT"])
+    async def vmm_put_state(request: Request) -> Response:
+        propolis_id = _uuid_param(request, "propolis_id")
+        body = await _body(request, VmmPutStateBody)
+        return _json(await manager.put_state(propolis_id, body.state))
+
+    # --- zones and bundles ------------------------------------------------------------
+
+    @route("/zones", ["GET"])
+    async def zones_list(request: Request) -> Response:
+        return _json(sorted(z.name for z in await agent.host.backend.list_zones()))
+
+    @route("/zones/bundles", ["GET"])
+    async def zone_bundle_list_all(request: Request) -> Response:
+        zone_filter = request.query_params.get("filter")
+        return _json([b.metadata for b in await store.list_all(zone_filter)])
+
+    @route("/zones/bundles/{zone_name}", ["GET"])
+    async def zone_bundle_list(request: Request) -> Response:
+        return _json([b.metadata for b in await store.list_zone(_zone_param(request))])
+
+    @route("/zones/bundles/{zone_name}", ["POST"])
+    async def zone_bundle_create(request: Request) -> Response:
+        job = jobs.create(_zone_param(request))
+        return _json(attrs.asdict(job, recurse=False), status=202)
+
+    @route("/zones/bundles/{zone_name}/{bundle_id}", ["GET"])
+    async def zone_bundle_get(request: Request) -> Response:
+        zone_name, bundle_id = _zone_param(request), _uuid_param(request, "bundle_id")
+        info = await store.get(zone_name, bundle_id)
+        path = None if info is None else await trio.to_thread.run_sync(_confined, info.paths, roots)
+        if path is None:
+            raise NotFound(f"no bundle {bundle_id} for zone {zone_name}")
+        return FileResponse(path, media_type="application/gzip", filename=path.name)
+
+    @route("/zones/bundles/{zone_name}/{bundle_id}", ["DELETE"])
+    async def zone_bundle_delete(request: Request) -> Response:
+        zone_name, bundle_id = _zone_param(request), _uuid_param(request, "bundle_id")
+        if not await store.delete(zone_name, bundle_id):
+            raise NotFound(f"no bundle {bundle_id} for zone {zone_name}")
+        return Response(status_code=204)
+
+    @route("/zones/bundle-jobs/{job_id}", ["GET"])
+    async def zone_bundle_job(request: Request) -> Response:
+        return _json(attrs.asdict(jobs.get(_uuid_param(request, "job_id")), recurse=False))
+
+    @route("/zones/bundle-cleanup/utilization", ["GET"])
+    async def zone_bundle_utilization(request: Request) -> Response:
+        return _json(await store.utilization())
+
+    @route("/zones/bundle-cleanup/context", ["GET"])
+    async def zone_bundle_cleanup_context(request: Request) -> Response:
+        return _json(store.cleanup_context())
+
+    @route("/zones/bundle-cleanup/context", ["PUT"])
+    async def zone_bundle_cleanup_context_update(request: Request) -> Response:
+        await store.update_context(await _body(request, CleanupContextUpdate))
+        return Response(status_code=204)
+
+    @route("/zones/bundle-cleanup", ["POST"])
+    async def zone_bundle_cleanup(request: Request) -> Response:
+        return _json(await store.cleanup())
+
+    @route("/zones/cleanup", ["GET"])
+    async def zones_cleanup(request: Request) -> Response:
+        return _json(
+            [
+                {
+                    "zone_name": item.defunct.zone.name,
+                    "cause": item.defunct.cause.value,
+                    "step": item.step.value,
+                    "archiving": item.archiving,
+                    "since": item.since,
+                    "bundle_attempts": item.bundle_attempts,
+                    "bundle_error": item.bundle_error,
+                    "halt_attempts": item.halt_attempts,
+                    "halt_error": item.halt_error,
+                }
+                for item in agent.reaper.holdings()
+            ]
+        )
+
+    routes = [
+        vmm_register,
+        vmm_unregister,
+        vmm_get_state,
+        vmm_put_state,
+        zones_list,
+        zone_bundle_list_all,
+        zone_bundle_list,
+        zone_bundle_create,
+        zone_bundle_get,
+        zone_bundle_delete,
+        zone_bundle_job,
+        zone_bundle_utilization,
+        zone_bundle_cleanup_context,
+        zone_bundle_cleanup_context_update,
+        zone_bundle_cleanup,
+        zones_cleanup,
+    ]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        # Unknown routes and methods: the same error body as everything else.
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        err = AgentError(exc.detail if isinstance(exc, HTTPException) else "internal error")
+        err.status = status
+        err.error_code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(
+            status, "INVALID_REQUEST"
+        )
+        return _error(err, uuid.uuid4().hex)
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

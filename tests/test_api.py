@@ -1,0 +1,266 @@
+"""The HTTP API over loopback: contract-valid answers, and bad input never a 500.
+
+Real sockets and real time: every test carries a ``fail_after``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from sledagent import VmmState
+from sledagent._api import build_app
+from sledagent._server import serve_api
+from sledagent.testing import (
+    AgentHarness,
+    FakeHost,
+    LocalHost,
+    ensure_body_json,
+    fast_config,
+    open_fake_agent,
+)
+
+from .conftest import Contract
+
+
+@attrs.define
+class Api:
+    client: httpx.AsyncClient
+    harness: AgentHarness
+    contract: Contract
+
+    async def call(self, method: str, template: str, status: int, **kw: Any) -> httpx.Response:
+        """Send a request to ``template`` (formatted with ``path=``), check the status and
+        validate the body against the contract's declared response."""
+        path = template.format(**kw.pop("path", {}))
+        response = await self.client.request(method, path, **kw)
+        assert response.status_code == status, (method, path, response.status_code, response.text)
+        if method.lower() in self.contract.document["paths"].get(template, {}):
+            ctype = response.headers.get("content-type", "")
+            body = response.json() if ctype.startswith("application/json") else response.content
+            if ctype.startswith("application/json") or status >= 400 or not response.content:
+                self.contract.validate_response(method, template, status, body or None)
+        if status >= 400:
+            err = response.json()
+            assert set(err) >= {"message", "request_id", "error_code"}
+            assert err["request_id"] == response.headers["x-request-id"]
+        return response
+
+
+async def open_api(host: FakeHost | LocalHost, contract: Contract, token: str | None = None) -> Any:
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def cm() -> AsyncIterator[Api]:
+        async with open_fake_agent(fast_config(), host) as harness, trio.open_nursery() as nursery:
+            stop = trio.Event()
+            binds = await nursery.start(
+                lambda task_status: serve_api(
+                    build_app(harness.agent, token=token),
+                    listen="127.0.0.1:0",
+                    shutdown=stop,
+                    task_status=task_status,
+                )
+            )
+            async with httpx.AsyncClient(base_url=binds[0], timeout=10) as client:
+                yield Api(client, harness, contract)
+            stop.set()
+
+    return cm()
+
+
+VMM = "/vmms/{propolis_id}"
+STATE = "/vmms/{propolis_id}/state"
+
+
+async def test_a_vmm_lifecycle_over_http_matches_the_contract(
+    sled_agent_contract: Contract,
+) -> None:
+    fakes = FakeHost()
+    fakes.nexus.latency_s = 0.3  # keep the halted-but-unacknowledged window visible
+    with trio.fail_after(30):
+        async with await open_api(fakes, sled_agent_contract) as api:
+            pid = str(uuid.uuid4())
+            body = ensure_body_json()
+            r = await api.call("PUT", VMM, 200, path={"propolis_id": pid}, json=body)
+            assert r.json()["vmm_state"]["state"] == "starting"
+            again = await api.call("PUT", VMM, 200, path={"propolis_id": pid}, json=body)
+            assert again.json() == r.json()  # idempotent
+            other = ensure_body_json()
+            await api.call("PUT", VMM, 409, path={"propolis_id": pid}, json=other)
+            r = await api.call(
+                "PUT", STATE, 200, path={"propolis_id": pid}, json={"state": {"type": "running"}}
+            )
+            assert r.json()["updated_runtime"] is not None
+            entry = api.harness.agent.manager.registry.get(uuid.UUID(pid))
+            await entry.wait_until(lambda e: e.state.vmm_state.state is VmmState.RUNNING)
+            r = await api.call("GET", STATE, 200, path={"propolis_id": pid})
+            assert r.json()["vmm_state"]["state"] == "running"
+            fakes.propolis[uuid.UUID(pid)].halt()
+            await entry.wait_until(lambda e: e.state.vmm_state.state is VmmState.DESTROYED)
+            r = await api.call("GET", STATE, 200, path={"propolis_id": pid})
+            assert r.json()["vmm_state"]["state"] == "destroyed"
+            r = await api.call(
+                "PUT", STATE, 410, path={"propolis_id": pid}, json={"state": {"type": "running"}}
+            )
+            assert r.json()["error_code"] == "NO_SUCH_INSTANCE"
+            await fakes.nexus.wait_for(uuid.UUID(pid), VmmState.DESTROYED)
+            await trio.sleep(0.05)
+            r = await api.call("GET", STATE, 404, path={"propolis_id": pid})
+            assert r.json()["error_code"] == "NO_SUCH_INSTANCE"
+            r = await api.call("DELETE", VMM, 200, path={"propolis_id": pid})
+            assert r.json() == {"updated_runtime": None}
+
+
+async def test_unregister_over_http_destroys_the_vmm(sled_agent_contract: Contract) -> None:
+    with trio.fail_after(30):
+        async with await open_api(FakeHost(), sled_agent_contract) as api:
+            pid = str(uuid.uuid4())
+            await api.call("PUT", VMM, 200, path={"propolis_id": pid}, json=ensure_body_json())
+            r = await api.call("DELETE", VMM, 200, path={"propolis_id": pid})
+            assert r.json()["updated_runtime"]["vmm_state"]["state"] == "destroyed"
+
+
+BAD: list[tuple[str, str, dict[str, Any], int, str]] = [
+    ("GET", "/vmms/not-a-uuid/state", {}, 400, "propolis_id"),
+    ("PUT", "/vmms/not-a-uuid", {"json": {}}, 400, "propolis_id"),
+    (
+        "PUT",
+        f"/vmms/{uuid.uuid4()}/state",
+        {"json": {"state": {"type": "paused"}}},
+        400,
+        "$.state.type",
+    ),
+    (
+        "PUT",
+        f"/vmms/{uuid.uuid4()}/state",
+        {"json": {"state": {"type": "migration_target"}}},
+        400,
+        "value",
+    ),
+    (
+        "PUT",
+        f"/vmms/{uuid.uuid4()}/state",
+        {"content": b"{not json", "headers": {"content-type": "application/json"}},
+        400,
+        "malformed",
+    ),
+    (
+        "PUT",
+        f"/vmms/{uuid.uuid4()}/state",
+        {"content": b"state=running", "headers": {"content-type": "text/plain"}},
+        415,
+        "application/json",
+    ),
+    (
+        "PUT",
+        f"/vmms/{uuid.uuid4()}",
+        {
+            "content": b"[" + b"1," * 600_000 + b"1]",
+            "headers": {"content-type": "application/json"},
+        },
+        413,
+        "bytes",
+    ),
+    ("PUT", f"/vmms/{uuid.uuid4()}", {"json": {"instance_id": "x"}}, 400, "instance_id"),
+    ("GET", "/zones/bundles/..%2F..%2Fetc", {}, 404, ""),
+    ("GET", "/zones/bundles/%2E%2E", {}, 400, "zone_name"),
+    ("GET", "/zones/bundles/oxz_a..b", {}, 400, "zone_name"),
+    ("GET", "/zones/bundles/oxz_x/not-a-uuid", {}, 400, "bundle_id"),
+    ("DELETE", f"/zones/bundles/not..a..zone/{uuid.uuid4()}", {}, 400, "zone_name"),
+    ("GET", f"/zones/bundles/oxz_propolis-server_x/{uuid.uuid4()}", {}, 404, "no bundle"),
+    ("PUT", "/zones/bundle-cleanup/context", {"json": {"storage_limit": 90}}, 400, "storage_limit"),
+    (
+        "PUT",
+        "/zones/bundle-cleanup/context",
+        {"json": {"priority": ["time", "time"]}},
+        400,
+        "priority",
+    ),
+    (
+        "PUT",
+        "/zones/bundle-cleanup/context",
+        {"json": {"period": {"secs": 1, "nanos": 0}}},
+        400,
+        "period",
+    ),
+    ("POST", "/zones/bundles/oxz_propolis-server_nope", {}, 404, "no live zone"),
+    ("GET", "/no/such/route", {}, 404, ""),
+    ("PATCH", "/zones", {}, 405, ""),
+]
+
+
+async def test_bad_input_of_every_kind_gets_its_status_and_error_body(
+    sled_agent_contract: Contract,
+) -> None:
+    with trio.fail_after(30):
+        async with await open_api(FakeHost(), sled_agent_contract) as api:
+            for method, path, kw, status, needle in BAD:
+                r = await api.client.request(method, path, **kw)
+                assert r.status_code == status, (method, path, r.status_code, r.text)
+                err = r.json()
+                sled_agent_contract.validate("Error", err)
+                assert needle in err["message"], (path, err)
+
+
+async def test_a_bearer_token_protects_the_api(sled_agent_contract: Contract) -> None:
+    with trio.fail_after(30):
+        async with await open_api(FakeHost(), sled_agent_contract, token="s3cret") as api:
+            r = await api.client.get("/zones")
+            assert r.status_code == 401 and r.json()["error_code"] == "UNAUTHORIZED"
+            r = await api.client.get("/zones", headers={"authorization": "Bearer wrong"})
+            assert r.status_code == 401
+            r = await api.client.get("/zones", headers={"authorization": "Bearer s3cret"})
+            assert r.status_code == 200
+
+
+async def test_bundles_over_http_list_download_and_delete(
+    tmp_path: Path, sled_agent_contract: Contract
+) -> None:
+    local = LocalHost.at(tmp_path, log_rate_bps=0, seed_log_bytes=256 << 10, quota_bytes=10 << 30)
+    with trio.fail_after(60):
+        async with await open_api(local, sled_agent_contract) as api:
+            pid = await api.harness.start_vmm()
+            zone = f"oxz_propolis-server_{pid}"
+            r = await api.call("GET", "/zones", 200)
+            assert r.json() == [zone]
+            r = await api.call("POST", "/zones/bundles/{zone_name}", 202, path={"zone_name": zone})
+            job_id = r.json()["job_id"]
+            while (await api.client.get(f"/zones/bundle-jobs/{job_id}")).json()["state"] != "done":  # noqa: ASYNC110 (polling over HTTP, as a client would)
+                await trio.sleep(0.02)
+            local.propolis[pid].halt()
+            await local.nexus.wait_for(pid, VmmState.DESTROYED)
+            await api.harness.agent.drain()
+            r = await api.call("GET", "/zones/bundles", 200, params={"filter": zone[:20]})
+            listed = r.json()
+            assert {b["cause"] for b in listed} == {"other", "terminated_instance"}
+            r = await api.call("GET", "/zones/bundles/{zone_name}", 200, path={"zone_name": zone})
+            assert len(r.json()) == 2
+            bundle_id = listed[0]["id"]["bundle_id"]
+            path = {"zone_name": zone, "bundle_id": bundle_id}
+            r = await api.call("GET", "/zones/bundles/{zone_name}/{bundle_id}", 200, path=path)
+            assert r.headers["content-type"] == "application/gzip"
+            with tarfile.open(fileobj=io.BytesIO(r.content), mode="r:gz") as tar:
+                assert tar.getnames()[0] == "metadata.toml"
+            await api.call("GET", "/zones/bundle-cleanup/utilization", 200)
+            r = await api.call("GET", "/zones/bundle-cleanup/context", 200)
+            assert r.json()["storage_limit"] == 25
+            await api.call("PUT", "/zones/bundle-cleanup/context", 204, json={"storage_limit": 10})
+            r = await api.call("GET", "/zones/bundle-cleanup/context", 200)
+            assert r.json()["storage_limit"] == 10
+            r = await api.call("POST", "/zones/bundle-cleanup", 200)
+            assert list(r.json().values()) == [{"bundles": 0, "bytes": 0}]
+            await api.call("DELETE", "/zones/bundles/{zone_name}/{bundle_id}", 204, path=path)
+            await api.call("DELETE", "/zones/bundles/{zone_name}/{bundle_id}", 404, path=path)
+            r = await api.call("GET", "/zones/cleanup", 200)
+            assert r.json() == []
+            assert json.loads(r.text) == []
