@@ -40,6 +40,7 @@ log = structlog.get_logger("sledagent.api")
 T = TypeVar("T")
 
 MAX_BODY_BYTES = 1 << 20
+DRAIN_LIMIT_BYTES = 16 << 20
 # Zone names as the agent makes them; anything else (``..``, ``/``, NUL...) is refused.
 _ZONE_NAME = re.compile(r"^oxz_[A-Za-z0-9][A-Za-z0-9_.:-]{0,126}$")
 
@@ -97,15 +98,17 @@ async def _body(request: Request, tp: type[T]) -> T:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise UnsupportedMediaType(f"expected content type application/json, got {ctype!r}")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PayloadTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+        if size <= MAX_BODY_BYTES:
+            chunks.append(chunk)
+        elif size > DRAIN_LIMIT_BYTES:
+            break  # stop reading; the answer below still goes out
+    if size > MAX_BODY_BYTES:
+        # The rest was read and dropped (up to a bound) so that clients that send the
+        # whole body before reading the answer see the 413 instead of a broken pipe.
+        raise PayloadTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
     return decode(b"".join(chunks), tp)
 
 
