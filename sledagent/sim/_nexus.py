@@ -1,0 +1,71 @@
+"""A recording Nexus on the real wire: ``PUT /vmms/{propolis_id}`` records and answers 204.
+
+The recording and the fault injection (latency, 5xx for a while, refusals) are
+``sledagent.testing.FakeNexus``; this is its HTTP face. Bodies are decoded strictly as
+``SledVmmState``: a malformed update is a 400. ``GET /sim/updates`` lists what arrived,
+with arrival times; ``POST /sim/fail?seconds=S&status=503`` and ``POST /sim/latency?seconds=S``
+inject faults.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .._codec import decode, encode
+from .._errors import BadRequest, PeerError
+from .._wire import Error, SledVmmState
+from ..testing._nexus import FakeNexus
+
+
+def _error(status: int, message: str, code: str | None = None) -> Response:
+    body = Error(message=message, request_id=uuid.uuid4().hex, error_code=code)
+    return Response(encode(body), status_code=status, media_type="application/json")
+
+
+def recording_nexus_app(nexus: FakeNexus) -> Starlette:
+    async def put_vmm(request: Request) -> Response:
+        try:
+            propolis_id = uuid.UUID(request.path_params["propolis_id"])
+            state = decode(await request.body(), SledVmmState)
+        except (ValueError, BadRequest) as exc:
+            return _error(400, str(exc), "InvalidRequest")
+        try:
+            await nexus.put_vmm_state(propolis_id, state)
+        except PeerError as exc:
+            return _error(exc.status or 503, str(exc), "ServiceUnavailable")
+        return Response(status_code=204)
+
+    async def updates(request: Request) -> Response:
+        rows = [
+            {"time": u.time, "propolis_id": str(u.propolis_id), "state": u.state}
+            for u in nexus.updates
+        ]
+        return Response(encode(rows), media_type="application/json")
+
+    async def control(request: Request) -> Response:
+        action, q = request.path_params["action"], request.query_params
+        try:
+            seconds = float(q.get("seconds", "0"))
+            if action == "fail":
+                status = q.get("status", "503")
+                nexus.fail_for(seconds, status=None if status == "none" else int(status))
+            elif action == "latency":
+                nexus.latency_s = seconds
+            else:
+                return _error(404, f"no control {action!r}")
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return Response(status_code=204)
+
+    return Starlette(
+        routes=[
+            Route("/vmms/{propolis_id}", put_vmm, methods=["PUT"]),
+            Route("/sim/updates", updates, methods=["GET"]),
+            Route("/sim/{action}", control, methods=["POST"]),
+        ]
+    )

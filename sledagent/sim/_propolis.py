@@ -1,0 +1,92 @@
+"""A simulated Propolis on the real wire: the Propolis API over HTTP for one VM.
+
+The state machine is ``sledagent.testing.FakePropolis`` (long-poll semantics, Run/Stop/
+Reboot walks); this module is only its HTTP face. Requests are decoded strictly against
+the contract models, so an agent that sends a malformed request gets a 400 and the test
+that drives it fails. A small control surface of our own (``/sim/...``) lets a test or
+an operator act as the guest: halt, fail, hang the state monitor, drop requests (503),
+or vanish.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .._codec import decode, encode
+from .._errors import BadRequest, PeerError, PropolisGone
+from .._wire import (
+    Error,
+    InstanceEnsureRequest,
+    InstanceStateMonitorRequest,
+    InstanceStateRequested,
+)
+from ..testing._propolis import FakePropolis
+
+
+def _error(status: int, message: str, code: str | None) -> Response:
+    body = Error(message=message, request_id=uuid.uuid4().hex, error_code=code)
+    return Response(encode(body), status_code=status, media_type="application/json")
+
+
+def sim_propolis_app(vm: FakePropolis) -> Starlette:
+    """The Propolis API (``/instance``...) over ``vm``, plus ``/sim/...`` controls."""
+
+    def handler(
+        fn: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def wrapped(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except BadRequest as exc:
+                return _error(400, str(exc), "InvalidRequest")
+            except PropolisGone as exc:
+                return _error(410, str(exc), "NoInstance")
+            except PeerError as exc:  # injected: the connection "drops"
+                return _error(503, str(exc), "Unavailable")
+
+        return wrapped
+
+    @handler
+    async def ensure(request: Request) -> Response:
+        await vm.ensure(decode(await request.body(), InstanceEnsureRequest))
+        return Response(b'{"migrate":null}', status_code=201, media_type="application/json")
+
+    @handler
+    async def put_state(request: Request) -> Response:
+        await vm.put_state(decode(await request.body(), InstanceStateRequested))
+        return Response(status_code=204)
+
+    @handler
+    async def state_monitor(request: Request) -> Response:
+        wanted = decode(await request.body(), InstanceStateMonitorRequest)
+        return Response(encode(await vm.state_monitor(wanted.gen)), media_type="application/json")
+
+    async def control(request: Request) -> Response:
+        action = request.path_params["action"]
+        on = request.query_params.get("on", "true") != "false"
+        actions: dict[str, Callable[[], None]] = {
+            "halt": vm.halt,
+            "fail": vm.fail,
+            "vanish": vm.vanish,
+            "hang": lambda: vm.hang(on),
+            "drop": lambda: vm.disconnect(on),
+        }
+        if action not in actions:
+            return _error(404, f"no control {action!r}", "NotFound")
+        actions[action]()
+        return Response(status_code=204)
+
+    return Starlette(
+        routes=[
+            Route("/instance", ensure, methods=["PUT"]),
+            Route("/instance/state", put_state, methods=["PUT"]),
+            Route("/instance/state-monitor", state_monitor, methods=["GET"]),
+            Route("/sim/{action}", control, methods=["POST"]),
+        ]
+    )
