@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ._config import TerminationPolicy
+from ._daemon import ConfigError, DaemonConfig, load_config, run_daemon
 from ._demo import run_local_demo
 from ._log import configure_logging
 from .bench._bundle import BundleBenchParams, run_bundle_bench
@@ -220,6 +222,62 @@ async def demo(
     for b in bundles:
         console.print(f"  {b.path}", soft_wrap=True)
     console.print("Open one with: tar -tzvf <file>")
+    return 0
+
+
+@app.command
+async def run(
+    *,
+    config: Path | None = None,
+    listen: str | None = None,
+    data_dir: Path | None = None,
+    nexus: str | None = None,
+) -> int:
+    """Run the agent daemon until SIGINT/SIGTERM.
+
+    With no ``--nexus``, a recording Nexus runs in this process (the embedded default);
+    zones are local, each with a simulated Propolis. On a signal the API stops, the
+    reaper drains within ``shutdown_drain_s`` and the process exits 0; what is left is
+    picked up by the next start.
+
+    Parameters
+    ----------
+    config
+        TOML file (docs/operations.md lists every key); flags override it.
+    listen
+        Address of the API (default 127.0.0.1:12345; port 0 picks a free one).
+    data_dir
+        Where zones, snapshots, bundles and the cleanup context live.
+    nexus
+        Base URL of Nexus's internal API.
+    """
+    configure_logging()
+    try:
+        cfg = load_config(config) if config is not None else DaemonConfig()
+    except ConfigError as exc:
+        print(f"sledagent: {exc}", file=sys.stderr)
+        return 2
+    overrides: dict[str, object] = {}
+    if listen is not None:
+        overrides["listen"] = listen
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    if nexus is not None:
+        overrides["nexus_url"] = nexus
+    cfg = attrs.evolve(cfg, **overrides)  # type: ignore[arg-type]
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    shutdown.set()
+                    return
+
+        nursery.start_soon(on_signals)
+        info = await nursery.start(run_daemon, cfg, shutdown)
+        print(f"sledagent listening on {info.api_url} (Nexus: {info.nexus_url})", flush=True)
+        await shutdown.wait()
     return 0
 
 

@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import attrs
 import structlog
@@ -68,9 +68,23 @@ def _zone_dir(cfg: LocalZonesConfig, name: str) -> Path:
     return cfg.root / "zones" / name
 
 
+class PropolisLauncher(Protocol):
+    """Starts and stops the Propolis of a zone (the simulated fleet, for the daemon)."""
+
+    async def launch(self, zone_name: str) -> str: ...
+
+    def retire(self, zone_name: str) -> None: ...
+
+
 class LocalZoneBackend:
-    def __init__(self, config: LocalZonesConfig) -> None:
+    def __init__(
+        self, config: LocalZonesConfig, *, launcher: PropolisLauncher | None = None
+    ) -> None:
+        """With ``launcher``, each zone gets its own Propolis, whose address replaces the
+        requested ``propolis_addr``; without, the zone's Propolis is expected at the
+        address the VMM was registered with (``propolis = "external"``)."""
         self.config = config
+        self.launcher = launcher
         self._fs_limiter = trio.CapacityLimiter(4)
 
     # --- lifecycle --------------------------------------------------------------------
@@ -86,6 +100,9 @@ class LocalZoneBackend:
                     capture_stdout=True,
                 )
                 await self._thread(self._record_pids, zone.name, [int(started.stdout)])
+            if self.launcher is not None:
+                addr = await self.launcher.launch(zone.name)
+                zone = attrs.evolve(zone, propolis_addr=addr)
         except BaseException:
             with trio.CancelScope(shield=True):  # leave nothing behind
                 await self.halt_and_remove(zone)
@@ -165,6 +182,8 @@ class LocalZoneBackend:
     async def halt_and_remove(self, zone: Zone) -> None:
         """SIGTERM the zone's processes, SIGKILL after a deadline, remove the tree."""
         name = zone.name
+        if self.launcher is not None:
+            self.launcher.retire(name)
         pids = await self._thread(self._pids, name)
         for pid in pids:
             _signal_group(pid, signal.SIGTERM)

@@ -1,0 +1,190 @@
+"""The daemon: the agent on the embedded default, served over HTTP.
+
+Embedded default: local zones under ``data_dir``, each with a simulated Propolis served
+in this process (``propolis = "sim"``; ``"external"`` attaches to the address each VMM is
+registered with), tar.gz bundles in ``data_dir/debug``, and, with no ``nexus_url``, a
+recording Nexus in this process. Configuration is one TOML file, validated at start
+(unknown keys and bad values are refused with the key's name); flags override it.
+
+Shutdown (``shutdown`` set, e.g. by SIGINT/SIGTERM): the API stops accepting, the agent
+drains its reaper and notifier within ``shutdown_drain_s`` under a shielded scope, then
+everything is cancelled; zones left behind are swept by the next start.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import httpx
+import structlog
+import trio
+
+from ._agent import Host, SledAgent, open_sled_agent
+from ._api import build_app
+from ._archive import TarArchiver
+from ._bundle_store import DiskBundleStore
+from ._clients import HttpNexusClient, HttpPropolisConnector
+from ._config import AgentConfig, BackoffPolicy
+from ._local_zones import LocalZoneBackend, LocalZonesConfig
+from ._server import DEFAULT_LISTEN, serve_api
+from .sim._fleet import SimPropolisFleet
+from .sim._nexus import recording_nexus_app
+from .testing._nexus import FakeNexus
+
+log = structlog.get_logger("sledagent.daemon")
+TOKEN_ENV = "SLEDAGENT_TOKEN"
+
+
+class ConfigError(ValueError):
+    """The configuration file or flags are invalid; the message names the key."""
+
+
+@attrs.frozen(kw_only=True)
+class DaemonConfig:
+    listen: str = DEFAULT_LISTEN
+    data_dir: Path = attrs.field(default=Path("sledagent-data"), converter=Path)
+    #: Nexus's base URL; unset: a recording Nexus runs in this process.
+    nexus_url: str | None = None
+    #: Bearer token required by every route but /metrics (also from $SLEDAGENT_TOKEN).
+    token: str | None = None
+    propolis: Literal["sim", "external"] = "sim"
+    #: Debug directories for bundles (one per M.2 on a real sled); default data_dir/debug.
+    debug_dirs: tuple[Path, ...] = ()
+    bundle_quota_bytes: int | None = None
+    max_bundle_file_mb: int = 64
+    #: Each zone's log writer (bytes/s) and the log volume seeded at zone install.
+    log_rate_bps: int = 2048
+    seed_log_mb: float = 0.0
+    agent: AgentConfig = attrs.field(factory=AgentConfig)
+
+    def bundle_dirs(self) -> list[Path]:
+        return list(self.debug_dirs) or [self.data_dir / "debug"]
+
+
+def _checked(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key{'s' if len(unknown) > 1 else ''} in {where}: {unknown}"
+        )
+
+
+def config_from_toml(text: str, *, source: str = "config") -> DaemonConfig:
+    """Parse and validate a TOML config (see docs/operations.md for every key)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    top = {f.name for f in attrs.fields(DaemonConfig)}
+    _checked(doc, top, source)
+    agent_table = doc.pop("agent", {})
+    if not isinstance(agent_table, dict):
+        raise ConfigError(f"{source}: [agent] must be a table")
+    _checked(agent_table, {f.name for f in attrs.fields(AgentConfig)}, f"{source} [agent]")
+    try:
+        for key in ("nexus_backoff", "monitor_backoff", "reaper_backoff"):
+            if key in agent_table:
+                agent_table[key] = BackoffPolicy(**agent_table[key])
+        agent = AgentConfig(**agent_table)
+        if "debug_dirs" in doc:
+            doc["debug_dirs"] = tuple(Path(d) for d in doc["debug_dirs"])
+        return DaemonConfig(agent=agent, **doc)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: Path) -> DaemonConfig:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    return config_from_toml(text, source=str(path))
+
+
+@attrs.frozen
+class DaemonInfo:
+    api_url: str
+    nexus_url: str
+    agent: SledAgent
+    fleet: SimPropolisFleet | None
+    recording_nexus: FakeNexus | None
+
+
+async def run_daemon(
+    config: DaemonConfig,
+    shutdown: trio.Event,
+    *,
+    task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until ``shutdown`` is set; reports where it listens."""
+    token = config.token or os.environ.get(TOKEN_ENV) or None
+    async with trio.open_nursery() as nursery:
+        servers_stop = trio.Event()
+        recording: FakeNexus | None = None
+        nexus_url = config.nexus_url
+        if nexus_url is None:
+            recording = FakeNexus()
+            binds = await nursery.start(
+                lambda task_status: serve_api(
+                    recording_nexus_app(recording),
+                    listen="127.0.0.1:0",
+                    shutdown=servers_stop,
+                    task_status=task_status,
+                )
+            )
+            nexus_url = str(binds[0])
+        fleet = SimPropolisFleet() if config.propolis == "sim" else None
+        if fleet is not None:
+            await nursery.start(fleet.run)
+        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=1024)
+        async with httpx.AsyncClient(limits=limits) as pool:
+            zones = LocalZoneBackend(
+                LocalZonesConfig(
+                    root=config.data_dir,
+                    log_rate_bps=config.log_rate_bps,
+                    seed_log_bytes=int(config.seed_log_mb * (1 << 20)),
+                ),
+                launcher=fleet,
+            )
+            dirs = config.bundle_dirs()
+            host = Host(
+                backend=zones,
+                connector=HttpPropolisConnector(pool),
+                nexus=HttpNexusClient(pool, nexus_url),
+                archiver=TarArchiver(
+                    dirs,
+                    compression_level=config.agent.compression_level,
+                    max_file_bytes=config.max_bundle_file_mb << 20,
+                ),
+                store=DiskBundleStore(
+                    dirs,
+                    context_path=config.data_dir / "bundle-cleanup-context.toml",
+                    quota_bytes=config.bundle_quota_bytes,
+                ),
+            )
+            async with open_sled_agent(config.agent, host) as agent:
+                api_stop = trio.Event()
+                binds = await nursery.start(
+                    lambda task_status: serve_api(
+                        build_app(agent, token=token),
+                        listen=config.listen,
+                        shutdown=api_stop,
+                        task_status=task_status,
+                    )
+                )
+                api_url = str(binds[0])
+                log.info(
+                    "daemon_listening", api=api_url, nexus=nexus_url, data_dir=str(config.data_dir)
+                )
+                task_status.started(DaemonInfo(api_url, nexus_url, agent, fleet, recording))
+                await shutdown.wait()
+                log.info("daemon_stopping")
+                api_stop.set()
+            # Leaving the agent drained its reaper and notifier (shielded, bounded).
+        servers_stop.set()
+        nursery.cancel_scope.cancel()
+    log.info("daemon_stopped")

@@ -1,0 +1,64 @@
+"""SimPropolisFleet: one simulated Propolis server per zone, all in one process.
+
+Who starts it: the daemon, in its nursery, before the agent. The local zone backend
+calls ``launch`` when it installs a zone (the zone's ``propolis_addr`` becomes the bound
+loopback address) and ``retire`` when it halts the zone, which stops that server (the VM
+is gone: a state monitor still waiting sees the connection close). Each server is
+hypercorn on 127.0.0.1:0 with its own ``FakePropolis`` state machine.
+"""
+
+from __future__ import annotations
+
+import attrs
+import trio
+
+from .._server import serve_api
+from ..testing._propolis import FakePropolis
+from ._propolis import sim_propolis_app
+
+
+@attrs.define
+class _Running:
+    vm: FakePropolis
+    addr: str
+    stop: trio.Event
+
+
+class SimPropolisFleet:
+    def __init__(self) -> None:
+        self._nursery: trio.Nursery | None = None
+        self._running: dict[str, _Running] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def launch(self, zone_name: str) -> str:
+        """Start the zone's Propolis; returns its ``host:port``. Idempotent."""
+        if zone_name in self._running:
+            return self._running[zone_name].addr
+        if self._nursery is None:
+            raise RuntimeError("SimPropolisFleet.launch() before run() started")
+        vm, stop = FakePropolis(None), trio.Event()
+        binds = await self._nursery.start(
+            lambda task_status: serve_api(
+                sim_propolis_app(vm), listen="127.0.0.1:0", shutdown=stop, task_status=task_status
+            )
+        )
+        addr = str(binds[0]).removeprefix("http://")
+        self._running[zone_name] = _Running(vm, addr, stop)
+        return addr
+
+    def retire(self, zone_name: str) -> None:
+        """Stop the zone's Propolis; idempotent."""
+        running = self._running.pop(zone_name, None)
+        if running is not None:
+            running.vm.vanish()  # a waiting long poll answers "no instance" at once
+            running.stop.set()
+
+    def vm(self, zone_name: str) -> FakePropolis | None:
+        """The state machine behind a zone's Propolis (to act as its guest)."""
+        running = self._running.get(zone_name)
+        return None if running is None else running.vm
