@@ -6,6 +6,8 @@ import json as jsonlib
 import shlex
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,7 +19,7 @@ from rich.table import Table
 
 from ._config import TerminationPolicy
 from ._daemon import ConfigError, DaemonConfig, load_config, run_daemon
-from ._demo import run_local_demo
+from ._demo import demo_config, drive_scenario
 from ._log import configure_logging
 from .bench._bundle import BundleBenchParams, run_bundle_bench
 from .bench._mass_stop import MassStopParams, run_mass_stop
@@ -33,6 +35,24 @@ app = cyclopts.App(
 )
 bench = cyclopts.App(name="bench", help="Benchmarks: print figures as JSON and a table.")
 app.command(bench)
+
+
+@asynccontextmanager
+async def _shutdown_on_signals(shutdown: trio.Event) -> AsyncIterator[None]:
+    """Set ``shutdown`` on SIGINT/SIGTERM while the block runs."""
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    shutdown.set()
+                    return
+
+        nursery.start_soon(watch)
+        try:
+            yield
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 def _command_line() -> str:
@@ -171,7 +191,13 @@ async def bundle(
 
 @app.command
 async def demo(
-    *, vmms: int = 10, bundle_s: float = 1.0, data_dir: Path = Path("demo-data"), log_mb: float = 2
+    *,
+    vmms: int = 10,
+    bundle_s: float = 1.0,
+    data_dir: Path = Path("demo-data"),
+    listen: str = "127.0.0.1:12345",
+    log_mb: float = 2,
+    exit_after: Annotated[bool, cyclopts.Parameter(negative="")] = False,
 ) -> int:
     """Show the agent at work, in two parts.
 
@@ -179,10 +205,10 @@ async def demo(
        by side; each bundle takes ``bundle_s`` seconds. Under the reaper every halt
        reaches Nexus at once; under the inline baseline (omicron's behaviour) each waits
        for the bundles ahead of it.
-    2. On real local zones under ``data_dir`` (a process writing logs in each, ``log_mb``
-       MB of seeded logs), five VMMs start and stop; the reaper writes real tar.gz
-       bundles, listed at the end. (Propolis and Nexus are in-process fakes until the
-       HTTP daemon lands.)
+    2. The daemon starts on the embedded default (local zones under ``data_dir``, each
+       with a simulated Propolis; a recording Nexus), and a short scenario is driven
+       against its HTTP API as Nexus would: three VMMs are registered, run, stopped, and
+       their bundles listed. The daemon then keeps running until Ctrl-C.
 
     Parameters
     ----------
@@ -191,9 +217,13 @@ async def demo(
     bundle_s
         Simulated duration of one bundle in part 1.
     data_dir
-        Where part 2 keeps its zones and bundles.
+        Where the daemon keeps zones and bundles.
+    listen
+        Address of the daemon's API (if taken, a free port is used).
     log_mb
-        MB of logs per zone in part 2.
+        MB of logs seeded in each zone of part 2.
+    exit_after
+        Stop the daemon after the scenario instead of waiting for Ctrl-C.
     """
     configure_logging(json=False, level="error")
     console = Console()
@@ -210,18 +240,31 @@ async def demo(
         "and torn down behind it.\ninline (omicron): each halt waits for its own bundle, "
         "and every bundle waits for the host-wide lock, so reads time out.\n"
     )
-    console.print(f"[bold]2.[/] Five VMMs on real local zones under {data_dir}/ ...")
-    bundles = await run_local_demo(Path(await trio.Path(data_dir).resolve()), vmms=5, log_mb=log_mb)
-    table = Table(title=f"bundles written under {data_dir}/")
-    for col in ("VMM (zone oxz_propolis-server_...)", "cause", "KiB", "entries"):
-        table.add_column(col)
-    for b in bundles:
-        table.add_row(b.zone.removeprefix("oxz_propolis-server_")[:13] + "...", b.cause,
-                      f"{b.size / 1024:.0f}", str(b.entries))  # fmt: skip
-    console.print(table)
-    for b in bundles:
-        console.print(f"  {b.path}", soft_wrap=True)
-    console.print("Open one with: tar -tzvf <file>")
+    data_dir = Path(await trio.Path(data_dir).resolve())
+    shutdown = trio.Event()
+    async with _shutdown_on_signals(shutdown), trio.open_nursery() as nursery:
+        try:
+            info = await nursery.start(run_daemon, demo_config(data_dir, listen, log_mb), shutdown)
+        except OSError:  # the default port is taken: any free one will do
+            info = await nursery.start(
+                run_daemon, demo_config(data_dir, "127.0.0.1:0", log_mb), shutdown
+            )
+        console.print(f"[bold]2.[/] The daemon listens on {info.api_url}; driving three VMMs...")
+        bundles = await drive_scenario(info, vmms=3)
+        console.print(f"bundles of the three VMMs (files under {data_dir}/debug/):")
+        for b in bundles:
+            console.print(f"  {b.zone}  {b.cause}  {b.bundle_id}", soft_wrap=True)
+        u = info.api_url
+        console.print(
+            "Talk to it (Ctrl-C to stop):\n"
+            f"  curl {u}/zones/bundles\n"
+            f"  curl -o b.tar.gz {u}/zones/bundles/<zone>/<bundle id> && tar -tzvf b.tar.gz\n"
+            f"  curl {u}/zones/bundle-cleanup/utilization\n"
+            f"  .venv/bin/sledagent --help"
+        )
+        if exit_after:
+            shutdown.set()
+        await shutdown.wait()
     return 0
 
 
@@ -266,15 +309,7 @@ async def run(
         overrides["nexus_url"] = nexus
     cfg = attrs.evolve(cfg, **overrides)  # type: ignore[arg-type]
     shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-
-        async def on_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    shutdown.set()
-                    return
-
-        nursery.start_soon(on_signals)
+    async with _shutdown_on_signals(shutdown), trio.open_nursery() as nursery:
         info = await nursery.start(run_daemon, cfg, shutdown)
         print(f"sledagent listening on {info.api_url} (Nexus: {info.nexus_url})", flush=True)
         await shutdown.wait()

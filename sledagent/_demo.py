@@ -1,50 +1,63 @@
-"""Part 2 of ``sledagent demo``: VMMs on real local zones, real bundles."""
+"""Part 2 of ``sledagent demo``: the daemon on the embedded default, driven over HTTP."""
 
 from __future__ import annotations
 
-import tarfile
+import uuid
 from pathlib import Path
 
 import attrs
+import httpx
 import trio
 
-from ._wire import VmmState, VmmStateRequestedType
-from .testing import LocalHost, fast_config, open_fake_agent
+from ._daemon import DaemonConfig, DaemonInfo, run_daemon
+from ._wire import VmmState
+from .testing import ensure_body_json, fast_config
 
 
 @attrs.frozen
 class DemoBundle:
     zone: str
     cause: str
-    size: int
-    entries: int
-    path: str
+    bundle_id: str
 
 
-def _entries(path: str) -> int:
-    with tarfile.open(path, "r:gz") as tar:
-        return len(tar.getnames())
-
-
-async def run_local_demo(data_dir: Path, *, vmms: int, log_mb: float) -> list[DemoBundle]:
-    """Start ``vmms`` VMMs on local zones, stop them, and return the bundles written."""
-    local = LocalHost.at(data_dir, log_rate_bps=8192, seed_log_bytes=int(log_mb * (1 << 20)))
-    async with open_fake_agent(fast_config(), local) as h:
-        ids = [await h.start_vmm() for _ in range(vmms)]
-        await trio.sleep(1.0)  # let the zones' processes write a little
-        for pid in ids:
-            await h.request(pid, VmmStateRequestedType.STOPPED)
-        for pid in ids:
-            await local.nexus.wait_for(pid, VmmState.DESTROYED)
-        await h.agent.drain()
-        listed = await h.agent.store.list_all()
+async def drive_scenario(info: DaemonInfo, vmms: int) -> list[DemoBundle]:
+    """As Nexus would: register VMMs, run them, stop them; then list their bundles."""
+    nexus = info.recording_nexus
+    async with httpx.AsyncClient(base_url=info.api_url, timeout=30) as api:
+        pids = [uuid.uuid4() for _ in range(vmms)]
+        for pid in pids:
+            (await api.put(f"/vmms/{pid}", json=ensure_body_json())).raise_for_status()
+            body = {"state": {"type": "running"}}
+            (await api.put(f"/vmms/{pid}/state", json=body)).raise_for_status()
+        if nexus is not None:
+            for pid in pids:
+                await nexus.wait_for(pid, VmmState.RUNNING)
+        await trio.sleep(1.0)  # let the zones' processes write some logs
+        for pid in pids:
+            body = {"state": {"type": "stopped"}}
+            (await api.put(f"/vmms/{pid}/state", json=body)).raise_for_status()
+        if nexus is not None:
+            for pid in pids:
+                await nexus.wait_for(pid, VmmState.DESTROYED)
+        await info.agent.drain()
+        wanted = {f"oxz_propolis-server_{pid}" for pid in pids}
+        listed = (await api.get("/zones/bundles")).json()
     return [
-        DemoBundle(
-            zone=b.zone_name,
-            cause=b.metadata.cause.value,
-            size=b.size,
-            entries=await trio.to_thread.run_sync(_entries, b.paths[0]),
-            path=str(Path(b.paths[0]).relative_to(data_dir.parent)),
-        )
+        DemoBundle(b["id"]["zone_name"], b["cause"], b["id"]["bundle_id"])
         for b in listed
+        if b["id"]["zone_name"] in wanted
     ]
+
+
+def demo_config(data_dir: Path, listen: str, log_mb: float) -> DaemonConfig:
+    return DaemonConfig(
+        listen=listen,
+        data_dir=data_dir,
+        log_rate_bps=8192,
+        seed_log_mb=log_mb,
+        agent=fast_config(),
+    )
+
+
+__all__ = ["DemoBundle", "demo_config", "drive_scenario", "run_daemon"]
