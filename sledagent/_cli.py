@@ -21,6 +21,7 @@ from ._config import TerminationPolicy
 from ._daemon import ConfigError, DaemonConfig, load_config, run_daemon
 from ._demo import demo_config, drive_scenario
 from ._log import configure_logging
+from ._zb_cli import zone_bundle
 from .bench._bundle import BundleBenchParams, run_bundle_bench
 from .bench._mass_stop import MassStopParams, run_mass_stop
 
@@ -35,6 +36,7 @@ app = cyclopts.App(
 )
 bench = cyclopts.App(name="bench", help="Benchmarks: print figures as JSON and a table.")
 app.command(bench)
+app.command(zone_bundle)
 
 
 @asynccontextmanager
