@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import attrs
 import structlog
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -29,6 +30,7 @@ from starlette.routing import Route
 from ._agent import SledAgent
 from ._codec import decode, encode
 from ._errors import AgentError, BadRequest
+from ._metrics import metrics_text, registry_for
 from ._wire import (
     CleanupContextUpdate,
     Error,
@@ -127,17 +129,18 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 def build_app(agent: SledAgent, *, token: str | None = None) -> Starlette:
     """The sled-agent API over ``agent``; with ``token``, every route but ``/metrics``
-    requires ``Authorization: Bearer <token>``."""
+    requires ``Authorization: Bearer <token>`` (compared in constant time)."""
     manager, store, jobs = agent.manager, agent.store, agent.jobs
     expected = f"Bearer {token}".encode() if token else None
+    metrics_registry = registry_for(agent)
     roots: list[Path] = list(getattr(agent.host.store, "debug_dirs", []))
 
-    def route(path: str, methods: list[str]) -> Callable[[Handler], Route]:
+    def route(path: str, methods: list[str], *, public: bool = False) -> Callable[[Handler], Route]:
         def wrap(handler: Handler) -> Route:
             async def endpoint(request: Request) -> Response:
                 request_id = uuid.uuid4().hex
                 try:
-                    if expected is not None:
+                    if expected is not None and not public:
                         given = request.headers.get("authorization", "").encode()
                         if not hmac.compare_digest(given, expected):
                             raise Unauthorized("missing or wrong bearer token")
@@ -252,7 +255,12 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> Starlette:
             ]
         )
 
+    @route("/metrics", ["GET"], public=True)
+    async def metrics(request: Request) -> Response:
+        return Response(metrics_text(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
     routes = [
+        metrics,
         vmm_register,
         vmm_unregister,
         vmm_get_state,

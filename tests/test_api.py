@@ -264,3 +264,23 @@ async def test_bundles_over_http_list_download_and_delete(
             r = await api.call("GET", "/zones/cleanup", 200)
             assert r.json() == []
             assert json.loads(r.text) == []
+
+
+async def test_metrics_are_served_without_the_token_and_count_what_happened(
+    sled_agent_contract: Contract,
+) -> None:
+    fakes = FakeHost()
+    with trio.fail_after(30):
+        async with await open_api(fakes, sled_agent_contract, token="t") as api:
+            pid = await api.harness.start_vmm()
+            fakes.propolis[pid].halt()
+            await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
+            await api.harness.agent.drain()
+            r = await api.client.get("/metrics")
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+            text = r.text
+    assert 'sledagent_bundle_slots{kind="total",phase="collect"} 8.0' in text
+    assert "sledagent_bundles_created_total 1.0" in text
+    assert "sledagent_reaper_reaped_total 1.0" in text
+    assert 'sledagent_vmms{phase="active"} 0.0' in text
+    assert 'sledagent_halt_to_publish_seconds{quantile="0.99"}' in text

@@ -34,7 +34,7 @@ from .._host import Zone, ZoneSpec
 from .._local_zones import LOG_SUBDIR, LocalZoneBackend, LocalZonesConfig
 from .._store import MemoryBundleStore
 from .._wire import ZoneBundleCause
-from ._stats import summary
+from .._stats import summary
 
 
 @attrs.frozen(kw_only=True)

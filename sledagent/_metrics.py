@@ -1,0 +1,98 @@
+"""Prometheus metrics, read from the agent's statistics at scrape time.
+
+Nothing is counted on the hot paths: the collector asks each component for its
+``statistics()`` when ``/metrics`` is scraped. What to alert on is in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ._agent import SledAgent
+from ._registry import VmmPhase
+from ._stats import percentile
+
+
+def _quantiles(name: str, doc: str, samples: Sequence[float]) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc, labels=["quantile"])
+    for q in (50, 99):
+        g.add_metric([f"0.{q}"], percentile(samples, q))
+    return g
+
+
+class AgentCollector(Collector):
+    def __init__(self, agent: SledAgent) -> None:
+        self._agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        agent = self._agent
+        vmms = GaugeMetricFamily("sledagent_vmms", "Registered VMMs by phase.", labels=["phase"])
+        for phase in VmmPhase:
+            vmms.add_metric([phase.value], agent.manager.registry.count(phase))
+        yield vmms
+
+        b = agent.bundler.statistics()
+        slots = GaugeMetricFamily(
+            "sledagent_bundle_slots", "Bundle limiter slots.", labels=["phase", "kind"]
+        )
+        for stage, s in (("collect", b.collect), ("archive", b.archive)):
+            slots.add_metric([stage, "borrowed"], s.borrowed)
+            slots.add_metric([stage, "total"], s.total)
+            slots.add_metric([stage, "waiting"], s.waiting)
+        yield slots
+        yield CounterMetricFamily("sledagent_bundles_created", "Bundles written.", value=b.created)
+        yield CounterMetricFamily(
+            "sledagent_bundles_failed", "Bundle attempts failed.", value=b.failed
+        )
+        yield _quantiles(
+            "sledagent_zone_held_seconds", "Phase 1 duration (zone held), recent.", b.zone_held_s
+        )
+
+        r = agent.reaper.statistics()
+        yield GaugeMetricFamily("sledagent_reaper_zones", "Defunct zones held.", value=r.held)
+        yield CounterMetricFamily("sledagent_reaper_reaped", "Zones torn down.", value=r.reaped)
+        yield CounterMetricFamily(
+            "sledagent_reaper_bundles_abandoned",
+            "Zones torn down without a bundle.",
+            value=r.bundles_failed,
+        )
+        yield CounterMetricFamily(
+            "sledagent_reaper_halt_retries", "Zone halts retried.", value=r.halt_retries
+        )
+
+        n = agent.notifier.statistics()
+        yield GaugeMetricFamily(
+            "sledagent_nexus_pending", "VMMs with an undelivered state.", value=n.pending
+        )
+        yield GaugeMetricFamily(
+            "sledagent_nexus_in_flight", "Requests to Nexus in flight.", value=n.in_flight
+        )
+        yield CounterMetricFamily(
+            "sledagent_nexus_delivered", "States acknowledged.", value=n.delivered
+        )
+        yield CounterMetricFamily("sledagent_nexus_retries", "Deliveries retried.", value=n.retries)
+        yield CounterMetricFamily(
+            "sledagent_nexus_refused", "States refused (4xx).", value=n.gave_up
+        )
+        yield CounterMetricFamily(
+            "sledagent_nexus_superseded", "States replaced by newer.", value=n.superseded
+        )
+        yield _quantiles(
+            "sledagent_halt_to_publish_seconds",
+            "Terminal state recorded -> acknowledged by Nexus, recent.",
+            agent.manager.halt_to_publish_s,
+        )
+
+
+def metrics_text(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+def registry_for(agent: SledAgent) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(agent))
+    return registry
