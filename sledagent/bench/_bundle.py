@@ -32,9 +32,9 @@ from .._archive import TarArchiver
 from .._bundler import ZoneBundler
 from .._host import Zone, ZoneSpec
 from .._local_zones import LOG_SUBDIR, LocalZoneBackend, LocalZonesConfig
+from .._stats import summary
 from .._store import MemoryBundleStore
 from .._wire import ZoneBundleCause
-from .._stats import summary
 
 
 @attrs.frozen(kw_only=True)

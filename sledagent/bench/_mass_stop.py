@@ -27,9 +27,9 @@ import trio
 
 from .._config import AgentConfig, BackoffPolicy, TerminationPolicy
 from .._errors import NoSuchVmm
+from .._stats import summary
 from .._wire import VmmState
 from ..testing import FakeHost, FakeNexus, FakeZones, LocalHost, open_fake_agent
-from .._stats import summary
 
 
 @attrs.frozen(kw_only=True)
