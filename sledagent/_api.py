@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import attrs
 import structlog
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -30,12 +29,16 @@ from starlette.routing import Route
 from ._agent import SledAgent
 from ._codec import decode, encode
 from ._errors import AgentError, BadRequest
+from ._jobs import BundleJob
 from ._metrics import metrics_text, registry_for
+from ._openapi import openapi_document
 from ._wire import (
+    BundleJobStatus,
     CleanupContextUpdate,
     Error,
     InstanceEnsureBody,
     VmmPutStateBody,
+    ZoneCleanupItem,
 )
 
 log = structlog.get_logger("sledagent.api")
@@ -112,6 +115,17 @@ async def _body(request: Request, tp: type[T]) -> T:
         # whole body before reading the answer see the 413 instead of a broken pipe.
         raise PayloadTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
     return decode(b"".join(chunks), tp)
+
+
+def _job_status(job: BundleJob) -> BundleJobStatus:
+    return BundleJobStatus(
+        job_id=job.job_id,
+        zone_name=job.zone_name,
+        state=job.state.value,
+        time_created=job.time_created,
+        bundle=job.bundle,
+        error=job.error,
+    )
 
 
 def _confined(paths: tuple[str, ...], roots: list[Path]) -> Path | None:
@@ -196,8 +210,7 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> Starlette:
 
     @route("/zones/bundles/{zone_name}", ["POST"])
     async def zone_bundle_create(request: Request) -> Response:
-        job = jobs.create(_zone_param(request))
-        return _json(attrs.asdict(job, recurse=False), status=202)
+        return _json(_job_status(jobs.create(_zone_param(request))), status=202)
 
     @route("/zones/bundles/{zone_name}/{bundle_id}", ["GET"])
     async def zone_bundle_get(request: Request) -> Response:
@@ -217,7 +230,7 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> Starlette:
 
     @route("/zones/bundle-jobs/{job_id}", ["GET"])
     async def zone_bundle_job(request: Request) -> Response:
-        return _json(attrs.asdict(jobs.get(_uuid_param(request, "job_id")), recurse=False))
+        return _json(_job_status(jobs.get(_uuid_param(request, "job_id"))))
 
     @route("/zones/bundle-cleanup/utilization", ["GET"])
     async def zone_bundle_utilization(request: Request) -> Response:
@@ -240,26 +253,31 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> Starlette:
     async def zones_cleanup(request: Request) -> Response:
         return _json(
             [
-                {
-                    "zone_name": item.defunct.zone.name,
-                    "cause": item.defunct.cause.value,
-                    "step": item.step.value,
-                    "archiving": item.archiving,
-                    "since": item.since,
-                    "bundle_attempts": item.bundle_attempts,
-                    "bundle_error": item.bundle_error,
-                    "halt_attempts": item.halt_attempts,
-                    "halt_error": item.halt_error,
-                }
+                ZoneCleanupItem(
+                    zone_name=item.defunct.zone.name,
+                    cause=item.defunct.cause,
+                    step=item.step.value,
+                    archiving=item.archiving,
+                    since=item.since,
+                    bundle_attempts=item.bundle_attempts,
+                    bundle_error=item.bundle_error,
+                    halt_attempts=item.halt_attempts,
+                    halt_error=item.halt_error,
+                )
                 for item in agent.reaper.holdings()
             ]
         )
+
+    @route("/openapi.json", ["GET"])
+    async def openapi(request: Request) -> Response:
+        return _json(openapi_document())
 
     @route("/metrics", ["GET"], public=True)
     async def metrics(request: Request) -> Response:
         return Response(metrics_text(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
+        openapi,
         metrics,
         vmm_register,
         vmm_unregister,

@@ -339,7 +339,7 @@ class PriorityDimension(enum.StrEnum):
 @attrs.frozen
 class Duration:
     secs: U64
-    nanos: U32 = 0
+    nanos: U32
 
     @property
     def seconds(self) -> float:
@@ -373,3 +373,33 @@ class BundleUtilization:
     bytes_available: U64
     bytes_used: U64
     dataset_quota: U64
+
+
+# --- ours, beyond omicron (documented in the served spec) ---------------------------
+
+
+@attrs.frozen
+class ZoneCleanupItem:
+    """A zone the reaper holds (``GET /zones/cleanup``)."""
+
+    zone_name: str
+    cause: ZoneBundleCause
+    step: str
+    archiving: bool
+    since: dt.datetime
+    bundle_attempts: int
+    bundle_error: str | None
+    halt_attempts: int
+    halt_error: str | None
+
+
+@attrs.frozen
+class BundleJobStatus:
+    """An explicit bundle job (``POST /zones/bundles/{zone_name}``)."""
+
+    job_id: uuid.UUID
+    zone_name: str
+    state: str
+    time_created: dt.datetime
+    bundle: ZoneBundleMetadata | None = None
+    error: str | None = None

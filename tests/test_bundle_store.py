@@ -101,7 +101,8 @@ async def test_the_context_is_validated_persisted_and_survives_a_restart(tmp_pat
         await store.update_context(CleanupContextUpdate(storage_limit=80))
     new = await store.update_context(
         CleanupContextUpdate(
-            period=Duration(secs=120), priority=[PriorityDimension.TIME, PriorityDimension.CAUSE]
+            period=Duration(secs=120, nanos=0),
+            priority=[PriorityDimension.TIME, PriorityDimension.CAUSE],
         )
     )
     again = store_at(tmp_path, dirs)
@@ -121,7 +122,7 @@ async def test_a_new_period_takes_effect_at_once(
         mock_clock.jump(300)  # default period is 600 s: nothing yet
         await trio.testing.wait_all_tasks_blocked()
         assert store.cleanup_runs.value == 0
-        await store.update_context(CleanupContextUpdate(period=Duration(secs=60)))
+        await store.update_context(CleanupContextUpdate(period=Duration(secs=60, nanos=0)))
         await trio.testing.wait_all_tasks_blocked()
         mock_clock.jump(61)
         await store.cleanup_runs.wait_value(lambda n: n >= 1)

@@ -42,8 +42,8 @@ def test_defaults_are_omicrons() -> None:
 @pytest.mark.parametrize(
     ("update", "field"),
     [
-        (CleanupContextUpdate(period=Duration(secs=59)), "period"),
-        (CleanupContextUpdate(period=Duration(secs=86_401)), "period"),
+        (CleanupContextUpdate(period=Duration(secs=59, nanos=0)), "period"),
+        (CleanupContextUpdate(period=Duration(secs=86_401, nanos=0)), "period"),
         (CleanupContextUpdate(storage_limit=0), "storage_limit"),
         (CleanupContextUpdate(storage_limit=51), "storage_limit"),
         (CleanupContextUpdate(priority=[CAUSE, CAUSE]), "priority"),
