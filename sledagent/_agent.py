@@ -99,6 +99,7 @@ class SledAgent:
             backoff=config.reaper_backoff,
             bundle_attempts=config.bundle_attempts,
             teardown_concurrency=config.teardown_concurrency,
+            bundle=config.bundle_defunct_zones,
         )
         self.manager = InstanceManager(
             RunnerContext(

@@ -24,6 +24,7 @@ from ._log import configure_logging
 from ._zb_cli import zone_bundle
 from .bench._bundle import BundleBenchParams, run_bundle_bench
 from .bench._mass_stop import MassStopParams, run_mass_stop
+from .bench._wire import WireParams, run_wire_bench
 
 app = cyclopts.App(
     name="sledagent",
@@ -94,6 +95,7 @@ async def mass_stop(
     get_timeout_s: float = 10.0,
     backend: Literal["fake", "local"] = "fake",
     log_mb: float = 1.0,
+    wire: Literal["memory", "http"] = "memory",
     json: Annotated[bool, cyclopts.Parameter(negative="")] = False,
 ) -> int:
     """Halt N VMMs at once and measure how long until Nexus is told, per policy.
@@ -118,11 +120,28 @@ async def mass_stop(
     backend
         ``fake`` (simulated bundle work) or ``local`` (real zones, real tar.gz bundles).
     log_mb
-        With ``--backend local``: MB of logs per zone.
+        With ``--backend local`` or ``--wire http``: MB of logs per zone.
+    wire
+        ``memory``: the agent in process with fake peers. ``http``: the daemon on the
+        embedded default, over loopback HTTP (local zones, real bundles, simulated
+        Propolis, recording Nexus), both policies and a floor without logs or bundling.
     json
         Print only the JSON report.
     """
     configure_logging(json=True, level="error")
+    if wire == "http":
+        wreport = {
+            "command": _command_line(),
+            **(
+                await run_wire_bench(
+                    WireParams(vmms=vmms, log_mb=log_mb, get_timeout_s=get_timeout_s)
+                )
+            ),
+        }
+        print(jsonlib.dumps(wreport, indent=None if json else 2))
+        if not json:
+            Console(stderr=True).print(_policy_table(wreport, f"over HTTP: {wreport['command']}"))
+        return 0
     params = MassStopParams(
         vmms=vmms,
         command_s=command_s,

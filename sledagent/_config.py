@@ -99,6 +99,8 @@ class AgentConfig:
     reaper_backoff: BackoffPolicy = attrs.field(
         factory=lambda: BackoffPolicy(initial_s=1.0, max_s=60.0)
     )
+    #: Bundle defunct zones before teardown (off only to measure the floor of a benchmark).
+    bundle_defunct_zones: bool = True
     #: Bundle attempts before the reaper gives up on a zone's bundle and tears it down.
     bundle_attempts: int = attrs.field(default=3, validator=_at_least(1))
     #: Zone teardowns running at once.

@@ -59,6 +59,8 @@ class DaemonConfig:
     #: Each zone's log writer (bytes/s) and the log volume seeded at zone install.
     log_rate_bps: int = 2048
     seed_log_mb: float = 0.0
+    #: Where seeded logs are generated once and hard-linked from (benchmarks).
+    seed_cache: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     agent: AgentConfig = attrs.field(factory=AgentConfig)
 
     def bundle_dirs(self) -> list[Path]:
@@ -147,6 +149,7 @@ async def run_daemon(
                     root=config.data_dir,
                     log_rate_bps=config.log_rate_bps,
                     seed_log_bytes=int(config.seed_log_mb * (1 << 20)),
+                    seed_cache=config.seed_cache,
                 ),
                 launcher=fleet,
             )

@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -58,6 +59,9 @@ class LocalZonesConfig:
     keep_rotated: int = 4
     #: Log volume to create at install (rotated and archived files), for realism.
     seed_log_bytes: int = 0
+    #: Generate the seed logs once here and hard-link the immutable ones into each zone
+    #: (benchmarks with many zones); unset: every zone gets its own generated logs.
+    seed_cache: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     #: The live log is copied into a snapshot up to this many (newest) bytes.
     max_live_copy_bytes: int = 64 << 20
     #: SIGTERM, then SIGKILL after this long.
@@ -136,7 +140,11 @@ class LocalZoneBackend:
             "pids": [],
         }
         (zdir / "zone.json").write_text(json.dumps(meta))
-        if c.seed_log_bytes > 0:
+        if c.seed_log_bytes > 0 and c.seed_cache is not None:
+            _seed_from_cache(
+                c.seed_cache, zdir / LOG_SUBDIR, c.root / "archive" / zone.name, c.seed_log_bytes
+            )
+        elif c.seed_log_bytes > 0:
             seed_logs(zdir / LOG_SUBDIR, c.root / "archive" / zone.name, c.seed_log_bytes)
 
     def _record_pids(self, name: str, pids: list[int]) -> None:
@@ -304,6 +312,27 @@ def seed_logs(
         else:
             path = archive_dir / f"{SERVICE_LOG}.{now - age_s}"
         path.write_bytes(data)
+
+
+_SEED_CACHE_LOCK = threading.Lock()  # zones may be installed from several threads
+
+
+def _seed_from_cache(cache: Path, log_dir: Path, archive_dir: Path, total_bytes: int) -> None:
+    template = cache / str(total_bytes)
+    with _SEED_CACHE_LOCK:
+        if not (template / ".complete").exists():
+            shutil.rmtree(template, ignore_errors=True)
+            (template / "log").mkdir(parents=True)
+            seed_logs(template / "log", template / "archive", total_bytes, seed=1)
+            (template / ".complete").touch()
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    for src in (template / "log").iterdir():
+        if src.name == SERVICE_LOG:
+            shutil.copyfile(src, log_dir / src.name)  # the live file is appended to
+        else:
+            _link_or_copy(src, log_dir / src.name)
+    for src in (template / "archive").iterdir():
+        _link_or_copy(src, archive_dir / src.name)
 
 
 def _copy_tail(src: Path, dst: Path, cap: int) -> None:

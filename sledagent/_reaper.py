@@ -76,12 +76,14 @@ class Reaper:
         backoff: BackoffPolicy,
         bundle_attempts: int,
         teardown_concurrency: int,
+        bundle: bool = True,
     ) -> None:
         self._backend = backend
         self._bundler = bundler
         self._nics = nics
         self._backoff = backoff
         self._bundle_attempts = bundle_attempts
+        self._bundle = bundle
         self._teardown_limiter = trio.CapacityLimiter(teardown_concurrency)
         self._send, self._recv = trio.open_memory_channel[DefunctZone](capacity)
         # Only if the capacity accounting were wrong: never block, never drop.
@@ -149,7 +151,10 @@ class Reaper:
         try:
             released = trio.Event()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._bundle_step, item, released, bound)
+                if self._bundle:
+                    nursery.start_soon(self._bundle_step, item, released, bound)
+                else:
+                    released.set()
                 await released.wait()
                 await self._teardown_step(item, bound)
             self._reaped += 1
