@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 
 import httpx
+import trio
 
 from ._codec import decode, encode
 from ._errors import PeerError, PropolisGone
@@ -97,13 +98,43 @@ class HttpPropolisClient:
 
 
 class HttpPropolisConnector:
-    """One connection pool for every Propolis on the sled."""
+    """One small connection pool per Propolis.
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self._client = client
+    A single pool shared by every Propolis made httpcore scan all of its connections
+    (each VMM holds one in a long poll) on every request: measured at 20 VMMs, 350k
+    ``is_idle`` calls in one mass stop. Pools are closed when their zone is forgotten.
+
+    Who starts it: the daemon (``run``), so that closing a pool never blocks a runner.
+    """
+
+    def __init__(self) -> None:
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                for client in self._clients.values():
+                    await client.aclose()
+                self._clients.clear()
 
     def client_for(self, zone: Zone) -> HttpPropolisClient:
-        return HttpPropolisClient(self._client, f"http://{zone.propolis_addr}")
+        client = self._clients.get(zone.name)
+        if client is None:
+            limits = httpx.Limits(max_connections=8, max_keepalive_connections=4)
+            client = self._clients[zone.name] = httpx.AsyncClient(limits=limits)
+        return HttpPropolisClient(client, f"http://{zone.propolis_addr}")
+
+    def forget(self, zone: Zone) -> None:
+        """The zone is defunct: close its pool (in the background)."""
+        client = self._clients.pop(zone.name, None)
+        if client is not None and self._nursery is not None:
+            self._nursery.start_soon(client.aclose)
 
 
 class HttpNexusClient:

@@ -142,8 +142,10 @@ async def run_daemon(
         fleet = SimPropolisFleet() if config.propolis == "sim" else None
         if fleet is not None:
             await nursery.start(fleet.run)
-        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=1024)
-        async with httpx.AsyncClient(limits=limits) as pool:
+        connector = HttpPropolisConnector()
+        await nursery.start(connector.run)
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        async with httpx.AsyncClient(limits=limits) as pool:  # to Nexus
             zones = LocalZoneBackend(
                 LocalZonesConfig(
                     root=config.data_dir,
@@ -156,7 +158,7 @@ async def run_daemon(
             dirs = config.bundle_dirs()
             host = Host(
                 backend=zones,
-                connector=HttpPropolisConnector(pool),
+                connector=connector,
                 nexus=HttpNexusClient(pool, nexus_url),
                 archiver=TarArchiver(
                     dirs,

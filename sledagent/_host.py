@@ -196,6 +196,10 @@ class PropolisClient(Protocol):
 class PropolisConnector(Protocol):
     def client_for(self, zone: Zone) -> PropolisClient: ...
 
+    def forget(self, zone: Zone) -> None:
+        """The zone is defunct: release what talking to its Propolis held. Never blocks."""
+        ...
+
 
 class NexusClient(Protocol):
     async def put_vmm_state(self, propolis_id: uuid.UUID, state: SledVmmState) -> None:

@@ -190,6 +190,7 @@ class InstanceRunner:
 
     def _hand_off(self, zone: Zone) -> None:
         """Give up a defunct zone: to the reaper, or (inline) to run()'s own teardown."""
+        self._ctx.connector.forget(zone)
         if self._ctx.inline is not None:
             self._inline_zone = zone  # torn down by run(), before publishing (omicron)
         else:

@@ -62,10 +62,12 @@ async def open_wire(n_vmms: int) -> AsyncIterator[Wire]:
             addr = url.removeprefix("http://")
             vms[addr] = vm
             addrs.append(addr)
+        connector = HttpPropolisConnector()
+        await nursery.start(connector.run)
         async with httpx.AsyncClient() as pool:
             host = Host(
                 backend=zones,
-                connector=HttpPropolisConnector(pool),
+                connector=connector,
                 nexus=HttpNexusClient(pool, nexus_url),
                 archiver=zones.archiver(),
                 store=MemoryBundleStore(),
@@ -75,6 +77,7 @@ async def open_wire(n_vmms: int) -> AsyncIterator[Wire]:
                 async with httpx.AsyncClient(base_url=api_url, timeout=10) as api:
                     yield Wire(api, sims, nexus_url, nexus, vms, addrs)
         stop.set()
+        nursery.cancel_scope.cancel()  # the connector's pool keeper runs until cancelled
 
 
 async def test_vmms_run_and_halt_over_http_and_nexus_hears_it(

@@ -151,6 +151,9 @@ class FakePropolisFleet:
     def __getitem__(self, propolis_id: uuid.UUID) -> FakePropolis:
         return self.by_id[propolis_id]
 
+    def forget(self, zone: Zone) -> None:
+        pass  # the fake keeps its VMs for the test to inspect
+
     def client_for(self, zone: Zone) -> FakePropolis:
         if zone.propolis_id not in self.by_id:
             self.by_id[zone.propolis_id] = FakePropolis(zone.propolis_id, auto=self.auto)
