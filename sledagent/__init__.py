@@ -6,13 +6,23 @@ The public API is what this module names; everything in ``sledagent._*`` may cha
 from ._agent import Host as Host
 from ._agent import SledAgent as SledAgent
 from ._agent import open_sled_agent as open_sled_agent
+from ._api import build_app as build_app
 from ._archive import TarArchiver as TarArchiver
 from ._bundle_store import DiskBundleStore as DiskBundleStore
 from ._bundler import BundlerStatistics as BundlerStatistics
 from ._bundler import ZoneBundler as ZoneBundler
+from ._clients import HttpNexusClient as HttpNexusClient
+from ._clients import HttpPropolisClient as HttpPropolisClient
+from ._clients import HttpPropolisConnector as HttpPropolisConnector
 from ._config import AgentConfig as AgentConfig
 from ._config import BackoffPolicy as BackoffPolicy
 from ._config import TerminationPolicy as TerminationPolicy
+from ._daemon import ConfigError as ConfigError
+from ._daemon import DaemonConfig as DaemonConfig
+from ._daemon import DaemonInfo as DaemonInfo
+from ._daemon import config_from_toml as config_from_toml
+from ._daemon import load_config as load_config
+from ._daemon import run_daemon as run_daemon
 from ._errors import AgentError as AgentError
 from ._errors import BadRequest as BadRequest
 from ._errors import ChannelFull as ChannelFull
@@ -51,10 +61,12 @@ from ._local_zones import LocalZonesConfig as LocalZonesConfig
 from ._manager import InstanceManager as InstanceManager
 from ._notifier import NexusNotifier as NexusNotifier
 from ._notifier import NotifierStatistics as NotifierStatistics
+from ._openapi import openapi_document as openapi_document
 from ._reaper import Reaper as Reaper
 from ._reaper import ReaperItem as ReaperItem
 from ._reaper import ReaperStep as ReaperStep
 from ._registry import VmmPhase as VmmPhase
+from ._server import serve_api as serve_api
 from ._store import BundleIndex as BundleIndex
 from ._store import MemoryBundleStore as MemoryBundleStore
 from ._wire import Error as Error
@@ -92,11 +104,17 @@ __all__ = [
     "BundlerStatistics",
     "ChannelFull",
     "CommandOutput",
+    "ConfigError",
+    "DaemonConfig",
+    "DaemonInfo",
     "DefunctZone",
     "DiskBundleStore",
     "Error",
     "Host",
     "HostFull",
+    "HttpNexusClient",
+    "HttpPropolisClient",
+    "HttpPropolisConnector",
     "InstanceEnsureBody",
     "InstanceManager",
     "InstanceState",
@@ -147,6 +165,12 @@ __all__ = [
     "ZoneBundler",
     "ZoneCommand",
     "ZoneSpec",
+    "build_app",
+    "config_from_toml",
+    "load_config",
     "open_sled_agent",
+    "openapi_document",
+    "run_daemon",
+    "serve_api",
     "zone_name_for",
 ]

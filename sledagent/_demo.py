@@ -9,7 +9,7 @@ import attrs
 import httpx
 import trio
 
-from ._daemon import DaemonConfig, DaemonInfo, run_daemon
+from ._daemon import DaemonConfig, DaemonInfo
 from ._wire import VmmState
 from .testing import ensure_body_json, fast_config
 
@@ -58,6 +58,3 @@ def demo_config(data_dir: Path, listen: str, log_mb: float) -> DaemonConfig:
         seed_log_mb=log_mb,
         agent=fast_config(),
     )
-
-
-__all__ = ["DemoBundle", "demo_config", "drive_scenario", "run_daemon"]

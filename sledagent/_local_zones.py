@@ -115,10 +115,10 @@ class LocalZoneBackend:
 
     def _writer_argv(self, name: str) -> list[str]:
         c = self.config
-        # `-c`, not `-m`: running a module of an already-imported package as __main__
-        # makes runpy warn. The zone name stays on the command line: halting checks it.
+        # Run the writer by its file: it needs only the standard library, and importing
+        # it as a module would load the whole package in every zone's process.
         return [
-            sys.executable, "-c", "import sys, sledagent._logwriter as w; sys.exit(w.main())",
+            sys.executable, str(Path(__file__).with_name("_logwriter.py")),
             "--zone-name", name,
             "--log-dir", str(_zone_dir(c, name) / LOG_SUBDIR),
             "--archive-dir", str(c.root / "archive" / name),

@@ -91,7 +91,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"sledagent._logwriter" in cmdline and b"pytest-of-" in cmdline:
+        if b"_logwriter" in cmdline and b"pytest-of-" in cmdline:
             try:
                 os.killpg(int(proc.name), signal.SIGKILL)
             except OSError:
