@@ -100,6 +100,8 @@ class SledAgent:
             bundle_attempts=config.bundle_attempts,
             teardown_concurrency=config.teardown_concurrency,
             bundle=config.bundle_defunct_zones,
+            publications_settled=self.notifier.wait_idle,
+            publish_first_s=config.publish_first_s,
         )
         self.manager = InstanceManager(
             RunnerContext(

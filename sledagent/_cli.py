@@ -25,6 +25,7 @@ from ._zb_cli import zone_bundle
 from .bench._bundle import BundleBenchParams, run_bundle_bench
 from .bench._mass_stop import MassStopParams, run_mass_stop
 from .bench._wire import WireParams, run_wire_bench
+from .sim._host import run_sim_host
 
 app = cyclopts.App(
     name="sledagent",
@@ -333,6 +334,35 @@ async def run(
     async with _shutdown_on_signals(shutdown), trio.open_nursery() as nursery:
         info = await nursery.start(run_daemon, cfg, shutdown)
         print(f"sledagent listening on {info.api_url} (Nexus: {info.nexus_url})", flush=True)
+        await shutdown.wait()
+    return 0
+
+
+@app.command
+async def sim(*, nexus_listen: str = "127.0.0.1:0", fleet_listen: str = "127.0.0.1:0") -> int:
+    """Run the simulated peers in this process: a recording Nexus and a Propolis fleet.
+
+    Prints ``nexus <url>`` and ``fleet <url>``; run an agent with ``--nexus <url>`` and,
+    in its config, ``propolis = "remote"`` and ``sim_fleet_url = "<url>"``. Stops on
+    SIGINT/SIGTERM.
+
+    Parameters
+    ----------
+    nexus_listen
+        Address of the recording Nexus.
+    fleet_listen
+        Address of the fleet controller.
+    """
+    configure_logging(level="warning")
+    shutdown = trio.Event()
+    async with _shutdown_on_signals(shutdown), trio.open_nursery() as nursery:
+        nexus_url, fleet_url = await nursery.start(
+            lambda task_status: run_sim_host(
+                nexus_listen=nexus_listen, fleet_listen=fleet_listen,
+                shutdown=shutdown, task_status=task_status,
+            )
+        )  # fmt: skip
+        print(f"nexus {nexus_url}\nfleet {fleet_url}", flush=True)
         await shutdown.wait()
     return 0
 

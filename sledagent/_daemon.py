@@ -29,9 +29,10 @@ from ._archive import TarArchiver
 from ._bundle_store import DiskBundleStore
 from ._clients import HttpNexusClient, HttpPropolisConnector
 from ._config import AgentConfig, BackoffPolicy
-from ._local_zones import LocalZoneBackend, LocalZonesConfig
+from ._local_zones import LocalZoneBackend, LocalZonesConfig, PropolisLauncher
 from ._server import DEFAULT_LISTEN, serve_api
 from .sim._fleet import SimPropolisFleet
+from .sim._host import RemoteFleetLauncher
 from .sim._nexus import recording_nexus_app
 from .testing._nexus import FakeNexus
 
@@ -51,7 +52,11 @@ class DaemonConfig:
     nexus_url: str | None = None
     #: Bearer token required by every route but /metrics (also from $SLEDAGENT_TOKEN).
     token: str | None = None
-    propolis: Literal["sim", "external"] = "sim"
+    #: ``sim``: a simulated Propolis per zone, in this process; ``remote``: launched by the
+    #: ``sledagent sim`` process at ``sim_fleet_url``; ``external``: already listening at
+    #: the address each VMM is registered with.
+    propolis: Literal["sim", "remote", "external"] = "sim"
+    sim_fleet_url: str | None = None
     #: Debug directories for bundles (one per M.2 on a real sled); default data_dir/debug.
     debug_dirs: tuple[Path, ...] = ()
     bundle_quota_bytes: int | None = None
@@ -62,6 +67,10 @@ class DaemonConfig:
     #: Where seeded logs are generated once and hard-linked from (benchmarks).
     seed_cache: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     agent: AgentConfig = attrs.field(factory=AgentConfig)
+
+    def __attrs_post_init__(self) -> None:
+        if self.propolis == "remote" and not self.sim_fleet_url:
+            raise ConfigError('propolis = "remote" needs sim_fleet_url')
 
     def bundle_dirs(self) -> list[Path]:
         return list(self.debug_dirs) or [self.data_dir / "debug"]
@@ -107,6 +116,15 @@ def load_config(path: Path) -> DaemonConfig:
     return config_from_toml(text, source=str(path))
 
 
+async def _client_keeper(
+    *, task_status: trio.TaskStatus[httpx.AsyncClient] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """An httpx client that lives as long as the daemon's nursery."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        task_status.started(client)
+        await trio.sleep_forever()
+
+
 @attrs.frozen
 class DaemonInfo:
     api_url: str
@@ -142,6 +160,13 @@ async def run_daemon(
         fleet = SimPropolisFleet() if config.propolis == "sim" else None
         if fleet is not None:
             await nursery.start(fleet.run)
+        launcher: PropolisLauncher | None = fleet
+        if config.propolis == "remote":
+            if not config.sim_fleet_url:
+                raise ConfigError('propolis = "remote" needs sim_fleet_url')
+            remote = RemoteFleetLauncher(await nursery.start(_client_keeper), config.sim_fleet_url)
+            await nursery.start(remote.run)
+            launcher = remote
         connector = HttpPropolisConnector()
         await nursery.start(connector.run)
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
@@ -153,7 +178,7 @@ async def run_daemon(
                     seed_log_bytes=int(config.seed_log_mb * (1 << 20)),
                     seed_cache=config.seed_cache,
                 ),
-                launcher=fleet,
+                launcher=launcher,
             )
             dirs = config.bundle_dirs()
             host = Host(

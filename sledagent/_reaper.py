@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import enum
+from collections.abc import Awaitable, Callable
 
 import attrs
 import structlog
@@ -77,6 +78,8 @@ class Reaper:
         bundle_attempts: int,
         teardown_concurrency: int,
         bundle: bool = True,
+        publications_settled: Callable[[], Awaitable[None]] | None = None,
+        publish_first_s: float = 0.0,
     ) -> None:
         self._backend = backend
         self._bundler = bundler
@@ -84,6 +87,8 @@ class Reaper:
         self._backoff = backoff
         self._bundle_attempts = bundle_attempts
         self._bundle = bundle
+        self._publications_settled = publications_settled
+        self._publish_first_s = publish_first_s
         self._teardown_limiter = trio.CapacityLimiter(teardown_concurrency)
         self._send, self._recv = trio.open_memory_channel[DefunctZone](capacity)
         # Only if the capacity accounting were wrong: never block, never drop.
@@ -149,6 +154,12 @@ class Reaper:
         bound = log.bind(zone_name=name, cause=defunct.cause.value)
         bound.info("zone_received")
         try:
+            if self._publications_settled is not None and self._publish_first_s > 0:
+                # Publishing first: in a mass stop, bundling competes with the
+                # deliveries to Nexus for this process's CPU. Bounded, so a Nexus outage
+                # delays reaping by at most publish_first_s.
+                with trio.move_on_after(self._publish_first_s):
+                    await self._publications_settled()
             released = trio.Event()
             async with trio.open_nursery() as nursery:
                 if self._bundle:

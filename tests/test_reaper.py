@@ -131,3 +131,19 @@ async def test_shutdown_stops_at_its_deadline_and_leaves_the_rest_on_the_host(
     assert trio.current_time() - t0 == pytest.approx(5.0)
     assert len(fakes.store.index) == 0  # no archive finished; no partial bundle recorded
     assert fakes.zones.live_snapshots == set()  # snapshots dropped under the shield
+
+
+async def test_the_reaper_lets_pending_publications_go_first_but_not_forever(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fakes = FakeHost(zones=FakeZones(command_s=1.0))
+    async with open_fake_agent(fast_config(publish_first_s=2.0), fakes) as h:
+        pid = await h.start_vmm()
+        fakes.nexus.fail_for(60.0)  # Nexus is down: the terminal state stays pending
+        t0 = trio.current_time()
+        fakes.propolis[pid].halt()
+        await h.agent.reaper.wait_idle()
+        (timeline,) = fakes.zones.timeline.values()
+        # Bundling started after at most publish_first_s, not after Nexus recovered.
+        assert timeline.released_at[0] - t0 == pytest.approx(2.0 + 1.0, abs=0.01)
+        assert fakes.nexus.first_time(pid, VmmState.DESTROYED) is None

@@ -16,8 +16,13 @@ While zones are reaped every VMM is read over HTTP (``GET /vmms/{id}/state``) ev
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
+import sys
 import tempfile
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
@@ -40,6 +45,49 @@ class WireParams:
     get_interval_s: float = 0.5
     get_timeout_s: float = 10.0
     seed: int = 1
+    #: ``process``: the simulated Propolis fleet and Nexus run in a ``sledagent sim``
+    #: process of their own (the agent's figures are its own); ``inline``: in this process.
+    peers: str = "process"
+
+
+@asynccontextmanager
+async def _sim_process() -> AsyncIterator[tuple[str, str]]:
+    """Start ``sledagent sim``; yields (nexus_url, fleet_url); stops it with SIGTERM."""
+    argv = [sys.executable, "-c", "from sledagent._cli import main; main()", "sim"]
+    proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        buf = b""
+        while buf.count(b"\n") < 2:
+            chunk = await proc.stdout.receive_some()
+            if not chunk:
+                raise RuntimeError("sledagent sim exited before listening")
+            buf += chunk
+        urls = dict(line.split(" ", 1) for line in buf.decode().splitlines()[:2])
+        yield urls["nexus"], urls["fleet"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(10, shield=True) as scope:
+            await proc.wait()
+        if scope.cancelled_caught:
+            proc.kill()
+        if proc.stdout is not None:
+            await proc.stdout.aclose()
+
+
+async def _remote_first_times(
+    client: httpx.AsyncClient, nexus_url: str, pids: list[uuid.UUID], state: VmmState
+) -> dict[uuid.UUID, float]:
+    """Poll the sim Nexus until every VMM reached ``state``; first arrival times."""
+    wanted = {str(p) for p in pids}
+    while True:
+        first: dict[uuid.UUID, float] = {}
+        for row in (await client.get(f"{nexus_url}/sim/updates")).json():
+            if row["propolis_id"] in wanted and row["state"]["vmm_state"]["state"] == state.value:
+                first.setdefault(uuid.UUID(row["propolis_id"]), row["time"])
+        if len(first) == len(wanted):
+            return first
+        await trio.sleep(0.05)
 
 
 async def _reads(
@@ -59,6 +107,15 @@ async def _reads(
 
 async def run_wire(mode: str, p: WireParams, cache: Path) -> dict[str, object]:
     """One run: ``mode`` is ``reaper``, ``inline`` or ``floor``."""
+    if p.peers == "process":
+        async with _sim_process() as (nexus_url, fleet_url):
+            return await _run_wire(mode, p, cache, nexus_url, fleet_url)
+    return await _run_wire(mode, p, cache, None, None)
+
+
+async def _run_wire(
+    mode: str, p: WireParams, cache: Path, nexus_url: str | None, fleet_url: str | None
+) -> dict[str, object]:
     floor = mode == "floor"
     agent = AgentConfig(
         termination_policy=TerminationPolicy.INLINE
@@ -73,6 +130,9 @@ async def run_wire(mode: str, p: WireParams, cache: Path) -> dict[str, object]:
         config = DaemonConfig(
             listen="127.0.0.1:0",
             data_dir=Path(tmp),
+            nexus_url=nexus_url,
+            propolis="remote" if fleet_url else "sim",
+            sim_fleet_url=fleet_url,
             log_rate_bps=0,
             seed_log_mb=0.0 if floor else p.log_mb,
             seed_cache=cache,
@@ -82,10 +142,13 @@ async def run_wire(mode: str, p: WireParams, cache: Path) -> dict[str, object]:
         async with trio.open_nursery() as nursery:
             info = await nursery.start(run_daemon, config, shutdown)
             nexus, fleet = info.recording_nexus, info.fleet
-            assert nexus is not None and fleet is not None
             limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-            async with httpx.AsyncClient(base_url=info.api_url, limits=limits, timeout=60) as api:
+            async with (
+                httpx.AsyncClient(base_url=info.api_url, limits=limits, timeout=60) as api,
+                httpx.AsyncClient(timeout=60) as peers,
+            ):
                 pids = [uuid.uuid4() for _ in range(p.vmms)]
+                zones = [zone_name_for(pid) for pid in pids]
                 gate = trio.CapacityLimiter(16)
 
                 async def start(pid: uuid.UUID) -> None:
@@ -93,31 +156,47 @@ async def run_wire(mode: str, p: WireParams, cache: Path) -> dict[str, object]:
                         (await api.put(f"/vmms/{pid}", json=ensure_body_json())).raise_for_status()
                         body = {"state": {"type": "running"}}
                         (await api.put(f"/vmms/{pid}/state", json=body)).raise_for_status()
-                        await nexus.wait_for(pid, VmmState.RUNNING)
 
                 async with trio.open_nursery() as starting:
                     for pid in pids:
                         starting.start_soon(start, pid)
+                if nexus is not None:
+                    for pid in pids:
+                        await nexus.wait_for(pid, VmmState.RUNNING)
+                else:
+                    assert nexus_url is not None
+                    await _remote_first_times(peers, nexus_url, pids, VmmState.RUNNING)
                 reads: list[float] = []
                 timeouts = [0]
                 t_halt = trio.current_time()
                 async with trio.open_nursery() as probing:
-                    vms = [fleet.vm(zone_name_for(pid)) for pid in pids]
-                    for vm in vms:
-                        assert vm is not None
-                        vm.halt()  # the guests power off at once
+                    if fleet is not None:  # peers in this process
+                        halted_at = {}
+                        for zone in zones:
+                            vm = fleet.vm(zone)
+                            assert vm is not None
+                            vm.halt()  # the guests power off at once
+                            halted_at[zone] = vm.halted_at
+                    else:
+                        r = await peers.post(f"{fleet_url}/fleet/halt", json=zones)
+                        halted_at = r.json()
                     for pid in pids:
                         probing.start_soon(_reads, api, pid, p, reads, timeouts)
-                    for pid in pids:
-                        await nexus.wait_for(pid, VmmState.DESTROYED)
+                    if nexus is not None:
+                        published = {
+                            pid: await nexus.wait_for(pid, VmmState.DESTROYED) for pid in pids
+                        }
+                    else:
+                        assert nexus_url is not None
+                        published = await _remote_first_times(
+                            peers, nexus_url, pids, VmmState.DESTROYED
+                        )
                     await info.agent.drain()
                     drain_s = trio.current_time() - t_halt
                     probing.cancel_scope.cancel()
-                h2p = []
-                for pid, vm in zip(pids, vms, strict=True):
-                    published = nexus.first_time(pid, VmmState.DESTROYED)
-                    assert vm is not None and vm.halted_at is not None and published is not None
-                    h2p.append(published - vm.halted_at)
+                h2p = [
+                    published[pid] - halted_at[zone] for pid, zone in zip(pids, zones, strict=True)
+                ]
                 held = info.agent.bundler.statistics().zone_held_s
                 bundles = len(await info.agent.store.list_all())
             shutdown.set()

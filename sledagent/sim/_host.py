@@ -1,0 +1,128 @@
+"""``sledagent sim``: the simulated peers in a process of their own.
+
+Serves a recording Nexus and a fleet controller from which an agent (``propolis =
+"remote"``) launches one simulated Propolis server per zone:
+
+- ``POST /fleet/zones/{zone_name}`` -> ``{"addr": "127.0.0.1:port"}`` (idempotent);
+- ``DELETE /fleet/zones/{zone_name}``: stop that zone's Propolis;
+- ``POST /fleet/halt`` with ``["zone", ...]``: those guests power off at the same instant;
+  answers ``{zone: halted_at}`` on this process's clock, the clock of the Nexus's
+  ``GET /sim/updates``, so a benchmark can measure halt -> publish across processes.
+
+Running the peers apart keeps their CPU off the agent's trio thread.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import trio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .._server import serve_api
+from ..testing._nexus import FakeNexus
+from ._fleet import SimPropolisFleet
+from ._nexus import recording_nexus_app
+
+
+def fleet_app(fleet: SimPropolisFleet) -> Starlette:
+    async def launch(request: Request) -> Response:
+        return JSONResponse({"addr": await fleet.launch(request.path_params["zone_name"])})
+
+    async def retire(request: Request) -> Response:
+        fleet.retire(request.path_params["zone_name"])
+        return Response(status_code=204)
+
+    async def halt(request: Request) -> Response:
+        try:
+            zones = json.loads(await request.body())
+        except ValueError:
+            return JSONResponse({"message": "expected a JSON list of zone names"}, 400)
+        halted = {}
+        for name in zones:  # no await in between: the same instant for all of them
+            vm = fleet.vm(name)
+            if vm is not None:
+                vm.halt()
+                halted[name] = vm.halted_at
+        return JSONResponse(halted)
+
+    return Starlette(
+        routes=[
+            Route("/fleet/zones/{zone_name}", launch, methods=["POST"]),
+            Route("/fleet/zones/{zone_name}", retire, methods=["DELETE"]),
+            Route("/fleet/halt", halt, methods=["POST"]),
+        ]
+    )
+
+
+async def run_sim_host(
+    *,
+    nexus_listen: str = "127.0.0.1:0",
+    fleet_listen: str = "127.0.0.1:0",
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[tuple[str, str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the recording Nexus and the fleet until ``shutdown``; reports both URLs."""
+    async with trio.open_nursery() as nursery:
+        fleet = SimPropolisFleet()
+        await nursery.start(fleet.run)
+        nexus_url = (
+            await nursery.start(
+                lambda task_status: serve_api(
+                    recording_nexus_app(FakeNexus()),
+                    listen=nexus_listen,
+                    shutdown=shutdown,
+                    task_status=task_status,
+                )
+            )
+        )[0]
+        fleet_url = (
+            await nursery.start(
+                lambda task_status: serve_api(
+                    fleet_app(fleet),
+                    listen=fleet_listen,
+                    shutdown=shutdown,
+                    task_status=task_status,
+                )
+            )
+        )[0]
+        task_status.started((str(nexus_url), str(fleet_url)))
+        await shutdown.wait()
+        nursery.cancel_scope.cancel()
+
+
+class RemoteFleetLauncher:
+    """A ``PropolisLauncher`` backed by a ``sledagent sim`` process's fleet controller.
+
+    Who starts it: the daemon (``run``), so that ``retire`` never blocks a caller.
+    """
+
+    def __init__(self, client: httpx.AsyncClient, fleet_url: str) -> None:
+        self._client = client
+        self._base = fleet_url.rstrip("/")
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def launch(self, zone_name: str) -> str:
+        response = await self._client.post(f"{self._base}/fleet/zones/{zone_name}")
+        response.raise_for_status()
+        return str(response.json()["addr"])
+
+    def retire(self, zone_name: str) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._retire, zone_name)
+
+    async def _retire(self, zone_name: str) -> None:
+        try:
+            await self._client.delete(f"{self._base}/fleet/zones/{zone_name}")
+        except httpx.HTTPError:
+            pass  # the sim host is gone: nothing left to stop
