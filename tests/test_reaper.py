@@ -142,6 +142,8 @@ async def test_the_reaper_lets_pending_publications_go_first_but_not_forever(
         fakes.nexus.fail_for(60.0)  # Nexus is down: the terminal state stays pending
         t0 = trio.current_time()
         fakes.propolis[pid].halt()
+        entry = h.agent.manager.registry.get(pid)
+        await entry.wait_until(lambda e: e.phase is not VmmPhase.ACTIVE)
         await h.agent.reaper.wait_idle()
         (timeline,) = fakes.zones.timeline.values()
         # Bundling started after at most publish_first_s, not after Nexus recovered.
