@@ -28,7 +28,14 @@ from starlette.routing import Route
 
 from ._agent import SledAgent
 from ._codec import decode, encode
-from ._errors import AgentError, BadRequest
+from ._errors import (
+    AgentError,
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from ._jobs import BundleJob
 from ._metrics import metrics_text, registry_for
 from ._openapi import openapi_document
@@ -48,26 +55,6 @@ MAX_BODY_BYTES = 1 << 20
 DRAIN_LIMIT_BYTES = 16 << 20
 # Zone names as the agent makes them; anything else (``..``, ``/``, NUL...) is refused.
 _ZONE_NAME = re.compile(r"^oxz_[A-Za-z0-9][A-Za-z0-9_.:-]{0,126}$")
-
-
-class PayloadTooLarge(AgentError):
-    status = 413
-    error_code = "PAYLOAD_TOO_LARGE"
-
-
-class UnsupportedMediaType(AgentError):
-    status = 415
-    error_code = "UNSUPPORTED_MEDIA_TYPE"
-
-
-class Unauthorized(AgentError):
-    status = 401
-    error_code = "UNAUTHORIZED"
-
-
-class NotFound(AgentError):
-    status = 404
-    error_code = "NOT_FOUND"
 
 
 def _json(obj: Any, status: int = 200) -> Response:

@@ -120,6 +120,29 @@ class ShuttingDown(Unavailable):
     error_code = "SHUTTING_DOWN"
 
 
+# --- HTTP-level refusals of the API -------------------------------------------------
+
+
+class PayloadTooLarge(AgentError):
+    status = 413
+    error_code = "PAYLOAD_TOO_LARGE"
+
+
+class UnsupportedMediaType(AgentError):
+    status = 415
+    error_code = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class Unauthorized(AgentError):
+    status = 401
+    error_code = "UNAUTHORIZED"
+
+
+class NotFound(AgentError):
+    status = 404
+    error_code = "NOT_FOUND"
+
+
 # --- errors from the peers the agent drives (never shown to callers as such) ---------
 
 
