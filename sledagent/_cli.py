@@ -318,7 +318,11 @@ async def run(
     """
     configure_logging()
     try:
-        cfg = load_config(config) if config is not None else DaemonConfig()
+        cfg = (
+            await trio.to_thread.run_sync(load_config, config)
+            if config is not None
+            else DaemonConfig()
+        )
     except ConfigError as exc:
         print(f"sledagent: {exc}", file=sys.stderr)
         return 2

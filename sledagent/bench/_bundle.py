@@ -107,7 +107,9 @@ async def _run(params: BundleBenchParams, tmp: Path) -> dict[str, object]:
         for _ in range(params.zones)
     ]
     files = [await trio.to_thread.run_sync(_zone_files, tmp, z) for z in zones]
-    input_bytes = sum(p.stat().st_size for fs in files for p in fs)
+    input_bytes = await trio.to_thread.run_sync(
+        lambda: sum(p.stat().st_size for fs in files for p in fs)
+    )
     bundler = ZoneBundler(
         backend,
         TarArchiver([tmp / "debug"], compression_level=params.level, max_file_bytes=1 << 40),
