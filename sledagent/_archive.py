@@ -36,6 +36,7 @@ import trio
 from isal import igzip
 
 from ._host import ArchiveJob, BundleInfo, CommandOutput, LogSource
+from ._priority import background_priority
 from ._wire import ZoneBundleMetadata
 
 log = structlog.get_logger("sledagent.archive")
@@ -174,6 +175,10 @@ class TarArchiver:
     # --- in the worker thread ---------------------------------------------------------
 
     def _write_sync(self, job: ArchiveJob, abort: threading.Event) -> BundleInfo:
+        with background_priority():  # requests and publications go first
+            return self._write_bundle(job, abort)
+
+    def _write_bundle(self, job: ArchiveJob, abort: threading.Event) -> BundleInfo:
         meta = job.metadata
         written: list[Path] = []  # every file of this bundle, to remove on failure
         try:

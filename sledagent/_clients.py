@@ -9,6 +9,7 @@ timeout: it is bounded by the caller's cancel scope, never by a thread timeout.
 
 from __future__ import annotations
 
+import ssl
 import uuid
 
 import httpx
@@ -105,11 +106,16 @@ class HttpPropolisConnector:
     ``is_idle`` calls in one mass stop. Pools are closed when their zone is forgotten.
 
     Who starts it: the daemon (``run``), so that closing a pool never blocks a runner.
+
+    Every pool shares one TLS context: httpx builds a new one per client by default
+    (loading the CA bundle), measured at 61 ms of CPU on the trio thread per VMM
+    registered, against 0.2 ms with the shared one.
     """
 
     def __init__(self) -> None:
         self._clients: dict[str, httpx.AsyncClient] = {}
         self._nursery: trio.Nursery | None = None
+        self._tls: ssl.SSLContext = httpx.create_ssl_context()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -127,7 +133,8 @@ class HttpPropolisConnector:
         client = self._clients.get(zone.name)
         if client is None:
             limits = httpx.Limits(max_connections=8, max_keepalive_connections=4)
-            client = self._clients[zone.name] = httpx.AsyncClient(limits=limits)
+            client = httpx.AsyncClient(limits=limits, verify=self._tls)
+            self._clients[zone.name] = client
         return HttpPropolisClient(client, f"http://{zone.propolis_addr}")
 
     def forget(self, zone: Zone) -> None:

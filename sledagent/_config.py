@@ -78,9 +78,13 @@ class AgentConfig:
     nic_release_timeout_s: float = attrs.field(default=30.0, validator=_positive)
     #: Nexus deliveries: 250 ms doubling to 3 min (omicron's).
     nexus_backoff: BackoffPolicy = attrs.field(factory=BackoffPolicy)
-    #: Nexus deliveries in flight at once, over all VMMs (omicron does not bound them;
-    #: a mass stop of N VMMs needs about N / this many round trips).
-    nexus_concurrency: int = attrs.field(default=256, validator=_at_least(1))
+    #: Nexus deliveries in flight at once, over all VMMs (omicron does not bound them).
+    #: A mass stop of N VMMs needs about N / this many round trips; over HTTP each
+    #: delivery also costs the agent's thread CPU, and more in flight only lengthens the
+    #: run queue that API requests wait in (N=200 over HTTP: 256 -> 64 took GET state
+    #: p99 from ~150 ms to ~90 ms, publishing no slower). A slow Nexus wants more: at
+    #: 200 ms per update, 64 publish 100 VMMs in under a second (docs/performance.md).
+    nexus_concurrency: int = attrs.field(default=64, validator=_at_least(1))
     #: Propolis state-monitor retries: 50 ms doubling to 1 s (omicron's).
     monitor_backoff: BackoffPolicy = attrs.field(
         factory=lambda: BackoffPolicy(initial_s=0.05, max_s=1.0)

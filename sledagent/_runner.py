@@ -379,6 +379,10 @@ class InstanceRunner:
         self.terminate(force=VmmState.FAILED)
 
     def _set_state(self, state: SledVmmState) -> None:
+        if self._halted:
+            # A request's answer that arrives after the monitor saw the VMM halt (the
+            # guest stopped before Propolis answered the stop): the terminal state stays.
+            return
         self.entry.state = state
         self._ctx.notifier.publish(self.propolis_id, state)
 

@@ -46,7 +46,9 @@ async def test_the_embedded_default_runs_stops_and_bundles_vmms_over_http(
                     await nexus.wait_for(pid, VmmState.RUNNING)
                     r = await api.put(f"/vmms/{pid}/state", json={"state": {"type": "stopped"}})
                     assert r.status_code == 200, r.text
-                    assert r.json()["updated_runtime"]["vmm_state"]["state"] == "stopping"
+                    # "destroyed" when the simulated guest halted before the answer left
+                    state = r.json()["updated_runtime"]["vmm_state"]["state"]
+                    assert state in ("stopping", "destroyed")
                 for pid in pids:
                     await nexus.wait_for(pid, VmmState.DESTROYED)
                 await info.agent.drain()

@@ -117,6 +117,26 @@ async def test_a_requested_stop_publishes_stopping_then_destroyed_and_reaps_the_
     assert fakes.zones.zones == {} and len(fakes.store.index) == 1
 
 
+async def test_a_vm_that_halts_before_propolis_answers_the_stop_stays_destroyed(
+    fake_agent: AgentHarness,
+) -> None:
+    # Found over HTTP: the monitor saw Destroyed while the stop request was still being
+    # answered, and the late "stopping" overwrote the terminal state (and was published
+    # with a newer generation), so Nexus never learned that the VMM was gone.
+    fakes = fake_agent.fakes
+    pid = await fake_agent.start_vmm()
+    fakes.propolis[pid].answer_late = True
+    answer = await fake_agent.request(pid, Req.STOPPED)
+    assert answer is not None and answer.vmm_state.state is VmmState.DESTROYED
+    with trio.fail_after(5):
+        await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
+        await fake_agent.agent.drain()
+    delivered = fakes.nexus.states_for(pid)
+    assert delivered[-1].vmm_state.state is VmmState.DESTROYED
+    assert [s.gen for s in delivered] == sorted({s.gen for s in delivered})
+    assert fake_agent.agent.manager.registry.find(pid) is None  # published and removed
+
+
 async def test_a_vmm_that_ignores_stop_is_destroyed_when_the_grace_period_expires(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -10,12 +10,13 @@ off at once. Three runs, one after the other in one process:
   does over HTTP, dominated by N requests to Nexus.
 
 While zones are reaped every VMM is read over HTTP (``GET /vmms/{id}/state``) every
-``get_interval_s`` with a ``get_timeout_s`` client timeout.
+``get_interval_s`` with a ``get_timeout_s`` client timeout, by readers in a process of
+their own (``_probe.py``), so that the agent's figures carry only the server's cost.
 """
 
 from __future__ import annotations
 
-import random
+import json
 import signal
 import subprocess
 import sys
@@ -90,19 +91,67 @@ async def _remote_first_times(
         await trio.sleep(0.05)
 
 
-async def _reads(
-    api: httpx.AsyncClient, pid: uuid.UUID, p: WireParams, out: list[float], timeouts: list[int]
-) -> None:
-    await trio.sleep(random.Random(f"{p.seed}{pid}").uniform(0, p.get_interval_s))
-    while True:
-        t0 = trio.current_time()
-        try:
-            with trio.fail_after(p.get_timeout_s):
-                await api.get(f"/vmms/{pid}/state")
-            out.append(trio.current_time() - t0)
-        except (trio.TooSlowError, httpx.HTTPError):
-            timeouts[0] += 1
-        await trio.sleep(p.get_interval_s)
+@attrs.define
+class ReaderProcess:
+    """The state readers of ``_probe.py``, running in their own process."""
+
+    proc: trio.Process
+    lines: trio.MemoryReceiveChannel[bytes]
+
+    async def go(self) -> None:
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send_all(b"go\n")
+
+    async def stop(self) -> dict[str, object]:
+        """Stop reading; the readers' result (latencies, timeouts, errors)."""
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send_all(b"stop\n")
+        result: dict[str, object] = json.loads(await self.lines.receive())
+        return result
+
+
+async def _pump_lines(stream: trio.abc.ReceiveStream, out: trio.MemorySendChannel[bytes]) -> None:
+    buf = b""
+    async with out:
+        while chunk := await stream.receive_some():
+            buf += chunk
+            *done, buf = buf.split(b"\n")
+            for line in done:
+                await out.send(line)
+
+
+@asynccontextmanager
+async def reader_process(
+    api_url: str, ids: list[uuid.UUID], p: WireParams
+) -> AsyncIterator[ReaderProcess]:
+    """Start the readers, connected and waiting for ``go``."""
+    spec = {
+        "api": api_url,
+        "ids": [str(i) for i in ids],
+        "interval_s": p.get_interval_s,
+        "timeout_s": p.get_timeout_s,
+        "seed": p.seed,
+    }
+    script = str(Path(__file__).with_name("_probe.py"))
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, script, json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    send, lines = trio.open_memory_channel[bytes](16)
+    try:
+        async with trio.open_nursery() as nursery:
+            assert proc.stdout is not None
+            nursery.start_soon(_pump_lines, proc.stdout, send)
+            if await lines.receive() != b"ready":
+                raise RuntimeError("the reader process did not start")
+            yield ReaderProcess(proc, lines)
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.move_on_after(5, shield=True) as scope:
+            if proc.stdin is not None:
+                await proc.stdin.aclose()
+            await proc.wait()
+        if scope.cancelled_caught:
+            proc.kill()
 
 
 async def run_wire(mode: str, p: WireParams, cache: Path) -> dict[str, object]:
@@ -166,10 +215,8 @@ async def _run_wire(
                 else:
                     assert nexus_url is not None
                     await _remote_first_times(peers, nexus_url, pids, VmmState.RUNNING)
-                reads: list[float] = []
-                timeouts = [0]
-                t_halt = trio.current_time()
-                async with trio.open_nursery() as probing:
+                async with reader_process(info.api_url, pids, p) as readers:
+                    t_halt = trio.current_time()
                     if fleet is not None:  # peers in this process
                         halted_at = {}
                         for zone in zones:
@@ -180,8 +227,7 @@ async def _run_wire(
                     else:
                         r = await peers.post(f"{fleet_url}/fleet/halt", json=zones)
                         halted_at = r.json()
-                    for pid in pids:
-                        probing.start_soon(_reads, api, pid, p, reads, timeouts)
+                    await readers.go()
                     if nexus is not None:
                         published = {
                             pid: await nexus.wait_for(pid, VmmState.DESTROYED) for pid in pids
@@ -193,7 +239,8 @@ async def _run_wire(
                         )
                     await info.agent.drain()
                     drain_s = trio.current_time() - t_halt
-                    probing.cancel_scope.cancel()
+                    read_result = await readers.stop()
+                reads: list[float] = read_result["latencies_s"]  # type: ignore[assignment]
                 h2p = [
                     published[pid] - halted_at[zone] for pid, zone in zip(pids, zones, strict=True)
                 ]
@@ -202,7 +249,13 @@ async def _run_wire(
             shutdown.set()
     return {
         "halt_to_publish_s": summary(h2p),
-        "get_state_s": {**summary(reads), "timeouts": timeouts[0], "reads": len(reads)},
+        "get_state_s": {
+            **summary(reads),
+            "timeouts": read_result["timeouts"],
+            "errors": read_result["errors"],
+            "status": read_result["status"],
+            "reads": len(reads),
+        },
         "zone_held_s": {k: v for k, v in summary(held).items() if k != "max"},
         "drain_s": round(drain_s, 3),
         "bundles": bundles,

@@ -38,6 +38,10 @@ class FakePropolis:
         self.halted_at: float | None = None
         self.monitor_delay_s = 0.0
         self.request_delay_s = 0.0
+        #: Answer state requests late: after acting, let other tasks run (the monitor
+        #: may see the VM halt) while the answer is already on its way (not cancellable),
+        #: as when an HTTP response arrives in the same scheduler pass as the halt.
+        self.answer_late = False
         self._changed = trio.Event()
         self._disconnected = False
         self._hung = False
@@ -125,6 +129,9 @@ class FakePropolis:
         elif requested is InstanceStateRequested.REBOOT:
             self.push(InstanceState.REBOOTING)
             self.push(InstanceState.RUNNING)
+        if self.answer_late:
+            for _ in range(3):
+                await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def state_monitor(self, gen: int) -> InstanceStateMonitorResponse:
         while True:
