@@ -72,10 +72,24 @@ def _zone_dir(cfg: LocalZonesConfig, name: str) -> Path:
     return cfg.root / "zones" / name
 
 
-class PropolisLauncher(Protocol):
-    """Starts and stops the Propolis of a zone (the simulated fleet, for the daemon)."""
+@attrs.frozen(kw_only=True)
+class LogSpec:
+    """Where a zone's Propolis writes its log, and how much (for a launched Propolis)."""
 
-    async def launch(self, zone_name: str) -> str: ...
+    log_dir: Path = attrs.field(converter=Path)
+    #: Rotated files beyond ``keep`` move here with a Unix timestamp suffix.
+    archive_dir: Path = attrs.field(converter=Path)
+    rate_bps: int = attrs.field(default=2048, validator=attrs.validators.ge(1))
+    rotate_bytes: int = attrs.field(default=1 << 20, validator=attrs.validators.ge(1024))
+    keep: int = attrs.field(default=4, validator=attrs.validators.ge(1))
+
+
+class PropolisLauncher(Protocol):
+    """Starts and stops the Propolis of a zone (the simulated fleet, for the daemon).
+
+    With ``logs``, the Propolis writes its log into the zone as a real one would."""
+
+    async def launch(self, zone_name: str, logs: LogSpec | None = None) -> str: ...
 
     def retire(self, zone_name: str) -> None: ...
 
@@ -97,21 +111,35 @@ class LocalZoneBackend:
         zone = Zone(spec.zone_name, spec.propolis_id, spec.propolis_addr, spec.nic_ids)
         try:
             await self._thread(self._create_tree, zone)
-            if self.config.log_rate_bps > 0:
+            if self.launcher is not None:
+                # The launched Propolis is the zone's VMM process: it writes the log.
+                addr = await self.launcher.launch(zone.name, self._log_spec(zone.name))
+                zone = attrs.evolve(zone, propolis_addr=addr)
+            elif self.config.log_rate_bps > 0:
+                # No Propolis of ours here: a stand-in process writes the zone's log.
                 started = await trio.run_process(
                     [*self._writer_argv(zone.name), "--daemonize"],
                     stdin=b"",
                     capture_stdout=True,
                 )
                 await self._thread(self._record_pids, zone.name, [int(started.stdout)])
-            if self.launcher is not None:
-                addr = await self.launcher.launch(zone.name)
-                zone = attrs.evolve(zone, propolis_addr=addr)
         except BaseException:
             with trio.CancelScope(shield=True):  # leave nothing behind
                 await self.halt_and_remove(zone)
             raise
         return zone
+
+    def _log_spec(self, name: str) -> LogSpec | None:
+        c = self.config
+        if c.log_rate_bps <= 0:
+            return None
+        return LogSpec(
+            log_dir=_zone_dir(c, name) / LOG_SUBDIR,
+            archive_dir=c.root / "archive" / name,
+            rate_bps=c.log_rate_bps,
+            rotate_bytes=c.rotate_bytes,
+            keep=c.keep_rotated,
+        )
 
     def _writer_argv(self, name: str) -> list[str]:
         c = self.config

@@ -3,8 +3,9 @@
 Who starts it: the daemon, in its nursery, before the agent. The local zone backend
 calls ``launch`` when it installs a zone (the zone's ``propolis_addr`` becomes the bound
 loopback address) and ``retire`` when it halts the zone, which stops that server (the VM
-is gone: a state monitor still waiting sees the connection close). Each server is
-hypercorn on 127.0.0.1:0 with its own ``FakePropolis`` state machine.
+is gone: a state monitor still waiting sees the connection close). Each server listens
+on 127.0.0.1:0 with its own ``FakePropolis`` state machine and, when the zone asks for
+it, writes the zone's Propolis log (one ``SimLogWriter`` for the whole fleet).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import attrs
 import trio
 
+from .._local_zones import LogSpec
 from .._server import serve_api
 from ..testing._propolis import FakePropolis
+from ._logs import SimLogWriter
 from ._propolis import sim_propolis_app
 
 
@@ -25,18 +28,25 @@ class _Running:
 
 
 class SimPropolisFleet:
-    def __init__(self) -> None:
+    def __init__(self, *, log_interval_s: float = 0.5) -> None:
         self._nursery: trio.Nursery | None = None
         self._running: dict[str, _Running] = {}
+        self.logs = SimLogWriter(interval_s=log_interval_s)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.logs.run)
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
 
-    async def launch(self, zone_name: str) -> str:
-        """Start the zone's Propolis; returns its ``host:port``. Idempotent."""
+    def __len__(self) -> int:
+        return len(self._running)
+
+    async def launch(self, zone_name: str, logs: LogSpec | None = None) -> str:
+        """Start the zone's Propolis; returns its ``host:port``. Idempotent.
+
+        With ``logs`` it writes the zone's Propolis log until retired."""
         if zone_name in self._running:
             return self._running[zone_name].addr
         if self._nursery is None:
@@ -49,11 +59,14 @@ class SimPropolisFleet:
         )
         addr = str(binds[0]).removeprefix("http://")
         self._running[zone_name] = _Running(vm, addr, stop)
+        if logs is not None:
+            self.logs.add(zone_name, logs)
         return addr
 
     def retire(self, zone_name: str) -> None:
         """Stop the zone's Propolis; idempotent."""
         running = self._running.pop(zone_name, None)
+        self.logs.remove(zone_name)
         if running is not None:
             running.vm.vanish()  # a waiting long poll answers "no instance" at once
             running.stop.set()

@@ -3,7 +3,9 @@
 Serves a recording Nexus and a fleet controller from which an agent (``propolis =
 "remote"``) launches one simulated Propolis server per zone:
 
-- ``POST /fleet/zones/{zone_name}`` -> ``{"addr": "127.0.0.1:port"}`` (idempotent);
+- ``POST /fleet/zones/{zone_name}`` -> ``{"addr": "127.0.0.1:port"}`` (idempotent); an
+  optional body ``{"log_dir", "archive_dir", "rate_bps", "rotate_bytes", "keep"}`` makes
+  that Propolis write its log into the zone (paths on this machine);
 - ``DELETE /fleet/zones/{zone_name}``: stop that zone's Propolis;
 - ``POST /fleet/halt`` with ``["zone", ...]``: those guests power off at the same instant;
   answers ``{zone: halted_at}`` on this process's clock, the clock of the Nexus's
@@ -15,7 +17,9 @@ Running the peers apart keeps their CPU off the agent's trio thread.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import attrs
 import httpx
 import trio
 from starlette.applications import Starlette
@@ -23,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .._local_zones import LogSpec
 from .._server import serve_api
 from ..testing._nexus import FakeNexus
 from ._fleet import SimPropolisFleet
@@ -31,7 +36,12 @@ from ._nexus import recording_nexus_app
 
 def fleet_app(fleet: SimPropolisFleet) -> Starlette:
     async def launch(request: Request) -> Response:
-        return JSONResponse({"addr": await fleet.launch(request.path_params["zone_name"])})
+        raw = await request.body()
+        try:
+            logs = LogSpec(**json.loads(raw)) if raw else None
+        except (ValueError, TypeError) as exc:
+            return JSONResponse({"message": f"bad log spec: {exc}"}, 400)
+        return JSONResponse({"addr": await fleet.launch(request.path_params["zone_name"], logs)})
 
     async def retire(request: Request) -> Response:
         fleet.retire(request.path_params["zone_name"])
@@ -112,8 +122,11 @@ class RemoteFleetLauncher:
             task_status.started()
             await trio.sleep_forever()
 
-    async def launch(self, zone_name: str) -> str:
-        response = await self._client.post(f"{self._base}/fleet/zones/{zone_name}")
+    async def launch(self, zone_name: str, logs: LogSpec | None = None) -> str:
+        body = None
+        if logs is not None:
+            body = {k: str(v) if isinstance(v, Path) else v for k, v in attrs.asdict(logs).items()}
+        response = await self._client.post(f"{self._base}/fleet/zones/{zone_name}", json=body)
         response.raise_for_status()
         return str(response.json()["addr"])
 

@@ -1,0 +1,88 @@
+"""The simulated peers: Propolis servers that write their zone's log, many per process."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import trio
+
+from sledagent._codec import encode
+from sledagent._local_zones import LogSpec
+from sledagent._logwriter import SERVICE_LOG
+from sledagent._wire import InstanceEnsureRequest, InstanceProperties, PropolisInstanceMetadata
+from sledagent.sim._fleet import SimPropolisFleet
+
+
+async def test_the_simulated_propolis_writes_and_rotates_its_zones_log(tmp_path: Path) -> None:
+    fleet = SimPropolisFleet(log_interval_s=0.02)
+    logs = LogSpec(
+        log_dir=tmp_path / "zone" / "logs", archive_dir=tmp_path / "archive",
+        rate_bps=400_000, rotate_bytes=8192, keep=2,
+    )  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fleet.run)
+        await fleet.launch("oxz_propolis-server_a", logs)
+        with trio.fail_after(10):
+            while not list((tmp_path / "archive").glob(f"{SERVICE_LOG}.*")):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        fleet.retire("oxz_propolis-server_a")
+        await trio.sleep(0.1)  # a write already handed to the thread may still land
+        written = fleet.logs.written_bytes
+        await trio.sleep(0.1)
+        assert fleet.logs.written_bytes == written  # a retired Propolis writes no more
+        nursery.cancel_scope.cancel()
+    names = sorted(p.name for p in logs.log_dir.iterdir())
+    assert names == [SERVICE_LOG, f"{SERVICE_LOG}.0", f"{SERVICE_LOG}.1"]
+    line = json.loads((logs.log_dir / f"{SERVICE_LOG}.0").read_text().splitlines()[0])
+    assert line["name"] == "propolis-server" and {"msg", "time", "level"} <= set(line)
+
+
+async def _put(addr: str, target: str, body: bytes) -> bytes:
+    host, port = addr.split(":")
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(
+            f"PUT {target} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            + body
+        )
+        answer = b""
+        while chunk := await stream.receive_some():
+            answer += chunk
+    return answer
+
+
+async def test_a_thousand_simulated_propolis_servers_run_in_one_process() -> None:
+    fleet = SimPropolisFleet()
+    zones = [f"oxz_propolis-server_{i}" for i in range(1000)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fleet.run)
+        addrs = [await fleet.launch(zone) for zone in zones]
+        assert len(set(addrs)) == 1000 and len(fleet) == 1000
+        ids = uuid.uuid4()
+        ensure = encode(
+            InstanceEnsureRequest(
+                init={"method": "Spec", "value": {"spec": {}}},
+                properties=InstanceProperties(
+                    description="", id=ids, name="vm",
+                    metadata=PropolisInstanceMetadata(ids, ids, ids, "sim", 0, "sim"),
+                ),
+            )
+        )  # fmt: skip
+        gate = trio.CapacityLimiter(64)
+
+        async def start(addr: str) -> None:
+            async with gate:
+                assert (await _put(addr, "/instance", ensure)).startswith(b"HTTP/1.1 201")
+                assert (await _put(addr, "/instance/state", b'"Run"')).startswith(b"HTTP/1.1 204")
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as starting:
+                for addr in addrs:
+                    starting.start_soon(start, addr)
+        assert all(fleet.vm(z).state.value == "Running" for z in zones)  # type: ignore[union-attr]
+        for zone in zones:
+            fleet.retire(zone)
+        assert len(fleet) == 0
+        nursery.cancel_scope.cancel()
