@@ -106,6 +106,20 @@ async def test_a_file_over_the_cap_keeps_its_newest_bytes(tmp_path: Path) -> Non
     ]
 
 
+@pytest.mark.parametrize("level", [0, 2, 9])
+async def test_every_compression_level_writes_a_bundle_that_opens(
+    tmp_path: Path, level: int
+) -> None:
+    # 0..3: isal (ours); 9: stdlib zlib, omicron's "best" (the inline baseline's bundles)
+    info = await TarArchiver([tmp_path / "debug"], compression_level=level).write(
+        make_job(tmp_path, big=50_000)
+    )
+    with tarfile.open(info.paths[0], "r:gz") as tar:
+        assert tar.getnames()[0] == "metadata.toml"
+    with pytest.raises(ValueError, match="compression_level"):
+        TarArchiver([tmp_path / "debug"], compression_level=10)
+
+
 async def test_every_debug_directory_gets_a_copy_readable_only_by_owner_and_group(
     tmp_path: Path,
 ) -> None:
