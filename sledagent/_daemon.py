@@ -29,6 +29,8 @@ from ._archive import TarArchiver
 from ._bundle_store import DiskBundleStore
 from ._clients import HttpNexusClient, HttpPropolisConnector
 from ._config import AgentConfig, BackoffPolicy
+from ._host import ZoneBackend
+from ._illumos import IllumosConfig, IllumosZoneBackend, require_tools
 from ._local_zones import LocalZoneBackend, LocalZonesConfig, PropolisLauncher
 from ._server import DEFAULT_LISTEN, serve_api
 from .sim._fleet import SimPropolisFleet
@@ -56,6 +58,12 @@ class DaemonConfig:
     #: ``sledagent sim`` process at ``sim_fleet_url``; ``external``: already listening at
     #: the address each VMM is registered with.
     propolis: Literal["sim", "remote", "external"] = "sim"
+    #: ``local``: zones as directory trees under data_dir (any host); ``illumos``: real
+    #: zones, SMF and ZFS (needs zoneadm, zonecfg, zlogin, zfs; Propolis is external).
+    backend: Literal["local", "illumos"] = "local"
+    #: illumos: where zones live and their parent dataset.
+    zone_root: Path = attrs.field(default=Path("/zone"), converter=Path)
+    zone_dataset: str = "rpool/zone"
     sim_fleet_url: str | None = None
     #: Debug directories for bundles (one per M.2 on a real sled); default data_dir/debug.
     debug_dirs: tuple[Path, ...] = ()
@@ -71,6 +79,12 @@ class DaemonConfig:
     def __attrs_post_init__(self) -> None:
         if self.propolis == "remote" and not self.sim_fleet_url:
             raise ConfigError('propolis = "remote" needs sim_fleet_url')
+        if self.backend not in ("local", "illumos"):
+            raise ConfigError(f'backend must be "local" or "illumos", not {self.backend!r}')
+        if self.backend == "illumos" and self.propolis != "external":
+            raise ConfigError(
+                'backend = "illumos" runs each zone\'s own Propolis: set propolis = "external"'
+            )
 
     def bundle_dirs(self) -> list[Path]:
         return list(self.debug_dirs) or [self.data_dir / "debug"]
@@ -142,6 +156,11 @@ async def run_daemon(
 ) -> None:
     """Run the daemon until ``shutdown`` is set; reports where it listens."""
     token = config.token or os.environ.get(TOKEN_ENV) or None
+    if config.backend == "illumos":
+        try:
+            require_tools()
+        except RuntimeError as exc:
+            raise ConfigError(str(exc)) from None
     async with trio.open_nursery() as nursery:
         servers_stop = trio.Event()
         recording: FakeNexus | None = None
@@ -171,15 +190,21 @@ async def run_daemon(
         await nursery.start(connector.run)
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
         async with httpx.AsyncClient(limits=limits) as pool:  # to Nexus
-            zones = LocalZoneBackend(
-                LocalZonesConfig(
-                    root=config.data_dir,
-                    log_rate_bps=config.log_rate_bps,
-                    seed_log_bytes=int(config.seed_log_mb * (1 << 20)),
-                    seed_cache=config.seed_cache,
-                ),
-                launcher=launcher,
-            )
+            zones: ZoneBackend
+            if config.backend == "illumos":
+                zones = IllumosZoneBackend(
+                    IllumosConfig(zone_root=config.zone_root, zone_dataset=config.zone_dataset)
+                )
+            else:
+                zones = LocalZoneBackend(
+                    LocalZonesConfig(
+                        root=config.data_dir,
+                        log_rate_bps=config.log_rate_bps,
+                        seed_log_bytes=int(config.seed_log_mb * (1 << 20)),
+                        seed_cache=config.seed_cache,
+                    ),
+                    launcher=launcher,
+                )
             dirs = config.bundle_dirs()
             host = Host(
                 backend=zones,

@@ -11,7 +11,9 @@ Protocol on stdin/stdout (one line each): argv[1] is a JSON object
 the process connects every reader and prints ``ready``; on ``go`` each reader starts,
 from a random offset within ``interval_s``, a read every ``interval_s``; on ``stop`` it
 prints ``{"latencies_s": [...], "timeouts": n, "errors": n, "status": {code: n}}`` and
-exits (``errors``: connections that failed; every answer, whatever its status, is timed).
+exits. With ``"count": n`` in the spec each reader makes n reads back to back and the
+result is printed when all are done (``sledagent bench api``). ``errors``: connections
+that failed; every answer, whatever its status, is timed.
 
 Only the standard library, trio and h11: it starts in a fraction of a second.
 """
@@ -75,9 +77,11 @@ async def _reader(
 ) -> None:
     interval, timeout = spec["interval_s"], spec["timeout_s"]
     offset = random.Random(f"{spec['seed']}{target}").uniform(0, interval)
+    count = spec.get("count")  # a fixed number of reads, back to back (bench api)
     await go.wait()
     await trio.sleep(offset)
-    while True:
+    while count is None or count > 0:
+        count = None if count is None else count - 1
         t0 = time.monotonic()
         with trio.move_on_after(timeout) as scope:
             try:
@@ -108,17 +112,22 @@ async def _main(spec: dict[str, Any]) -> None:
         conns = [_Conn(url.hostname or "127.0.0.1", url.port or 80, headers) for _ in spec["ids"]]
         for conn in conns:  # connect before "ready": the measurement has no handshakes
             conn.stream = await trio.open_tcp_stream(conn.host, conn.port)
-        for conn, vmm in zip(conns, spec["ids"], strict=True):
-            nursery.start_soon(_reader, conn, f"/vmms/{vmm}/state", spec, go, out)
-        print("ready", flush=True)
-        buf = b""
-        while b"stop" not in buf:
-            if b"go" in buf:
-                go.set()
-            chunk = await stdin.receive_some()
-            if not chunk:
-                break
-            buf += chunk
+        async with trio.open_nursery() as readers:
+            for conn, vmm in zip(conns, spec["ids"], strict=True):
+                readers.start_soon(_reader, conn, f"/vmms/{vmm}/state", spec, go, out)
+            print("ready", flush=True)
+            buf = b""
+            while b"stop" not in buf:
+                if b"go" in buf:
+                    go.set()
+                    if spec.get("count"):
+                        break  # the readers end by themselves
+                chunk = await stdin.receive_some()
+                if not chunk:
+                    break
+                buf += chunk
+            else:
+                readers.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
     print(json.dumps(out), flush=True)
 

@@ -109,6 +109,10 @@ class ReaderProcess:
         """Stop reading; the readers' result (latencies, timeouts, errors)."""
         assert self.proc.stdin is not None
         await self.proc.stdin.send_all(b"stop\n")
+        return await self.result()
+
+    async def result(self) -> dict[str, object]:
+        """The readers' result, once they have ended (by ``stop`` or their count)."""
         result: dict[str, object] = json.loads(await self.lines.receive())
         return result
 
@@ -125,15 +129,22 @@ async def _pump_lines(stream: trio.abc.ReceiveStream, out: trio.MemorySendChanne
 
 @asynccontextmanager
 async def reader_process(
-    api_url: str, ids: list[uuid.UUID], p: WireParams
+    api_url: str,
+    ids: list[uuid.UUID],
+    *,
+    interval_s: float,
+    timeout_s: float,
+    seed: int = 1,
+    count: int | None = None,
 ) -> AsyncIterator[ReaderProcess]:
-    """Start the readers, connected and waiting for ``go``."""
+    """Start the readers (one connection per id), connected and waiting for ``go``."""
     spec = {
         "api": api_url,
         "ids": [str(i) for i in ids],
-        "interval_s": p.get_interval_s,
-        "timeout_s": p.get_timeout_s,
-        "seed": p.seed,
+        "interval_s": interval_s,
+        "timeout_s": timeout_s,
+        "seed": seed,
+        "count": count,
     }
     script = str(Path(__file__).with_name("_probe.py"))
     proc = await trio.lowlevel.open_process(
@@ -218,7 +229,13 @@ async def _run_wire(
                 else:
                     assert nexus_url is not None
                     await _remote_first_times(peers, nexus_url, pids, VmmState.RUNNING)
-                async with reader_process(info.api_url, pids, p) as readers:
+                async with reader_process(
+                    info.api_url,
+                    pids,
+                    interval_s=p.get_interval_s,
+                    timeout_s=p.get_timeout_s,
+                    seed=p.seed,
+                ) as readers:
                     t_halt = trio.current_time()
                     if fleet is not None:  # peers in this process
                         halted_at = {}

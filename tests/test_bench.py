@@ -1,0 +1,16 @@
+"""The benchmarks run and report what they measured (figures are not asserted: a slow,
+noisy CI machine runs these; docs/performance.md has the figures of a quiet run)."""
+
+from __future__ import annotations
+
+import trio
+
+from sledagent.bench._api import run_api_bench
+
+
+async def test_bench_api_answers_every_request_from_the_reader_process() -> None:
+    with trio.fail_after(60):
+        report = await run_api_bench(requests=200, connections=4)
+    assert report["answered"] == 200 and report["errors"] == 0 and report["timeouts"] == 0
+    assert report["server_cpu_ms_per_request"] > 0  # type: ignore[operator]
+    assert report["latency_s"]["p99"] >= report["latency_s"]["p50"] > 0  # type: ignore[index]
