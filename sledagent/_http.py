@@ -183,6 +183,8 @@ class _Connection:
         state = _Exchange(self)
         try:
             await self.app(scope, state.receive, state.send)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _Close from None  # the client left while we answered: nothing to log
         except Exception:
             log.exception("asgi_app_failed", method=scope["method"], path=path)
             if not state.started:

@@ -6,6 +6,7 @@ import json
 import uuid
 from pathlib import Path
 
+import httpx
 import trio
 
 from sledagent._codec import encode
@@ -87,3 +88,36 @@ async def test_a_thousand_simulated_propolis_servers_run_in_one_process() -> Non
             fleet.retire(zone)
         assert len(fleet) == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_the_recording_nexus_answers_a_wait_once_every_vmm_reached_the_state() -> None:
+    from sledagent._server import serve_api
+    from sledagent._vmm_state import initial_state
+    from sledagent._wire import VmmRuntimeState, VmmState, utcnow
+    from sledagent.sim import recording_nexus_app
+    from sledagent.testing import FakeNexus
+
+    nexus, shutdown = FakeNexus(), trio.Event()
+    pids = [uuid.uuid4(), uuid.uuid4()]
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(
+            lambda task_status: serve_api(
+                recording_nexus_app(nexus), listen="127.0.0.1:0", shutdown=shutdown,
+                task_status=task_status,
+            )
+        )  # fmt: skip
+        async with httpx.AsyncClient(base_url=urls[0], timeout=10) as client:
+            body = {"ids": [str(p) for p in pids], "state": "starting", "timeout_s": 10}
+
+            async def put_later() -> None:
+                await trio.sleep(0.05)
+                for pid in pids:
+                    vmm = VmmRuntimeState(gen=2, state=VmmState.STARTING, time_updated=utcnow())
+                    state = encode(initial_state(vmm, None, utcnow()))
+                    assert (await client.put(f"/vmms/{pid}", content=state)).status_code == 204
+
+            nursery.start_soon(put_later)
+            r = await client.post("/sim/wait", json=body)
+            assert r.status_code == 200 and set(r.json()) == {str(p) for p in pids}
+            assert (await client.post("/sim/wait", json={"ids": ["x"]})).status_code == 400
+        shutdown.set()

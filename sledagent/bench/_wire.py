@@ -82,16 +82,11 @@ async def _sim_process() -> AsyncIterator[tuple[str, str]]:
 async def _remote_first_times(
     client: httpx.AsyncClient, nexus_url: str, pids: list[uuid.UUID], state: VmmState
 ) -> dict[uuid.UUID, float]:
-    """Poll the sim Nexus until every VMM reached ``state``; first arrival times."""
-    wanted = {str(p) for p in pids}
-    while True:
-        first: dict[uuid.UUID, float] = {}
-        for row in (await client.get(f"{nexus_url}/sim/updates")).json():
-            if row["propolis_id"] in wanted and row["state"]["vmm_state"]["state"] == state.value:
-                first.setdefault(uuid.UUID(row["propolis_id"]), row["time"])
-        if len(first) == len(wanted):
-            return first
-        await trio.sleep(0.05)
+    """Wait (one long request to the sim Nexus) until every VMM reached ``state``."""
+    body = {"ids": [str(p) for p in pids], "state": state.value, "timeout_s": 3600}
+    response = await client.post(f"{nexus_url}/sim/wait", json=body, timeout=None)
+    response.raise_for_status()
+    return {uuid.UUID(k): v for k, v in response.json().items()}
 
 
 @attrs.define

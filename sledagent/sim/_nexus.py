@@ -3,14 +3,17 @@
 The recording and the fault injection (latency, 5xx for a while, refusals) are
 ``sledagent.testing.FakeNexus``; this is its HTTP face. Bodies are decoded strictly as
 ``SledVmmState``: a malformed update is a 400. ``GET /sim/updates`` lists what arrived,
-with arrival times; ``POST /sim/fail?seconds=S&status=503`` and ``POST /sim/latency?seconds=S``
+with arrival times; ``POST /sim/wait`` answers once given VMMs reached a state;
+``POST /sim/fail?seconds=S&status=503`` and ``POST /sim/latency?seconds=S``
 inject faults.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 
+import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,7 +21,7 @@ from starlette.routing import Route
 
 from .._codec import decode, encode
 from .._errors import BadRequest, PeerError
-from .._wire import Error, SledVmmState
+from .._wire import Error, SledVmmState, VmmState
 from ..testing._nexus import FakeNexus
 
 
@@ -47,6 +50,23 @@ def recording_nexus_app(nexus: FakeNexus) -> Starlette:
         ]
         return Response(encode(rows), media_type="application/json")
 
+    async def wait(request: Request) -> Response:
+        """Answer once every VMM of ``ids`` has reached ``state``: their first times.
+
+        Benchmarks wait here rather than polling ``/sim/updates``, which costs the
+        caller a growing parse per poll in the process being measured."""
+        try:
+            body = json.loads(await request.body())
+            wanted = VmmState(body["state"])
+            ids = [uuid.UUID(i) for i in body["ids"]]
+            timeout = float(body.get("timeout_s", 600))
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, f"expected {{ids, state, timeout_s}}: {exc}", "InvalidRequest")
+        with trio.move_on_after(timeout):
+            times = {str(pid): await nexus.wait_for(pid, wanted) for pid in ids}
+            return Response(encode(times), media_type="application/json")
+        return _error(504, f"not every VMM reached {wanted.value} in {timeout} s")
+
     async def control(request: Request) -> Response:
         action, q = request.path_params["action"], request.query_params
         try:
@@ -66,6 +86,7 @@ def recording_nexus_app(nexus: FakeNexus) -> Starlette:
         routes=[
             Route("/vmms/{propolis_id}", put_vmm, methods=["PUT"]),
             Route("/sim/updates", updates, methods=["GET"]),
+            Route("/sim/wait", wait, methods=["POST"]),
             Route("/sim/{action}", control, methods=["POST"]),
         ]
     )
