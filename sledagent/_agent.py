@@ -100,7 +100,7 @@ class SledAgent:
             bundle_attempts=config.bundle_attempts,
             teardown_concurrency=config.teardown_concurrency,
             bundle=config.bundle_defunct_zones,
-            publications_settled=self.notifier.wait_idle,
+            publications_settled=self.notifier.wait_settled,
             publish_first_s=config.publish_first_s,
         )
         self.manager = InstanceManager(

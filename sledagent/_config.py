@@ -103,9 +103,10 @@ class AgentConfig:
     reaper_backoff: BackoffPolicy = attrs.field(
         factory=lambda: BackoffPolicy(initial_s=1.0, max_s=60.0)
     )
-    #: Before bundling a defunct zone, wait up to this long for pending Nexus deliveries
-    #: (terminal states first; bundling competes with them for CPU). 0: do not wait.
-    publish_first_s: float = attrs.field(default=2.0, validator=v.ge(0))
+    #: Before bundling a defunct zone, wait up to this long while Nexus deliveries are
+    #: under way (terminal states first; bundling competes with them for CPU). Deliveries
+    #: backing off (Nexus down) do not hold bundling back. 0: do not wait.
+    publish_first_s: float = attrs.field(default=10.0, validator=v.ge(0))
     #: Bundle defunct zones before teardown (off only to measure the floor of a benchmark).
     bundle_defunct_zones: bool = True
     #: Bundle attempts before the reaper gives up on a zone's bundle and tears it down.

@@ -71,6 +71,11 @@ class NexusNotifier:
         self._nursery: trio.Nursery | None = None
         self._idle = trio.Event()
         self._idle.set()
+        # Deliveries under way (queued for or holding the limiter); not those sleeping in
+        # backoff. Zero: publishing is "settled" (done, or waiting on Nexus to recover).
+        self._active = 0
+        self._settled = trio.Event()
+        self._settled.set()
         self._delivered = self._retries = self._gave_up = self._superseded = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -94,12 +99,28 @@ class NexusNotifier:
         if not slot.sending:
             slot.sending = True
             self._idle = trio.Event() if self._idle.is_set() else self._idle
+            self._busy(+1)
             self._nursery.start_soon(self._deliver, propolis_id, slot)
 
     async def wait_idle(self) -> None:
         """Return once nothing is pending (used by shutdown and tests)."""
         while not self._idle.is_set():
             await self._idle.wait()
+
+    async def wait_settled(self) -> None:
+        """Return once no delivery is under way: every state is delivered, or waits in
+        backoff for Nexus to recover. The reaper bundles after this (publish first),
+        so a healthy Nexus gets the terminal states before bundling competes for the
+        CPU, and a Nexus that is down delays nothing."""
+        while not self._settled.is_set():
+            await self._settled.wait()
+
+    def _busy(self, delta: int) -> None:
+        self._active += delta
+        if self._active == 0:
+            self._settled.set()
+        elif self._settled.is_set():
+            self._settled = trio.Event()
 
     def statistics(self) -> NotifierStatistics:
         return NotifierStatistics(
@@ -120,6 +141,7 @@ class NexusNotifier:
                     self.on_delivered(propolis_id, state, acknowledged)
         finally:
             slot.sending = False
+            self._busy(-1)
             if not any(s.sending for s in self._slots.values()):
                 self._idle.set()
 
@@ -152,7 +174,11 @@ class NexusNotifier:
                 self._retries += 1
                 delay = next(delays)
                 bound.warning("nexus_retry", gen=state.gen, status=exc.status, delay_s=delay)
-                await trio.sleep(delay)
+                self._busy(-1)  # backing off is not "under way"
+                try:
+                    await trio.sleep(delay)
+                finally:
+                    self._busy(+1)
                 if slot.pending is not None:  # a newer state arrived: send that instead
                     self._superseded += 1
                     state, slot.pending = slot.pending, None

@@ -156,8 +156,9 @@ class Reaper:
         try:
             if self._publications_settled is not None and self._publish_first_s > 0:
                 # Publishing first: in a mass stop, bundling competes with the
-                # deliveries to Nexus for this process's CPU. Bounded, so a Nexus outage
-                # delays reaping by at most publish_first_s.
+                # deliveries to Nexus for this process's CPU. Deliveries backing off
+                # (Nexus down) do not count; a slow Nexus holds bundling back at most
+                # publish_first_s.
                 with trio.move_on_after(self._publish_first_s):
                     await self._publications_settled()
             released = trio.Event()

@@ -21,7 +21,7 @@ from sledagent.testing import AgentHarness, FakeZones, ensure_body
         ({"bundle_collect_concurrency": 0}, "bundle_collect_concurrency"),
         ({"bundle_archive_concurrency": 0}, "bundle_archive_concurrency"),
         ({"command_timeout_s": 0}, "command_timeout_s"),
-        ({"compression_level": 9}, "compression_level"),
+        ({"compression_level": 10}, "compression_level"),
         ({"termination_policy": "sometimes"}, "sometimes"),
     ],
 )

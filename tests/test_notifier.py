@@ -120,3 +120,24 @@ async def test_publish_never_blocks_even_with_a_slow_nexus(autojump_clock: trio.
         assert trio.current_time() == t
         assert notifier.statistics().pending == 1000
         nursery.cancel_scope.cancel()
+
+
+async def test_publishing_settles_when_states_are_delivered_or_backing_off(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    nexus = FakeNexus(latency_s=1.0)
+    notifier = NexusNotifier(nexus, backoff=BackoffPolicy(), concurrency=4)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(notifier.run)
+        t0 = trio.current_time()
+        notifier.publish(uuid.uuid4(), state(2))
+        await notifier.wait_settled()  # under way for the 1 s round trip
+        assert trio.current_time() - t0 == pytest.approx(1.0)
+        nexus.latency_s = 0.0
+        nexus.fail_for(60.0)
+        t1 = trio.current_time()
+        notifier.publish(uuid.uuid4(), state(2))
+        await notifier.wait_settled()  # failed at once, now backing off: settled
+        assert trio.current_time() - t1 == pytest.approx(0.0)
+        assert notifier.statistics().pending == 1  # still to deliver, once Nexus is back
+        nursery.cancel_scope.cancel()
