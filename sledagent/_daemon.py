@@ -64,6 +64,9 @@ class DaemonConfig:
     #: illumos: where zones live and their parent dataset.
     zone_root: Path = attrs.field(default=Path("/zone"), converter=Path)
     zone_dataset: str = "rpool/zone"
+    #: illumos: the dataset of the debug directories; its ZFS quota (``zfs list -Hpo
+    #: quota,avail``) is the bundle quota unless ``bundle_quota_bytes`` is set.
+    debug_dataset: str | None = None
     sim_fleet_url: str | None = None
     #: Debug directories for bundles (one per M.2 on a real sled); default data_dir/debug.
     debug_dirs: tuple[Path, ...] = ()
@@ -191,10 +194,15 @@ async def run_daemon(
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
         async with httpx.AsyncClient(limits=limits) as pool:  # to Nexus
             zones: ZoneBackend
+            quota = config.bundle_quota_bytes
             if config.backend == "illumos":
-                zones = IllumosZoneBackend(
+                illumos = IllumosZoneBackend(
                     IllumosConfig(zone_root=config.zone_root, zone_dataset=config.zone_dataset)
                 )
+                if quota is None and config.debug_dataset:
+                    zfs_quota, avail = await illumos.quota(config.debug_dataset)
+                    quota = zfs_quota or avail  # no quota set: what is free now
+                zones = illumos
             else:
                 zones = LocalZoneBackend(
                     LocalZonesConfig(
@@ -218,7 +226,7 @@ async def run_daemon(
                 store=DiskBundleStore(
                     dirs,
                     context_path=config.data_dir / "bundle-cleanup-context.toml",
-                    quota_bytes=config.bundle_quota_bytes,
+                    quota_bytes=quota,
                 ),
             )
             async with open_sled_agent(config.agent, host) as agent:
