@@ -25,6 +25,7 @@ from ._zb_cli import zone_bundle
 from .bench._api import run_api_bench
 from .bench._bundle import BundleBenchParams, run_bundle_bench
 from .bench._mass_stop import MassStopParams, run_mass_stop
+from .bench._scale import run_scale_bench
 from .bench._wire import WireParams, run_wire_bench
 from .sim._host import run_sim_host
 
@@ -235,6 +236,22 @@ async def api_bench(
         "command": _command_line(),
         **(await run_api_bench(requests=requests, connections=connections)),
     }
+    print(jsonlib.dumps(report))
+    return 0
+
+
+@bench.command(name="scale")
+async def scale_bench(*, vmms: int = 1000) -> int:
+    """Run N VMMs (simulated Propolis in another process); print what each costs the
+    agent's process: resident memory, file descriptors, trio tasks.
+
+    Parameters
+    ----------
+    vmms
+        VMMs registered and running at once.
+    """
+    configure_logging(json=True, level="error")
+    report = {"command": _command_line(), **(await run_scale_bench(vmms=vmms))}
     print(jsonlib.dumps(report))
     return 0
 

@@ -14,3 +14,14 @@ async def test_bench_api_answers_every_request_from_the_reader_process() -> None
     assert report["answered"] == 200 and report["errors"] == 0 and report["timeouts"] == 0
     assert report["server_cpu_ms_per_request"] > 0  # type: ignore[operator]
     assert report["latency_s"]["p99"] >= report["latency_s"]["p50"] > 0  # type: ignore[index]
+
+
+async def test_bench_scale_reports_what_each_vmm_costs_and_leaves_nothing_running() -> None:
+    from sledagent.bench._scale import run_scale_bench
+
+    with trio.fail_after(120):
+        report = await run_scale_bench(vmms=5)
+    running, idle = report["running"], report["idle"]
+    assert running["tasks"] > idle["tasks"] and running["fds"] > idle["fds"]  # type: ignore[index]
+    # after the mass stop no VMM's tasks are left (runners, monitors)
+    assert report["after_mass_stop"]["tasks"] < running["tasks"]  # type: ignore[index]
