@@ -129,11 +129,18 @@ class SledAgent:
         self.jobs = BundleJobs(self.bundler, self.manager.live_zone)
 
     async def startup_sweep(self) -> None:
-        """Pick up what an earlier run left: open the store, remove partial bundle files
-        and leftover snapshots, and hand every zone nobody owns to the reaper."""
+        """Pick up what an earlier run left: open the store, remove partial bundle files,
+        archive leftover snapshots, and hand every zone nobody owns to the reaper."""
         await self.store.open()
         partial = await self.host.archiver.sweep_partial()
-        snapshots = await self.host.backend.sweep_snapshots()
+        # Snapshots a crash left are finished, not thrown away: their bundles would
+        # otherwise be lost (the zone may be torn down already). At most the phase-1
+        # limiter's worth exist, archived concurrently under the phase-2 limiter.
+        leftovers = await self.host.backend.leftover_snapshots()
+        async with trio.open_nursery() as nursery:
+            for snapshot in leftovers:
+                nursery.start_soon(self.bundler.recover, snapshot)
+        snapshots = len(leftovers)
         orphans = 0
         for zone in await self.host.backend.list_zones():
             if zone.propolis_id is not None and self.manager.registry.find(zone.propolis_id):

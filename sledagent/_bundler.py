@@ -37,6 +37,11 @@ from ._host import (
 )
 from ._wire import ZoneBundleCause, ZoneBundleId, ZoneBundleMetadata, utcnow
 
+_RECOVERED_NOTE = (
+    b"This bundle was archived at the agent's start from a snapshot that a crash (or a\n"
+    b"kill) left behind. Its zone may no longer exist, so the diagnostic commands were\n"
+    b"not run; the logs are the snapshot's, as of the original bundle's phase 1.\n"
+)
 log = structlog.get_logger("sledagent.bundler")
 
 #: The bundle format version written into ``metadata.toml`` (omicron's is 0).
@@ -142,6 +147,37 @@ class ZoneBundler:
             raise
         self._created += 1
         bound.info("bundle_created", size=info.size, cause=cause.value)
+        return info
+
+    async def recover(self, snapshot: Snapshot) -> BundleInfo | None:
+        """Archive a snapshot a crash left behind (phase 2 only: its zone may be gone),
+        then destroy it. Cause ``other``; the commands could not be run again, which the
+        bundle says in a ``recovered`` entry. None if the bundle already exists."""
+        bound = log.bind(zone_name=snapshot.zone_name, bundle_id=str(snapshot.bundle_id))
+        try:
+            if await self.store.get(snapshot.zone_name, snapshot.bundle_id) is not None:
+                return None  # archived and stored before the crash; only the drop was lost
+            metadata = ZoneBundleMetadata(
+                cause=ZoneBundleCause.OTHER,
+                id=ZoneBundleId(bundle_id=snapshot.bundle_id, zone_name=snapshot.zone_name),
+                time_created=utcnow(),
+                version=BUNDLE_VERSION,
+            )
+            note = CommandOutput(
+                "recovered", (), _RECOVERED_NOTE, None, 0.0,
+                error="commands not run: archived from a snapshot a crash left behind",
+            )  # fmt: skip
+            async with self.archive_limiter:
+                info = await self._archiver.write(ArchiveJob(metadata, (note,), snapshot))
+            await self.store.add(info)
+        except Exception as exc:
+            self._failed += 1
+            bound.warning("bundle_recovery_failed", error=repr(exc))
+            return None
+        finally:
+            await self._drop_snapshot(snapshot, bound)
+        self._created += 1
+        bound.info("bundle_recovered", size=info.size)
         return info
 
     async def _collect(

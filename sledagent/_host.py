@@ -156,8 +156,9 @@ class ZoneBackend(Protocol):
         """Every VMM zone on this host (the startup sweep hands them to the reaper)."""
         ...
 
-    async def sweep_snapshots(self) -> int:
-        """Remove every bundle snapshot left behind (found by its tag); how many."""
+    async def leftover_snapshots(self) -> list[Snapshot]:
+        """Every bundle snapshot a crash left behind (found by its tag), with its files:
+        the startup sweep archives each (its zone may be gone) and then destroys it."""
         ...
 
     async def bundle_commands(self, zone: Zone) -> Sequence[ZoneCommand]:

@@ -52,6 +52,8 @@ ZONE_WIDE_COMMANDS: tuple[tuple[str, ...], ...] = (
     ("netstat", "-an"),
 )
 PROCESS_COMMANDS = ("pfiles", "pstack", "pargs")
+#: Propolis's SMF log in its zone (what ``svcs -L`` answers for its service).
+LIVE_LOG = "/var/svc/log/oxide-propolis-server:default.log"
 MAX_OUTPUT = 1 << 20
 
 
@@ -281,20 +283,46 @@ class IllumosZoneBackend:
                 ("zfs", "destroy", snapshot.name), result.exit_status, result.output
             )
 
-    async def sweep_snapshots(self) -> int:
-        """Destroy every snapshot carrying our property (left by a crash)."""
+    async def _tagged_snapshots(self) -> list[str]:
+        columns = f"name,{SNAPSHOT_PROPERTY}"
         text = await self._check(
-            self._priv(
-                "zfs", "list", "-H", "-p", "-t", "snapshot", "-o", f"name,{SNAPSHOT_PROPERTY}"
-            )
+            self._priv("zfs", "list", "-H", "-p", "-t", "snapshot", "-o", columns)
         )
-        removed = 0
+        names = []
         for line in text.decode().splitlines():
             name, _, value = line.partition("\t")
             if value.strip() == "true":
+                names.append(name)
+        return names
+
+    async def sweep_snapshots(self) -> int:
+        """Destroy every snapshot carrying our property."""
+        names = await self._tagged_snapshots()
+        for name in names:
+            await self.destroy_snapshot(Snapshot(name, "", uuid.UUID(int=0)))
+        return len(names)
+
+    async def leftover_snapshots(self) -> list[Snapshot]:
+        """Snapshots carrying our property, with the Propolis log files they hold (read
+        through ``.zfs/snapshot``); ones that are not a zone's bundle are destroyed."""
+        found = []
+        prefix = f"{self.config.zone_dataset}/"
+        for name in await self._tagged_snapshots():
+            dataset, _, snap = name.partition("@")
+            try:
+                if not dataset.startswith(prefix):
+                    raise ValueError("not under the zone dataset")
+                zone_name, bundle_id = dataset.removeprefix(prefix), uuid.UUID(snap)
+            except ValueError:
                 await self.destroy_snapshot(Snapshot(name, "", uuid.UUID(int=0)))
-                removed += 1
-        return removed
+                continue
+            root = self.config.zone_root / zone_name / ".zfs" / "snapshot" / snap
+            live = Path(LIVE_LOG)  # the zone may be gone: no svcs -L; the default path
+            files = await trio.to_thread.run_sync(
+                _log_files, root / "root" / live.parent.relative_to("/"), live.name
+            )
+            found.append(Snapshot(name, zone_name, bundle_id, files))
+        return found
 
     async def quota(self, dataset: str) -> tuple[int | None, int]:
         """The debug dataset's quota (None: unlimited) and available bytes."""

@@ -300,7 +300,7 @@ class LocalZoneBackend:
         await self._thread(shutil.rmtree, snapshot.name, True)
 
     async def sweep_snapshots(self) -> int:
-        """Remove every tagged snapshot a crash left behind; returns how many."""
+        """Remove every tagged snapshot; returns how many."""
         return await self._thread(self._sweep_snapshots)
 
     def _sweep_snapshots(self) -> int:
@@ -309,6 +309,29 @@ class LocalZoneBackend:
             shutil.rmtree(tag.parent, ignore_errors=True)
             removed += 1
         return removed
+
+    async def leftover_snapshots(self) -> list[Snapshot]:
+        return await self._thread(self._leftover_snapshots)
+
+    def _leftover_snapshots(self) -> list[Snapshot]:
+        found = []
+        for tag_path in sorted((self.config.root / "snapshots").glob(f"*/{SNAPSHOT_TAG}")):
+            snap_dir = tag_path.parent
+            try:
+                tag = json.loads(tag_path.read_text())
+                zone_name, bundle_id = tag["zone_name"], uuid.UUID(tag["bundle_id"])
+            except (OSError, ValueError, KeyError) as exc:
+                # Not readable as ours: nothing to archive, so it only has to go.
+                log.warning("snapshot_tag_unreadable", path=str(snap_dir), error=str(exc))
+                shutil.rmtree(snap_dir, ignore_errors=True)
+                continue
+            files = tuple(
+                LogSource(f.name, str(f), f.stat().st_size)
+                for f in sorted(snap_dir.iterdir())
+                if f.name != SNAPSHOT_TAG and f.is_file()
+            )
+            found.append(Snapshot(str(snap_dir), zone_name, bundle_id, files))
+        return found
 
     async def _thread(self, fn: Callable[..., R], *args: object) -> R:
         """Blocking filesystem work, off the trio thread, a few at a time."""

@@ -139,9 +139,17 @@ async def test_the_startup_sweep_handles_every_leftover(tmp_path: Path) -> None:
             assert not Path(leftover_snap.name).exists()
             assert not partial.exists()
             await h.agent.drain()
-            (bundle,) = await h.agent.store.list_all()
-    assert bundle.zone_name == orphan.name
-    check_bundle(bundle.paths[0], orphan.name, ZoneBundleCause.UNEXPECTED_ZONE)
+            bundles = {b.metadata.cause: b for b in await h.agent.store.list_all()}
+    assert set(bundles) == {ZoneBundleCause.UNEXPECTED_ZONE, ZoneBundleCause.OTHER}
+    check_bundle(bundles[ZoneBundleCause.UNEXPECTED_ZONE].paths[0], orphan.name,
+                 ZoneBundleCause.UNEXPECTED_ZONE)  # fmt: skip
+    # The snapshot is finished into the bundle it was taken for, saying so.
+    recovered = bundles[ZoneBundleCause.OTHER]
+    assert recovered.bundle_id == leftover_snap.bundle_id
+    check_bundle(recovered.paths[0], orphan.name, ZoneBundleCause.OTHER)
+    with tarfile.open(recovered.paths[0], "r:gz") as tar:
+        assert "recovered" in tar.getnames()
+        assert {f.name for f in leftover_snap.files} <= set(tar.getnames())
     assert files_under(tmp_path / "zones") == [] and files_under(tmp_path / "snapshots") == []
 
 

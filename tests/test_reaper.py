@@ -159,3 +159,24 @@ async def test_the_reaper_lets_pending_publications_go_first_but_not_forever(
         (released,) = fakes.zones.timeline[f"oxz_propolis-server_{a}"].released_at
         assert released - t0 == pytest.approx(2.0 + 1.0, abs=0.01)  # bound, then commands
         assert fakes.nexus.first_time(b, VmmState.DESTROYED) is None
+
+
+async def test_a_bundle_cut_short_by_a_crash_is_finished_from_its_snapshot_at_the_next_start(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from sledagent._host import ZoneSpec
+    from sledagent._wire import ZoneBundleCause
+
+    fakes = FakeHost()
+    # What a kill during phase 2 leaves: the zone already torn down, its snapshot still
+    # there, no bundle.
+    zone = await fakes.zones.install(ZoneSpec(uuid.uuid4(), uuid.uuid4(), "127.0.0.1:1"))
+    snapshot = await fakes.zones.snapshot(zone, uuid.uuid4())
+    await fakes.zones.halt_and_remove(zone)
+    async with open_fake_agent(fast_config(), fakes) as h:
+        (info,) = await h.agent.store.list_all()  # before the agent serves anything
+    assert info.bundle_id == snapshot.bundle_id and info.zone_name == zone.name
+    assert info.metadata.cause is ZoneBundleCause.OTHER
+    assert fakes.zones.live_snapshots == set()
+    (job,) = fakes.zones.archived_jobs
+    assert [c.name for c in job.commands] == ["recovered"]

@@ -67,6 +67,7 @@ class FakeZones:
         self.zones: dict[str, Zone] = {}
         self.timeline: dict[str, ZoneTimeline] = {}
         self.live_snapshots: set[str] = set()
+        self._snapshots: dict[str, Snapshot] = {}  # by name: what a crash would leave
         self.hanging_commands: set[str] = set()  # argv[0]s that never finish
         self.fail_install = 0
         self.fail_snapshot = 0
@@ -98,11 +99,9 @@ class FakeZones:
         await trio.lowlevel.checkpoint()
         return list(self.zones.values())
 
-    async def sweep_snapshots(self) -> int:
+    async def leftover_snapshots(self) -> list[Snapshot]:
         await trio.lowlevel.checkpoint()
-        removed = len(self.live_snapshots)
-        self.live_snapshots.clear()
-        return removed
+        return [self._snapshots[name] for name in sorted(self.live_snapshots)]
 
     async def bundle_commands(self, zone: Zone) -> Sequence[ZoneCommand]:
         await trio.lowlevel.checkpoint()
@@ -132,6 +131,7 @@ class FakeZones:
             )
             snapshot = Snapshot(f"{zone.name}@{bundle_id}", zone.name, bundle_id, files)
             self.live_snapshots.add(snapshot.name)
+            self._snapshots[snapshot.name] = snapshot
             self.timeline[zone.name].released_at.append(trio.current_time())
             return snapshot
         finally:
@@ -140,6 +140,7 @@ class FakeZones:
     async def destroy_snapshot(self, snapshot: Snapshot) -> None:
         await trio.lowlevel.checkpoint()
         self.live_snapshots.discard(snapshot.name)
+        self._snapshots.pop(snapshot.name, None)
 
     async def halt_and_remove(self, zone: Zone) -> None:
         timeline = self.timeline.get(zone.name)
