@@ -5,11 +5,13 @@ Real time and real threads (no mock clock); every test carries a ``fail_after``.
 
 from __future__ import annotations
 
+import errno
 import tarfile
 import time
 import tomllib
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -197,3 +199,49 @@ async def test_listing_answers_at_once_while_four_bundles_are_written(tmp_path: 
             assert elapsed < 0.5
             await h.agent.drain()
             assert len(await h.agent.store.list_all()) == 4
+
+
+class _FullDisk:
+    """A file that takes ``room`` bytes, then fails every write with ENOSPC."""
+
+    def __init__(self, f: Any, room: int) -> None:
+        self._f, self._room = f, room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self._room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room -= len(data)
+        return int(self._f.write(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
+async def test_a_full_disk_fails_the_bundle_cleanly_and_teardown_proceeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sledagent._archive as archive
+
+    real_fdopen = archive.os.fdopen
+    monkeypatch.setattr(
+        archive.os, "fdopen", lambda fd, mode: _FullDisk(real_fdopen(fd, mode), 64 << 10)
+    )
+    local = LocalHost.at(tmp_path, log_rate_bps=0, seed_log_bytes=4 << 20)
+    with trio.fail_after(60):
+        async with open_fake_agent(fast_config(bundle_attempts=1), local) as h:
+            pid = await h.start_vmm()
+            local.propolis[pid].halt()
+            await local.nexus.wait_for(pid, VmmState.DESTROYED)
+            await h.agent.drain()
+            stats = h.agent.bundler.statistics()
+            assert stats.failed >= 1 and stats.created == 0  # counted: sledagent_bundles_failed
+            assert await h.agent.store.list_all() == []
+    # No partial file under any name, no snapshot, and the zone was torn down anyway.
+    assert [p for p in files_under(tmp_path / "debug0")] == []
+    assert files_under(tmp_path / "snapshots") == [] and files_under(tmp_path / "zones") == []
