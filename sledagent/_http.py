@@ -105,11 +105,8 @@ class _Connection:
         try:
             with trio.CancelScope(deadline=trio.current_time() + self.limits.keep_alive_s) as idle:
                 self.idle_scope = idle  # shutdown cancels it: an idle connection just closes
-                if self.h11.trailing_data[0] or self.server.draining:
-                    pass  # bytes already buffered: no waiting
-                else:
-                    data = await self.stream.receive_some(_RECV)
-                    self.h11.receive_data(data)
+                if not self.h11.trailing_data[0]:  # nothing buffered: wait for a request
+                    self.h11.receive_data(await self.stream.receive_some(_RECV))
             self.idle_scope = None
             if idle.cancelled_caught:
                 return None
