@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -40,7 +38,8 @@ import structlog
 import trio
 
 from ._host import CommandOutput, LogSource, Snapshot, Zone, ZoneCommand, ZoneSpec
-from ._logwriter import SERVICE_LOG, log_lines
+from ._logwriter import SERVICE_LOG
+from ._seed import link_or_copy, seed_from_cache, seed_logs
 
 log = structlog.get_logger("sledagent.zones.local")
 R = TypeVar("R")
@@ -169,7 +168,7 @@ class LocalZoneBackend:
         }
         (zdir / "zone.json").write_text(json.dumps(meta))
         if c.seed_log_bytes > 0 and c.seed_cache is not None:
-            _seed_from_cache(
+            seed_from_cache(
                 c.seed_cache, zdir / LOG_SUBDIR, c.root / "archive" / zone.name, c.seed_log_bytes
             )
         elif c.seed_log_bytes > 0:
@@ -289,7 +288,7 @@ class LocalZoneBackend:
                 if src.name == SERVICE_LOG:
                     _copy_tail(src, dst, c.max_live_copy_bytes)  # live: still growing
                 else:
-                    _link_or_copy(src, dst)  # rotated / archived: immutable
+                    link_or_copy(src, dst)  # rotated / archived: immutable
                 files.append(LogSource(src.name, str(dst), dst.stat().st_size))
         except BaseException:
             shutil.rmtree(snap_dir, ignore_errors=True)
@@ -338,67 +337,12 @@ class LocalZoneBackend:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._fs_limiter)
 
 
-def seed_logs(
-    log_dir: Path, archive_dir: Path, total_bytes: int, *, keep: int = 4, seed: int | None = None
-) -> None:
-    """Create about ``total_bytes`` of logs: live, rotated and archived files whose sizes
-    follow a log-normal distribution (a long-running VMM's log directory)."""
-    rng = random.Random(seed)
-    archive_dir.mkdir(parents=True, exist_ok=True)
-    sizes: list[int] = []
-    cap = max(4096, total_bytes // 4)  # at least four files: live, rotated and archived
-    while sum(sizes) < total_bytes:
-        sizes.append(min(cap, max(4096, int(rng.lognormvariate(13.0, 1.0)))))  # median ~440 KiB
-    sizes[-1] = max(1024, total_bytes - sum(sizes[:-1]))
-    n = len(sizes)
-    rotated = min(keep, (n - 1) // 2)  # the newest files before the live one
-    now = int(time.time())
-    for i, size in enumerate(sizes):
-        age_s = (n - i) * 3600
-        data = log_lines(size, rng, start=now - age_s)
-        if i == n - 1:
-            path = log_dir / SERVICE_LOG
-        elif i >= n - 1 - rotated:
-            path = log_dir / f"{SERVICE_LOG}.{n - 2 - i}"  # .0 is the newest
-        else:
-            path = archive_dir / f"{SERVICE_LOG}.{now - age_s}"
-        path.write_bytes(data)
-
-
-_SEED_CACHE_LOCK = threading.Lock()  # zones may be installed from several threads
-
-
-def _seed_from_cache(cache: Path, log_dir: Path, archive_dir: Path, total_bytes: int) -> None:
-    template = cache / str(total_bytes)
-    with _SEED_CACHE_LOCK:
-        if not (template / ".complete").exists():
-            shutil.rmtree(template, ignore_errors=True)
-            (template / "log").mkdir(parents=True)
-            seed_logs(template / "log", template / "archive", total_bytes, seed=1)
-            (template / ".complete").touch()
-    archive_dir.mkdir(parents=True, exist_ok=True)
-    for src in (template / "log").iterdir():
-        if src.name == SERVICE_LOG:
-            shutil.copyfile(src, log_dir / src.name)  # the live file is appended to
-        else:
-            _link_or_copy(src, log_dir / src.name)
-    for src in (template / "archive").iterdir():
-        _link_or_copy(src, archive_dir / src.name)
-
-
 def _copy_tail(src: Path, dst: Path, cap: int) -> None:
     with open(src, "rb") as f, open(dst, "wb") as out:
         size = os.fstat(f.fileno()).st_size
         if size > cap:
             f.seek(size - cap)
         shutil.copyfileobj(f, out, 1 << 20)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copy2(src, dst)
 
 
 def _alive(pid: int) -> bool:

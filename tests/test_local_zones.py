@@ -16,8 +16,9 @@ import pytest
 import trio
 
 from sledagent import LocalZoneBackend, LocalZonesConfig, ZoneCommand, ZoneSpec
-from sledagent._local_zones import LOG_SUBDIR, SNAPSHOT_TAG, seed_logs
+from sledagent._local_zones import LOG_SUBDIR, SNAPSHOT_TAG
 from sledagent._logwriter import SERVICE_LOG
+from sledagent._seed import seed_logs
 
 
 def spec() -> ZoneSpec:

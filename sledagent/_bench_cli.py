@@ -1,0 +1,257 @@
+"""``sledagent bench ...``: the benchmarks' commands (scripts that print figures)."""
+
+from __future__ import annotations
+
+import json as jsonlib
+import shlex
+import sys
+from typing import Annotated, Literal
+
+import attrs
+import cyclopts
+from rich.console import Console
+from rich.table import Table
+
+from ._config import TerminationPolicy
+from ._log import configure_logging
+from .bench._api import run_api_bench
+from .bench._bundle import BundleBenchParams, run_bundle_bench
+from .bench._crash import CrashParams, run_crash_point
+from .bench._crash import leaks as crash_leaks
+from .bench._mass_stop import MassStopParams, run_mass_stop
+from .bench._scale import run_scale_bench
+from .bench._wire import WireParams, run_wire_bench
+
+bench = cyclopts.App(name="bench", help="Benchmarks: print figures as JSON and a table.")
+
+
+def command_line() -> str:
+    return "sledagent " + shlex.join(sys.argv[1:])
+
+
+def policy_table(report: dict[str, object], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("figure")
+    policies: dict[str, dict[str, object]] = report["policies"]  # type: ignore[assignment]
+    for name in policies:
+        table.add_column(name, justify="right")
+
+    def row(label: str, pick: object) -> None:
+        table.add_row(label, *(str(pick(p)) for p in policies.values()))  # type: ignore[operator]
+
+    row("halt->publish p50 (s)", lambda p: p["halt_to_publish_s"]["p50"])
+    row("halt->publish p99 (s)", lambda p: p["halt_to_publish_s"]["p99"])
+    row("halt->publish max (s)", lambda p: p["halt_to_publish_s"]["max"])
+    row("GET state p99 (s)", lambda p: p["get_state_s"]["p99"])
+    row("GET state timeouts", lambda p: p["get_state_s"]["timeouts"])
+    row("zone held p99 (s)", lambda p: p["zone_held_s"]["p99"])
+    row("drain (s)", lambda p: p["drain_s"])
+    row("bundles", lambda p: p["bundles"])
+    row("peak RSS (MiB)", lambda p: p["peak_rss_mb"])
+    return table
+
+
+@bench.command(name="mass-stop")
+async def mass_stop(
+    *,
+    policy: Literal["reaper", "inline", "both"] = "both",
+    vmms: int = 200,
+    command_s: float = 0.1,
+    copy_s: float = 0.1,
+    nexus_latency_s: float = 0.002,
+    get_timeout_s: float = 10.0,
+    backend: Literal["fake", "local"] = "fake",
+    log_mb: float = 1.0,
+    wire: Literal["memory", "http"] = "memory",
+    json: Annotated[bool, cyclopts.Parameter(negative="")] = False,
+) -> int:
+    """Halt N VMMs at once and measure how long until Nexus is told, per policy.
+
+    Runs on the in-process fake host (zones, Propolis and Nexus), in real time. Bundle
+    work is simulated: ``--command-s`` while the zone is held, ``--copy-s`` after.
+
+    Parameters
+    ----------
+    policy
+        ``reaper`` (ours), ``inline`` (omicron's behaviour, the baseline) or ``both``.
+    vmms
+        Number of VMMs halting at once.
+    command_s
+        Simulated duration of the zone commands of one bundle (phase 1).
+    copy_s
+        Simulated duration of writing one archive (phase 2).
+    nexus_latency_s
+        Simulated latency of each request to Nexus.
+    get_timeout_s
+        Client timeout of each GET state issued while zones are reaped.
+    backend
+        ``fake`` (simulated bundle work) or ``local`` (real zones, real tar.gz bundles).
+    log_mb
+        With ``--backend local`` or ``--wire http``: MB of logs per zone.
+    wire
+        ``memory``: the agent in process with fake peers. ``http``: the daemon on the
+        embedded default, over loopback HTTP (local zones, real bundles, simulated
+        Propolis, recording Nexus), both policies and a floor without logs or bundling.
+    json
+        Print only the JSON report.
+    """
+    configure_logging(json=True, level="error")
+    if wire == "http":
+        wreport = {
+            "command": command_line(),
+            **(
+                await run_wire_bench(
+                    WireParams(vmms=vmms, log_mb=log_mb, get_timeout_s=get_timeout_s)
+                )
+            ),
+        }
+        print(jsonlib.dumps(wreport, indent=None if json else 2))
+        if not json:
+            Console(stderr=True).print(policy_table(wreport, f"over HTTP: {wreport['command']}"))
+        return 0
+    params = MassStopParams(
+        vmms=vmms,
+        command_s=command_s,
+        copy_s=copy_s,
+        nexus_latency_s=nexus_latency_s,
+        get_timeout_s=get_timeout_s,
+        backend=backend,
+        log_mb=log_mb,
+    )
+    policies = (
+        [TerminationPolicy.REAPER, TerminationPolicy.INLINE]
+        if policy == "both"
+        else [TerminationPolicy(policy)]
+    )
+    report = {"command": command_line(), **(await run_mass_stop(policies, params))}
+    print(jsonlib.dumps(report, indent=None if json else 2))
+    if not json:
+        console = Console(stderr=True)
+        console.print(policy_table(report, f"mass stop of {vmms} VMMs: {report['command']}"))
+        if "ratios" in report:
+            console.print(f"inline / reaper, halt->publish p99: {report['ratios']}")
+    return 0
+
+
+@bench.command(name="bundle")
+async def bundle(
+    *,
+    zones: int = 8,
+    log_mb: float = 10.0,
+    level: int = 2,
+    archive_concurrency: int | None = None,
+    json: Annotated[bool, cyclopts.Parameter(negative="")] = False,
+) -> int:
+    """Bundle Z local zones with M MB of logs each; compare with pigz -1 and gzip -9.
+
+    Parameters
+    ----------
+    zones
+        Number of zones bundled at once.
+    log_mb
+        MB of realistic JSON logs per zone (live, rotated and archived files).
+    level
+        isal compression level of our bundles (0..3).
+    archive_concurrency
+        Phase-2 slots (default: the number of cores).
+    json
+        Print only the JSON report.
+    """
+    configure_logging(json=True, level="error")
+    params = BundleBenchParams(zones=zones, log_mb=log_mb, level=level)
+    if archive_concurrency is not None:
+        params = attrs.evolve(params, archive_concurrency=archive_concurrency)
+    report = {"command": command_line(), **(await run_bundle_bench(params))}
+    print(jsonlib.dumps(report, indent=None if json else 2))
+    if not json:
+        table = Table(title=f"bundles: {report['command']}")
+        for col in ("method", "MB/s", "seconds", "output/input"):
+            table.add_column(col, justify="right")
+        for key in ("ours", "pigz_1", "gzip9_serial"):
+            r = report.get(key)
+            if isinstance(r, dict):
+                table.add_row(key, str(r["mb_per_s"]), str(r["seconds"]), str(r["ratio"]))
+        console = Console(stderr=True)
+        console.print(table)
+        console.print(f"ratios: {report.get('ratios')}; zone held: {report['ours']['zone_held_s']}")  # type: ignore[index]
+    return 0
+
+
+@bench.command(name="api")
+async def api_bench(
+    *,
+    requests: int = 5000,
+    connections: int = 50,
+) -> int:
+    """Serve the API and read one VMM's state back to back from another process.
+
+    Prints JSON: the server's CPU per request (the cost the agent's trio thread pays
+    for every read), requests per second and latency.
+
+    Parameters
+    ----------
+    requests
+        Requests in all.
+    connections
+        Keep-alive connections reading at once.
+    """
+    configure_logging(json=True, level="error")
+    report = {
+        "command": command_line(),
+        **(await run_api_bench(requests=requests, connections=connections)),
+    }
+    print(jsonlib.dumps(report))
+    return 0
+
+
+@bench.command(name="scale")
+async def scale_bench(*, vmms: int = 1000) -> int:
+    """Run N VMMs (simulated Propolis in another process); print what each costs the
+    agent's process: resident memory, file descriptors, trio tasks.
+
+    Parameters
+    ----------
+    vmms
+        VMMs registered and running at once.
+    """
+    configure_logging(json=True, level="error")
+    report = {"command": command_line(), **(await run_scale_bench(vmms=vmms))}
+    print(jsonlib.dumps(report))
+    return 0
+
+
+@bench.command(name="crash")
+async def crash_bench(
+    *, points: int = 50, seed: int = 1, vmms: int = 8, log_mb: float = 20.0
+) -> int:
+    """Kill -9 the daemon at seeded points of a mass stop's cleanup, restart it, and check
+    that nothing leaked: no partial bundle, no snapshot, no zone; every bundle valid.
+
+    Prints one JSON line per point, then the totals; exits 1 if any point leaked.
+
+    Parameters
+    ----------
+    points
+        Crash points (each a fresh daemon, data directory and sim process).
+    seed
+        The first point's seed; point i uses seed + i.
+    vmms
+        VMMs halted at once per point.
+    log_mb
+        MB of logs per zone (the cleanup's length, so where kills land).
+    """
+    configure_logging(json=True, level="error")
+    params = CrashParams(vmms=vmms, log_mb=log_mb)
+    totals = {"points": 0, "leaky_points": 0, "vmms": 0, "terminal_states_delivered": 0,
+              "bundles": 0}  # fmt: skip
+    for i in range(points):
+        result = await run_crash_point(seed + i, params)
+        found = crash_leaks(result)
+        print(jsonlib.dumps({**result, "leaks": found}), flush=True)
+        totals["points"] += 1
+        totals["leaky_points"] += bool(found)
+        totals["vmms"] += vmms
+        totals["terminal_states_delivered"] += int(str(result["terminal_states_delivered"]))
+        totals["bundles"] += int(str(result["bundles"]))
+    print(jsonlib.dumps({"command": command_line(), "totals": totals}))
+    return 1 if totals["leaky_points"] else 0
