@@ -53,6 +53,8 @@ from ._host import ZoneBackend as ZoneBackend
 from ._host import ZoneCommand as ZoneCommand
 from ._host import ZoneSpec as ZoneSpec
 from ._host import zone_name_for as zone_name_for
+from ._illumos import IllumosConfig as IllumosConfig
+from ._illumos import IllumosZoneBackend as IllumosZoneBackend
 from ._jobs import BundleJob as BundleJob
 from ._jobs import BundleJobs as BundleJobs
 from ._jobs import BundleJobState as BundleJobState
@@ -115,6 +117,8 @@ __all__ = [
     "HttpNexusClient",
     "HttpPropolisClient",
     "HttpPropolisConnector",
+    "IllumosConfig",
+    "IllumosZoneBackend",
     "InstanceEnsureBody",
     "InstanceManager",
     "InstanceState",
