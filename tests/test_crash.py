@@ -14,3 +14,12 @@ async def test_a_daemon_killed_mid_cleanup_leaves_nothing_partial_after_restart(
     with trio.fail_after(240):
         result = await run_crash_point(seed, CrashParams(vmms=6, log_mb=10.0, max_delay_s=0.6))
     assert leaks(result) == []  # nothing partial or leaked, and every zone has its bundle
+
+
+async def test_sigterm_mid_cleanup_drains_exits_0_and_the_next_start_finishes_the_rest() -> None:
+    params = CrashParams(vmms=8, log_mb=20.0, max_delay_s=0.2, signal="SIGTERM", drain_s=0.1)
+    with trio.fail_after(240):
+        result = await run_crash_point(7, params)
+    assert result["exit_status"] == 0
+    assert result["exit_after_signal_s"] < 15  # the drain deadline (0.1 s) bounds the stop
+    assert leaks(result) == []  # what the drain left, the next start finished

@@ -46,6 +46,10 @@ class CrashParams:
     #: The kill comes this long after the halt (the range a seed draws from); with the
     #: defaults the whole cleanup takes about 1-2 s here, so kills land all along it.
     max_delay_s: float = 1.5
+    #: SIGKILL (a crash) or SIGTERM (a shutdown: the daemon drains for ``drain_s``, exits
+    #: 0, and the next start finishes the rest).
+    signal: str = "SIGKILL"
+    drain_s: float = 60.0
 
 
 async def _start_daemon(config: Path, log: Path) -> tuple[trio.Process, str]:
@@ -67,7 +71,8 @@ async def _start_daemon(config: Path, log: Path) -> tuple[trio.Process, str]:
     return proc, line.split()[3]
 
 
-async def _stop(proc: trio.Process, sig: int) -> None:
+async def _stop(proc: trio.Process, sig: int) -> int | None:
+    """Signal the daemon and wait for it; its exit status."""
     if proc.returncode is None:
         proc.send_signal(sig)
         with trio.move_on_after(30, shield=True) as scope:
@@ -77,6 +82,7 @@ async def _stop(proc: trio.Process, sig: int) -> None:
             await proc.wait()
     if proc.stdout is not None:
         await proc.stdout.aclose()
+    return proc.returncode
 
 
 async def run_crash_point(seed: int, p: CrashParams) -> dict[str, object]:
@@ -91,7 +97,7 @@ async def run_crash_point(seed: int, p: CrashParams) -> dict[str, object]:
                 f'sim_fleet_url = "{fleet_url}"\nlog_rate_bps = 0\n'
                 f'seed_log_mb = {p.log_mb}\nseed_cache = "{root / "seed"}"\n'
                 "[agent]\nreaper_backoff = { initial_s = 0.05, max_s = 1.0 }\n"
-                "shutdown_drain_s = 60\n"
+                f"shutdown_drain_s = {p.drain_s}\n"
             )
             log = root / "daemon.log"
             pids = [uuid.uuid4() for _ in range(p.vmms)]
@@ -107,8 +113,10 @@ async def run_crash_point(seed: int, p: CrashParams) -> dict[str, object]:
                     zones = [zone_name_for(pid) for pid in pids]
                     (await client.post(f"{fleet_url}/fleet/halt", json=zones)).raise_for_status()
                     await trio.sleep(delay)
+                    t_signal = trio.current_time()
                 finally:
-                    await _stop(proc, signal.SIGKILL)
+                    exit_status = await _stop(proc, signal.Signals[p.signal])
+                stop_s = trio.current_time() - t_signal
                 killed_with = await _holdings(root / "data")
                 proc, url = await _start_daemon(config, log)
                 try:
@@ -131,6 +139,9 @@ async def run_crash_point(seed: int, p: CrashParams) -> dict[str, object]:
     return {
         "seed": seed,
         "kill_after_s": round(delay, 3),
+        "signal": p.signal,
+        "exit_status": exit_status,
+        "exit_after_signal_s": round(stop_s, 3),
         "at_kill": killed_with,
         **result,
         "terminal_states_delivered": len(destroyed & {str(p) for p in pids}),
