@@ -135,12 +135,21 @@ class ZoneBundler:
             commands, snapshot = await self._collect(zone, bundle_id, bound, on_collecting)
             if on_released is not None:
                 on_released()
+            keep_snapshot = False
             try:
                 async with self.archive_limiter:
                     info = await self._archiver.write(ArchiveJob(metadata, commands, snapshot))
                 await self.store.add(info)
+            except trio.Cancelled:
+                # Shutdown in phase 2: the zone may be torn down already, and this
+                # snapshot holds the only copy of its logs. It stays; the next start
+                # archives it (``recover``) rather than losing the bundle.
+                keep_snapshot = True
+                bound.info("bundle_left_for_next_start", snapshot=snapshot.name)
+                raise
             finally:
-                await self._drop_snapshot(snapshot, bound)
+                if not keep_snapshot:
+                    await self._drop_snapshot(snapshot, bound)
         except Exception as exc:
             self._failed += 1
             bound.warning("bundle_failed", error=repr(exc))
