@@ -91,7 +91,7 @@ async def run_crash_point(seed: int, p: CrashParams) -> dict[str, object]:
         with tempfile.TemporaryDirectory(prefix="sledagent-crash-") as tmp:
             root = Path(tmp)
             config = root / "sledagent.toml"
-            config.write_text(
+            await trio.Path(config).write_text(
                 f'listen = "127.0.0.1:0"\ndata_dir = "{root / "data"}"\n'
                 f'nexus_url = "{nexus_url}"\npropolis = "remote"\n'
                 f'sim_fleet_url = "{fleet_url}"\nlog_rate_bps = 0\n'
