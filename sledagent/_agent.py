@@ -43,6 +43,7 @@ from ._host import (
 )
 from ._inline import InlineTeardown, LockedBundleStore
 from ._jobs import BundleJobs
+from ._journal import StateJournal
 from ._manager import InstanceManager
 from ._nics import NicReservations
 from ._notifier import NexusNotifier
@@ -62,6 +63,8 @@ class Host:
     nexus: NexusClient
     archiver: Archiver
     store: BundleStore
+    #: Terminal states not yet acknowledged by Nexus, kept across a crash (daemon only).
+    journal: StateJournal | None = None
 
 
 class SledAgent:
@@ -89,7 +92,10 @@ class SledAgent:
             snapshot_cleanup_timeout_s=config.snapshot_cleanup_timeout_s,
         )
         self.notifier = NexusNotifier(
-            host.nexus, backoff=config.nexus_backoff, concurrency=config.nexus_concurrency
+            host.nexus,
+            backoff=config.nexus_backoff,
+            concurrency=config.nexus_concurrency,
+            journal=host.journal,
         )
         self.reaper = Reaper(
             host.backend,
@@ -165,7 +171,13 @@ async def open_sled_agent(
     agent = SledAgent(config, host, sled_id=sled_id)
     async with trio.open_nursery() as nursery:
         await agent.startup_sweep()  # before any bundle can take a snapshot
+        journal = host.journal
+        replay = await journal.load() if journal is not None else {}
+        if journal is not None:
+            await nursery.start(journal.run)
         await nursery.start(agent.notifier.run)
+        for propolis_id, state in replay.items():  # never acknowledged before a crash
+            agent.notifier.publish(propolis_id, state)
         await nursery.start(agent.reaper.run)
         await nursery.start(agent.manager.run)
         await nursery.start(agent.jobs.run)

@@ -31,6 +31,7 @@ from ._clients import HttpNexusClient, HttpPropolisConnector
 from ._config import AgentConfig, BackoffPolicy
 from ._host import ZoneBackend
 from ._illumos import IllumosConfig, IllumosZoneBackend, require_tools
+from ._journal import StateJournal
 from ._local_zones import LocalZoneBackend, LocalZonesConfig, PropolisLauncher
 from ._server import DEFAULT_LISTEN, serve_api
 from .sim._fleet import SimPropolisFleet
@@ -228,6 +229,7 @@ async def run_daemon(
                     context_path=config.data_dir / "bundle-cleanup-context.toml",
                     quota_bytes=quota,
                 ),
+                journal=StateJournal(config.data_dir / "terminal-states.jsonl"),
             )
             async with open_sled_agent(config.agent, host) as agent:
                 api_stop = trio.Event()

@@ -29,6 +29,7 @@ import trio
 from ._config import BackoffPolicy
 from ._errors import PeerError
 from ._host import NexusClient
+from ._journal import StateJournal
 from ._wire import SledVmmState
 
 log = structlog.get_logger("sledagent.notifier")
@@ -62,8 +63,11 @@ class NexusNotifier:
         backoff: BackoffPolicy,
         concurrency: int,
         on_delivered: DeliveredHook | None = None,
+        journal: StateJournal | None = None,
     ) -> None:
         self._client = client
+        #: Terminal states are journaled until Nexus answers (replayed after a crash).
+        self.journal = journal
         self._backoff = backoff
         self._limiter = trio.CapacityLimiter(concurrency)
         self.on_delivered = on_delivered
@@ -93,6 +97,8 @@ class NexusNotifier:
         if state.gen <= slot.newest_gen:
             return  # stale: a newer generation was already accepted
         slot.newest_gen = state.gen
+        if self.journal is not None and state.vmm_state.state.is_halted:
+            self.journal.record(propolis_id, state)
         if slot.pending is not None:
             self._superseded += 1  # the older pending state will never be sent
         slot.pending = state
@@ -137,6 +143,8 @@ class NexusNotifier:
             while slot.pending is not None:
                 state, slot.pending = slot.pending, None
                 state, acknowledged = await self._send_until_done(propolis_id, slot, state)
+                if self.journal is not None and state.vmm_state.state.is_halted:
+                    self.journal.delivered(propolis_id, state.gen)  # answered: 2xx or final 4xx
                 if self.on_delivered is not None:
                     self.on_delivered(propolis_id, state, acknowledged)
         finally:
