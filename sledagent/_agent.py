@@ -10,8 +10,9 @@ open_sled_agent (one nursery)
 ```
 
 Before any of them starts, ``startup_sweep`` opens the store (index from the files) and
-hands what an earlier run left (zones nobody owns, snapshots, partial files) to the
-reaper or removes it.
+deals with what an earlier run left: partial files are removed, snapshots archived into
+their bundles, zones nobody owns handed to the reaper; then terminal states Nexus never
+acknowledged are published again (the journal).
 
 Data flows one way: API -> manager -> runner -> reaper -> bundler -> store.
 

@@ -11,7 +11,8 @@ Appends are JSON lines, written and fsynced by one task in a worker thread, in b
 ``record`` and ``delivered`` never block and never fail (called from synchronous code).
 The window a crash can still hit shrinks to the few milliseconds before the batch is on
 disk. At start the file is read, the pending states returned, and the file rewritten
-with only them (temporary file + rename).
+with only them (temporary file + rename); while running, the file is emptied whenever
+every recorded state has been answered.
 """
 
 from __future__ import annotations
@@ -36,14 +37,17 @@ class StateJournal:
         self.path = Path(path)
         self._queue: list[bytes] = []
         self._wake = trio.Event()
+        self._open: set[uuid.UUID] = set()  # recorded and not yet answered
 
     # --- from the notifier (synchronous, never blocking) -------------------------------
 
     def record(self, propolis_id: uuid.UUID, state: SledVmmState) -> None:
         line = {"op": "halt", "propolis_id": str(propolis_id), "state": json.loads(encode(state))}
+        self._open.add(propolis_id)
         self._append(line)
 
     def delivered(self, propolis_id: uuid.UUID, gen: int) -> None:
+        self._open.discard(propolis_id)
         self._append({"op": "done", "propolis_id": str(propolis_id), "gen": gen})
 
     def _append(self, line: dict[str, object]) -> None:
@@ -103,14 +107,18 @@ class StateJournal:
 
     async def _flush(self) -> None:
         batch, self._queue = self._queue, []
+        # Nothing left unanswered: the whole file is history, so it is emptied rather
+        # than appended to (a long-running daemon's journal stays small).
+        settled = not self._open
         if batch:
             try:
-                await trio.to_thread.run_sync(self._write, b"".join(batch))
+                await trio.to_thread.run_sync(self._write, b"".join(batch), settled)
             except OSError as exc:
                 log.error("journal_write_failed", error=str(exc), lines=len(batch))
 
-    def _write(self, data: bytes) -> None:
-        with open(self.path, "ab") as f:
-            f.write(data)
+    def _write(self, data: bytes, settled: bool) -> None:
+        with open(self.path, "wb" if settled else "ab") as f:
+            if not settled:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
