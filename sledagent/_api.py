@@ -14,7 +14,7 @@ import hmac
 import random
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import BaseRoute, Route, Router
+from starlette.routing import BaseRoute, Match, Route, Router
 from starlette.types import Receive, Scope, Send
 
 from ._agent import SledAgent
@@ -54,8 +54,10 @@ T = TypeVar("T")
 
 MAX_BODY_BYTES = 1 << 20
 DRAIN_LIMIT_BYTES = 16 << 20
-# Zone names as the agent makes them; anything else (``..``, ``/``, NUL...) is refused.
-_ZONE_NAME = re.compile(r"^oxz_[A-Za-z0-9][A-Za-z0-9_.:-]{0,126}$")
+# A zone name is any string (as in the contract): it is only a key into the bundle index
+# and the registry, never joined to a path, so an unknown one is simply not found. One
+# that could climb out of a directory (``..``, a separator, NUL) is refused outright.
+_TRAVERSAL = re.compile(r"\.\.|[/\x00]")
 
 
 _ids = random.Random()
@@ -70,13 +72,15 @@ def _json(obj: Any, status: int = 200) -> Response:
     return Response(encode(obj), status_code=status, media_type="application/json")
 
 
-def _error(exc: AgentError, request_id: str) -> Response:
+def _error(
+    exc: AgentError, request_id: str, headers: Mapping[str, str] | None = None
+) -> Response:
     body = Error(message=exc.message, request_id=request_id, error_code=exc.error_code)
     return Response(
         encode(body),
         status_code=exc.status,
         media_type="application/json",
-        headers={"x-request-id": request_id},
+        headers={"x-request-id": request_id, **(headers or {})},
     )
 
 
@@ -90,8 +94,10 @@ def _uuid_param(request: Request, name: str) -> uuid.UUID:
 
 def _zone_param(request: Request) -> str:
     name: str = request.path_params["zone_name"]
-    if not _ZONE_NAME.match(name) or ".." in name:
-        raise BadRequest(f"path parameter `zone_name` is not a zone name: {name!r}")
+    if _TRAVERSAL.search(name):
+        raise BadRequest(
+            f"path parameter `zone_name` must not contain '..', '/' or NUL: {name!r}"
+        )
     return name
 
 
@@ -323,4 +329,14 @@ class _Api:
             err.error_code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(
                 exc.status_code, "INVALID_REQUEST"
             )
-            await _error(err, _request_id())(scope, receive, send)
+            headers = {"Allow": self._allowed(scope)} if exc.status_code == 405 else None
+            await _error(err, _request_id(), headers)(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> str:
+        """The methods of every route on this path (RFC 9110 asks for them with a 405);
+        Starlette's own header names only the first route, one method here."""
+        methods: set[str] = set()
+        for route in self.router.routes:
+            if isinstance(route, Route) and route.matches(scope)[0] is Match.PARTIAL:
+                methods |= route.methods or set()
+        return ", ".join(sorted(methods))

@@ -47,21 +47,31 @@ class Operation:
     status: int = 200
     answer: Any = None  # a model type, list[...] / dict[str, ...], "gzip", "text" or None
     ours: bool = False
+    #: OpenAPI links from the success answer: (operationId, parameter, runtime expression).
+    #: They say which request feeds which, so a stateful client (schemathesis) can register
+    #: a VMM and then drive, read and unregister that same VMM.
+    links: tuple[tuple[str, str, str], ...] = ()
 
 
 PID = (("propolis_id", _UUID),)
+SAME_VMM = "$request.path.propolis_id"
+_VMM_LINKS = (
+    ("vmm_get_state", "propolis_id", SAME_VMM),
+    ("vmm_put_state", "propolis_id", SAME_VMM),
+    ("vmm_unregister", "propolis_id", SAME_VMM),
+)
 ZONE = (("zone_name", _STR),)
 BUNDLE = (("zone_name", _STR), ("bundle_id", _UUID))
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("put", "/vmms/{propolis_id}", "vmm_register", "Register a VMM with this sled.",
-              PID, body=InstanceEnsureBody, answer=SledVmmState),
+              PID, body=InstanceEnsureBody, answer=SledVmmState, links=_VMM_LINKS),
     Operation("delete", "/vmms/{propolis_id}", "vmm_unregister", "Unregister (destroy) a VMM.",
               PID, answer=VmmUnregisterResponse),
     Operation("get", "/vmms/{propolis_id}/state", "vmm_get_state", "A VMM's current state.",
               PID, answer=SledVmmState),
     Operation("put", "/vmms/{propolis_id}/state", "vmm_put_state", "Drive a VMM to a state.",
-              PID, body=VmmPutStateBody, answer=VmmPutStateResponse),
+              PID, body=VmmPutStateBody, answer=VmmPutStateResponse, links=_VMM_LINKS[:1]),
     Operation("get", "/zones", "zones_list", "The zones on this sled.", answer=list[str]),
     Operation("get", "/zones/bundles", "zone_bundle_list_all", "All zone bundles.",
               query_params=(("filter", {"anyOf": [_STR, {"type": "null"}]}),),
@@ -70,7 +80,8 @@ OPERATIONS: tuple[Operation, ...] = (
               ZONE, answer=list[ZoneBundleMetadata]),
     Operation("post", "/zones/bundles/{zone_name}", "zone_bundle_create",
               "Bundle a live zone now (an asynchronous job).", ZONE, status=202,
-              answer=BundleJobStatus, ours=True),
+              answer=BundleJobStatus, ours=True,
+              links=(("zone_bundle_job_get", "job_id", "$response.body#/job_id"),)),
     Operation("get", "/zones/bundles/{zone_name}/{bundle_id}", "zone_bundle_get",
               "Download a bundle (application/gzip).", BUNDLE, answer="gzip"),
     Operation("delete", "/zones/bundles/{zone_name}/{bundle_id}", "zone_bundle_delete",
@@ -132,6 +143,11 @@ def openapi_document() -> dict[str, Any]:
             ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
         elif op.answer is not None:
             ok["content"] = {"application/json": {"schema": by_type[id(op.answer)]}}
+        if op.links:
+            ok["links"] = {
+                target: {"operationId": target, "parameters": {param: expr}}
+                for target, param, expr in op.links
+            }
         entry["responses"] = {str(op.status): ok, "4XX": {"$ref": "#/components/responses/Error"},
                               "5XX": {"$ref": "#/components/responses/Error"}}  # fmt: skip
         paths.setdefault(op.path, {})[op.method] = entry

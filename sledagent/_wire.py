@@ -26,6 +26,9 @@ Generation = Annotated[int, msgspec.Meta(ge=0)]
 U8 = Annotated[int, msgspec.Meta(ge=0, le=255)]
 U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 U64 = Annotated[int, msgspec.Meta(ge=0)]  # msgspec bounds stop at int64; u64 fits
+#: An RFC 3339 timestamp with its offset (chrono's ``DateTime<Utc>`` in the contracts):
+#: ``tz=True`` refuses a naive one and makes the schema say ``format: date-time``.
+Timestamp = Annotated[dt.datetime, msgspec.Meta(tz=True)]
 
 
 def utcnow() -> dt.datetime:
@@ -72,7 +75,7 @@ class VmmRuntimeState:
 
     gen: Generation
     state: VmmState
-    time_updated: dt.datetime
+    time_updated: Timestamp
 
 
 @attrs.frozen
@@ -82,7 +85,7 @@ class MigrationRuntimeState:
     gen: Generation
     migration_id: uuid.UUID
     state: MigrationState
-    time_updated: dt.datetime
+    time_updated: Timestamp
 
 
 @attrs.frozen
@@ -327,7 +330,7 @@ class ZoneBundleId:
 class ZoneBundleMetadata:
     cause: ZoneBundleCause
     id: ZoneBundleId
-    time_created: dt.datetime
+    time_created: Timestamp
     version: U8
 
 
@@ -386,7 +389,7 @@ class ZoneCleanupItem:
     cause: ZoneBundleCause
     step: str
     archiving: bool
-    since: dt.datetime
+    since: Timestamp
     bundle_attempts: int
     bundle_error: str | None
     halt_attempts: int
@@ -400,6 +403,6 @@ class BundleJobStatus:
     job_id: uuid.UUID
     zone_name: str
     state: str
-    time_created: dt.datetime
+    time_created: Timestamp
     bundle: ZoneBundleMetadata | None = None
     error: str | None = None

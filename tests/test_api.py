@@ -174,6 +174,8 @@ BAD: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("PUT", f"/vmms/{uuid.uuid4()}", {"json": {"instance_id": "x"}}, 400, "instance_id"),
     ("GET", "/zones/bundles/..%2F..%2Fetc", {}, 404, ""),
     ("GET", "/zones/bundles/%2E%2E", {}, 400, "zone_name"),
+    ("GET", "/zones/bundles/a%5Cb", {}, 400, "zone_name"),
+    ("GET", "/zones/bundles/nul%00", {}, 400, "zone_name"),
     ("GET", "/zones/bundles/oxz_a..b", {}, 400, "zone_name"),
     ("GET", "/zones/bundles/oxz_x/not-a-uuid", {}, 400, "bundle_id"),
     ("DELETE", f"/zones/bundles/not..a..zone/{uuid.uuid4()}", {}, 400, "zone_name"),
@@ -210,6 +212,34 @@ async def test_bad_input_of_every_kind_gets_its_status_and_error_body(
                 err = r.json()
                 sled_agent_contract.validate("Error", err)
                 assert needle in err["message"], (path, err)
+
+
+async def test_a_zone_name_that_names_no_zone_is_not_found_rather_than_refused(
+    sled_agent_contract: Contract,
+) -> None:
+    # The contract's zone_name is any string: an unknown one has no bundles (as omicron).
+    with trio.fail_after(30):
+        async with await open_api(FakeHost(), sled_agent_contract) as api:
+            for name in ("0", "é", "oxz_nope", "a b"):
+                r = await api.client.get(f"/zones/bundles/{name}")
+                assert (r.status_code, r.json()) == (200, []), name
+                r = await api.client.get(f"/zones/bundles/{name}/{uuid.uuid4()}")
+                assert r.status_code == 404 and "no bundle" in r.json()["message"], name
+                r = await api.client.post(f"/zones/bundles/{name}")
+                assert r.status_code == 404 and "no live zone" in r.json()["message"], name
+
+
+async def test_a_wrong_method_is_405_naming_every_method_of_the_path(
+    sled_agent_contract: Contract,
+) -> None:
+    with trio.fail_after(30):
+        async with await open_api(FakeHost(), sled_agent_contract) as api:
+            r = await api.client.request("TRACE", f"/zones/bundles/oxz_x/{uuid.uuid4()}")
+            assert r.status_code == 405
+            assert r.headers["allow"] == "DELETE, GET, HEAD"
+            sled_agent_contract.validate("Error", r.json())
+            r = await api.client.request("PATCH", "/metrics")
+            assert (r.status_code, r.headers["allow"]) == (405, "GET, HEAD")
 
 
 async def test_a_bearer_token_protects_the_api(sled_agent_contract: Contract) -> None:

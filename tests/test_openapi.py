@@ -65,6 +65,28 @@ def test_shared_object_schemas_have_the_same_properties_and_required_fields(
     assert compared >= 12
 
 
+def _format(prop: dict[str, Any]) -> str | None:
+    """A property's string format, through ``anyOf [..., null]`` (ours) or none."""
+    for alt in prop.get("anyOf", [prop]):
+        if "format" in alt:
+            return str(alt["format"])
+    return None
+
+
+def test_timestamps_and_ids_carry_the_contract_format(sled_agent_contract: Contract) -> None:
+    # A client generating requests from our document (schemathesis) sends what the
+    # format says; without it, it sends "" for a timestamp and every request is refused.
+    theirs = sled_agent_contract.document["components"]["schemas"]
+    ours = OURS["components"]["schemas"]
+    checked = 0
+    for name in _schemas_in_both(sled_agent_contract):
+        for prop, schema in theirs[name].get("properties", {}).items():
+            if schema.get("format") in ("date-time", "uuid"):
+                checked += 1
+                assert _format(ours[name]["properties"][prop]) == schema["format"], (name, prop)
+    assert checked >= 8
+
+
 @pytest.mark.parametrize(
     "name", ["VmmState", "MigrationState", "ZoneBundleCause", "PriorityDimension"]
 )
