@@ -72,9 +72,7 @@ def _json(obj: Any, status: int = 200) -> Response:
     return Response(encode(obj), status_code=status, media_type="application/json")
 
 
-def _error(
-    exc: AgentError, request_id: str, headers: Mapping[str, str] | None = None
-) -> Response:
+def _error(exc: AgentError, request_id: str, headers: Mapping[str, str] | None = None) -> Response:
     body = Error(message=exc.message, request_id=request_id, error_code=exc.error_code)
     return Response(
         encode(body),
@@ -95,9 +93,7 @@ def _uuid_param(request: Request, name: str) -> uuid.UUID:
 def _zone_param(request: Request) -> str:
     name: str = request.path_params["zone_name"]
     if _TRAVERSAL.search(name):
-        raise BadRequest(
-            f"path parameter `zone_name` must not contain '..', '/' or NUL: {name!r}"
-        )
+        raise BadRequest(f"path parameter `zone_name` must not contain '..', '/' or NUL: {name!r}")
     return name
 
 

@@ -18,6 +18,8 @@ from .bench._api import run_api_bench
 from .bench._bundle import BundleBenchParams, run_bundle_bench
 from .bench._crash import CrashParams, run_crash_point
 from .bench._crash import leaks as crash_leaks
+from .bench._faults import FaultParams, nexus_outage, propolis_faults
+from .bench._faults import problems as fault_problems
 from .bench._mass_stop import MassStopParams, run_mass_stop
 from .bench._scale import run_scale_bench
 from .bench._wire import WireParams, run_wire_bench
@@ -222,7 +224,14 @@ async def scale_bench(*, vmms: int = 1000) -> int:
 
 @bench.command(name="crash")
 async def crash_bench(
-    *, points: int = 50, seed: int = 1, vmms: int = 8, log_mb: float = 20.0
+    *,
+    points: int = 50,
+    seed: int = 1,
+    vmms: int = 8,
+    log_mb: float = 20.0,
+    max_delay_s: float = 1.5,
+    signal: str = "SIGKILL",
+    drain_s: float = 60.0,
 ) -> int:
     """Kill -9 the daemon at seeded points of a mass stop's cleanup, restart it, and check
     that nothing leaked: no partial bundle, no snapshot, no zone; every bundle valid.
@@ -239,9 +248,17 @@ async def crash_bench(
         VMMs halted at once per point.
     log_mb
         MB of logs per zone (the cleanup's length, so where kills land).
+    max_delay_s
+        The signal comes a seeded delay in [0, this] after the halt.
+    signal
+        SIGKILL (a crash) or SIGTERM (a shutdown: drain, exit 0, the next start finishes).
+    drain_s
+        The daemon's ``shutdown_drain_s``: how long a SIGTERM lets the reaper work on.
     """
     configure_logging(json=True, level="error")
-    params = CrashParams(vmms=vmms, log_mb=log_mb)
+    params = CrashParams(
+        vmms=vmms, log_mb=log_mb, max_delay_s=max_delay_s, signal=signal, drain_s=drain_s
+    )
     totals = {"points": 0, "leaky_points": 0, "vmms": 0, "terminal_states_delivered": 0,
               "bundles": 0}  # fmt: skip
     for i in range(points):
@@ -255,3 +272,47 @@ async def crash_bench(
         totals["bundles"] += int(str(result["bundles"]))
     print(jsonlib.dumps({"command": command_line(), "totals": totals}))
     return 1 if totals["leaky_points"] else 0
+
+
+@bench.command(name="faults")
+async def faults_bench(
+    *,
+    vmms: int = 50,
+    down_s: float = 30.0,
+    modes: tuple[str, ...] = ("down", "503", "slow"),
+    propolis: bool = True,
+    nexus_backoff_max_s: float = 180.0,
+) -> int:
+    """Nexus down, answering 503 or slow, and Propolis faults, against the daemon as a
+    process: every terminal state delivered, the API answering, every zone reaped.
+
+    Prints one JSON line per scenario with the problems found; exits 1 if any.
+
+    Parameters
+    ----------
+    vmms
+        VMMs halted as the Nexus fault starts.
+    down_s
+        How long Nexus stays down, failing or slow.
+    modes
+        Nexus faults to run: down (connections refused), 503, slow.
+    propolis
+        Also run the Propolis faults (vanish, fail, drop, die, hung monitor + stop).
+    nexus_backoff_max_s
+        The daemon's Nexus retry cap (omicron's: 180 s).
+    """
+    configure_logging(json=True, level="error")
+    failed = 0
+    runs = [FaultParams(vmms=vmms, down_s=down_s, mode=m, nexus_backoff_max_s=nexus_backoff_max_s)
+            for m in modes]  # fmt: skip
+    for params in runs:
+        result = await nexus_outage(params)
+        found = fault_problems(result)
+        failed += bool(found)
+        print(jsonlib.dumps({"command": command_line(), **result, "problems": found}), flush=True)
+    if propolis:
+        result = await propolis_faults(FaultParams())
+        found = fault_problems(result)
+        failed += bool(found)
+        print(jsonlib.dumps({"command": command_line(), **result, "problems": found}), flush=True)
+    return 1 if failed else 0

@@ -89,6 +89,10 @@ class AgentConfig:
     monitor_backoff: BackoffPolicy = attrs.field(
         factory=lambda: BackoffPolicy(initial_s=0.05, max_s=1.0)
     )
+    #: A Propolis whose state monitor has failed (refused, dropped, 5xx) for this long
+    #: without one answer is taken for dead: the VMM fails and is reaped. Shorter
+    #: outages are ridden out.
+    propolis_unreachable_s: float = attrs.field(default=60.0, validator=_positive)
     #: Bundles holding their zone (commands + snapshot) at once.
     bundle_collect_concurrency: int = attrs.field(default=8, validator=_at_least(1))
     #: Bundles archiving at once (phase 2); default: the number of cores.

@@ -4,8 +4,10 @@ Who starts it: the VMM's runner, in the runner's nursery, once Propolis has a VM
 What it does: long-polls ``state-monitor`` with ``gen`` = last generation + 1, and hands
 each answer to the runner (``on_observation``), which applies it to the registry. It
 returns when the runner says the VMM halted. Connection failures and 5xx are retried
-with backoff (50 ms doubling to 1 s) while the zone exists; a Propolis that has no VM
-(410 / ``NoInstance``) or a zone that vanished ends the stream with ``on_gone``.
+with backoff (50 ms doubling to 1 s) while the zone exists, for at most
+``unreachable_s`` without an answer; a Propolis that has no VM (410 / ``NoInstance``),
+one unreachable for longer (its process died) or a zone that vanished ends the stream
+with ``on_gone``.
 On cancellation (the runner terminating) it simply stops.
 """
 
@@ -26,6 +28,7 @@ async def follow_propolis(
     client: PropolisClient,
     *,
     backoff: BackoffPolicy,
+    unreachable_s: float,
     on_observation: Callable[[InstanceStateMonitorResponse], bool],
     on_gone: Callable[[str], None],
     zone_exists: Callable[[], Awaitable[bool]],
@@ -34,6 +37,7 @@ async def follow_propolis(
     """Run until the VMM halts (``on_observation`` returns True) or is gone."""
     gen = 0
     delays = backoff.delays()
+    failing_since: float | None = None
     while True:
         try:
             response = await client.state_monitor(gen)
@@ -47,11 +51,16 @@ async def follow_propolis(
             if not await zone_exists():
                 on_gone("the VMM's zone vanished")
                 return
+            now = trio.current_time()
+            failing_since = now if failing_since is None else failing_since
+            if now - failing_since >= unreachable_s:
+                on_gone(f"Propolis unreachable for {now - failing_since:.0f} s: {exc}")
+                return
             delay = next(delays)
             log.warning("monitor_retry", error=str(exc), retry_in_s=delay)
             await trio.sleep(delay)
             continue
-        delays = backoff.delays()
+        delays, failing_since = backoff.delays(), None
         if on_observation(response):
             return
         gen = max(gen, response.gen + 1)

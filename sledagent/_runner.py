@@ -355,6 +355,7 @@ class InstanceRunner:
             await follow_propolis(
                 client,
                 backoff=self._ctx.config.monitor_backoff,
+                unreachable_s=self._ctx.config.propolis_unreachable_s,
                 on_observation=self._observe,
                 on_gone=self._gone,
                 zone_exists=lambda: self._ctx.backend.zone_exists(zone),

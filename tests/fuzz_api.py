@@ -73,7 +73,10 @@ def run_fuzz(*, examples: int, seed: int, max_time_s: float | None = None) -> Fu
             if max_time_s is not None:
                 st += ["--max-time", str(max_time_s)]
             env = {**os.environ, "NO_COLOR": "1"}
-            done = subprocess.run(st, capture_output=True, text=True, env=env, check=False)
+            # In the temporary directory: schemathesis keeps a cache where it runs.
+            done = subprocess.run(
+                st, capture_output=True, text=True, env=env, cwd=root, check=False
+            )
         finally:
             daemon.send_signal(signal.SIGTERM)
             try:

@@ -174,7 +174,6 @@ BAD: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("PUT", f"/vmms/{uuid.uuid4()}", {"json": {"instance_id": "x"}}, 400, "instance_id"),
     ("GET", "/zones/bundles/..%2F..%2Fetc", {}, 404, ""),
     ("GET", "/zones/bundles/%2E%2E", {}, 400, "zone_name"),
-    ("GET", "/zones/bundles/a%5Cb", {}, 400, "zone_name"),
     ("GET", "/zones/bundles/nul%00", {}, 400, "zone_name"),
     ("GET", "/zones/bundles/oxz_a..b", {}, 400, "zone_name"),
     ("GET", "/zones/bundles/oxz_x/not-a-uuid", {}, 400, "bundle_id"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 
+import attrs
 import pytest
 import trio
 import trio.lowlevel
@@ -183,6 +184,22 @@ async def test_the_monitor_rides_out_connection_drops(autojump_clock: trio.abc.C
         propolis.disconnect(False)
         propolis.halt()
         await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
+
+
+async def test_a_propolis_unreachable_past_the_bound_fails_the_vmm_and_is_reaped(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Its process died: every state-monitor poll is refused. Nothing waits forever.
+    fakes = FakeHost()
+    config = attrs.evolve(fast_config(), propolis_unreachable_s=20.0)
+    async with open_fake_agent(config, fakes) as h:
+        pid = await h.start_vmm()
+        fakes.propolis[pid].disconnect()
+        t0 = trio.current_time()
+        await fakes.nexus.wait_for(pid, VmmState.FAILED)
+        assert 20.0 <= trio.current_time() - t0 <= 22.0
+        await h.agent.drain()
+    assert fakes.zones.zones == {}
 
 
 async def test_unregister_destroys_a_running_vmm_at_once_and_reaps_its_zone(

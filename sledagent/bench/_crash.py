@@ -13,16 +13,14 @@ left until the reaper is idle. Then, on disk and at Nexus:
 - every bundle opens and its ``metadata.toml`` names the zone and bundle id of its path;
 - every VMM's zone has a bundle (one the kill cut short in phase 2 is finished from its
   snapshot at the next start; a zone still on the host is bundled as unexpected);
-- how many VMMs' terminal states Nexus holds (a halt whose publication the kill cut off
-  is the one state that can be lost: the agent keeps no journal; reported, not hidden).
+- every VMM's terminal state reached Nexus (the journal of unacknowledged states is
+  replayed by the next start); one missing is a leak.
 """
 
 from __future__ import annotations
 
 import random
 import signal
-import subprocess
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -36,7 +34,7 @@ from .._bundle_store import read_bundle_metadata
 from .._host import zone_name_for
 from .._wire import VmmState
 from ..testing import ensure_body_json
-from ._wire import _remote_first_times, _sim_process
+from ._procs import nexus_first_times, sim_process, start_daemon, stop_process
 
 
 @attrs.frozen(kw_only=True)
@@ -52,42 +50,9 @@ class CrashParams:
     drain_s: float = 60.0
 
 
-async def _start_daemon(config: Path, log: Path) -> tuple[trio.Process, str]:
-    argv = [sys.executable, "-c", "from sledagent._cli import main; main()", "run",
-            "--config", str(config)]  # fmt: skip
-    err = await trio.to_thread.run_sync(open, log, "ab")
-    try:
-        proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=err)
-    finally:
-        err.close()  # the child has its own copy
-    assert proc.stdout is not None
-    buf = b""
-    while b"\n" not in buf:
-        chunk = await proc.stdout.receive_some()
-        if not chunk:
-            raise RuntimeError(f"the daemon exited before listening (log: {log})")
-        buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()  # "sledagent listening on <url>"
-    return proc, line.split()[3]
-
-
-async def _stop(proc: trio.Process, sig: int) -> int | None:
-    """Signal the daemon and wait for it; its exit status."""
-    if proc.returncode is None:
-        proc.send_signal(sig)
-        with trio.move_on_after(30, shield=True) as scope:
-            await proc.wait()
-        if scope.cancelled_caught:
-            proc.kill()
-            await proc.wait()
-    if proc.stdout is not None:
-        await proc.stdout.aclose()
-    return proc.returncode
-
-
 async def run_crash_point(seed: int, p: CrashParams) -> dict[str, object]:
     delay = random.Random(seed).uniform(0.0, p.max_delay_s)
-    async with _sim_process() as (nexus_url, fleet_url):
+    async with sim_process() as (nexus_url, fleet_url):
         with tempfile.TemporaryDirectory(prefix="sledagent-crash-") as tmp:
             root = Path(tmp)
             config = root / "sledagent.toml"
@@ -102,23 +67,23 @@ async def run_crash_point(seed: int, p: CrashParams) -> dict[str, object]:
             log = root / "daemon.log"
             pids = [uuid.uuid4() for _ in range(p.vmms)]
             async with httpx.AsyncClient(timeout=60) as client:
-                proc, url = await _start_daemon(config, log)
+                proc, url = await start_daemon(config, log)
                 try:
                     for pid in pids:
                         r = await client.put(f"{url}/vmms/{pid}", json=ensure_body_json())
                         r.raise_for_status()
                         run = {"state": {"type": "running"}}
                         (await client.put(f"{url}/vmms/{pid}/state", json=run)).raise_for_status()
-                    await _remote_first_times(client, nexus_url, pids, VmmState.RUNNING)
+                    await nexus_first_times(client, nexus_url, pids, VmmState.RUNNING)
                     zones = [zone_name_for(pid) for pid in pids]
                     (await client.post(f"{fleet_url}/fleet/halt", json=zones)).raise_for_status()
                     await trio.sleep(delay)
                     t_signal = trio.current_time()
                 finally:
-                    exit_status = await _stop(proc, signal.Signals[p.signal])
+                    exit_status = await stop_process(proc, signal.Signals[p.signal])
                 stop_s = trio.current_time() - t_signal
                 killed_with = await _holdings(root / "data")
-                proc, url = await _start_daemon(config, log)
+                proc, url = await start_daemon(config, log)
                 try:
                     with trio.fail_after(300):
                         while (await client.get(f"{url}/zones/cleanup")).json() or (  # noqa: ASYNC110
@@ -126,7 +91,7 @@ async def run_crash_point(seed: int, p: CrashParams) -> dict[str, object]:
                         ).json():
                             await trio.sleep(0.1)
                 finally:
-                    await _stop(proc, signal.SIGTERM)
+                    await stop_process(proc, signal.SIGTERM)
                 updates = (await client.get(f"{nexus_url}/sim/updates")).json()
             destroyed = {
                 u["propolis_id"]
@@ -201,4 +166,9 @@ def leaks(result: dict[str, object]) -> list[str]:
     for key in ("bad_bundles", "zones_without_bundle"):
         if result[key]:
             found.append(f"{key}={result[key]}")
+    lost = int(str(result["vmms"])) - int(str(result["terminal_states_delivered"]))
+    if lost:
+        found.append(f"terminal_states_lost={lost}")
+    if result["signal"] == "SIGTERM" and result["exit_status"] != 0:
+        found.append(f"exit_status={result['exit_status']}")
     return found

@@ -24,7 +24,7 @@ from .._daemon import DaemonConfig, run_daemon
 from .._host import zone_name_for
 from .._wire import VmmState
 from ..testing import ensure_body_json
-from ._wire import _remote_first_times, _sim_process
+from ._procs import nexus_first_times, sim_process
 
 
 def _rss_kib() -> int:
@@ -47,7 +47,7 @@ def _snapshot() -> dict[str, int]:
 async def run_scale_bench(*, vmms: int = 1000) -> dict[str, object]:
     if vmms < 1:
         raise ValueError("vmms must be >= 1")
-    async with _sim_process() as (nexus_url, fleet_url):
+    async with sim_process() as (nexus_url, fleet_url):
         with tempfile.TemporaryDirectory(prefix="sledagent-scale-") as tmp:
             config = DaemonConfig(
                 listen="127.0.0.1:0",
@@ -84,13 +84,13 @@ async def run_scale_bench(*, vmms: int = 1000) -> dict[str, object]:
                     async with trio.open_nursery() as starting:
                         for pid in pids:
                             starting.start_soon(start, pid)
-                    await _remote_first_times(peers, nexus_url, pids, VmmState.RUNNING)
+                    await nexus_first_times(peers, nexus_url, pids, VmmState.RUNNING)
                     start_s = trio.current_time() - t0
                     running = _snapshot()
                     t1 = trio.current_time()
                     zones = [zone_name_for(pid) for pid in pids]
                     (await peers.post(f"{fleet_url}/fleet/halt", json=zones)).raise_for_status()
-                    await _remote_first_times(peers, nexus_url, pids, VmmState.DESTROYED)
+                    await nexus_first_times(peers, nexus_url, pids, VmmState.DESTROYED)
                     await info.agent.drain()
                     stop_s = trio.current_time() - t1
                     after = _snapshot()

@@ -20,7 +20,6 @@ their own (``_probe.py``), so that the agent's figures carry only the server's c
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from .._stats import summary
 from .._wire import VmmState
 from ..testing import ensure_body_json
 from ._mass_stop import _peak_rss_mb
+from ._procs import nexus_first_times, sim_process
 
 
 @attrs.frozen(kw_only=True)
@@ -52,41 +52,6 @@ class WireParams:
     #: ``process``: the simulated Propolis fleet and Nexus run in a ``sledagent sim``
     #: process of their own (the agent's figures are its own); ``inline``: in this process.
     peers: str = "process"
-
-
-@asynccontextmanager
-async def _sim_process() -> AsyncIterator[tuple[str, str]]:
-    """Start ``sledagent sim``; yields (nexus_url, fleet_url); stops it with SIGTERM."""
-    argv = [sys.executable, "-c", "from sledagent._cli import main; main()", "sim"]
-    proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        assert proc.stdout is not None
-        buf = b""
-        while buf.count(b"\n") < 2:
-            chunk = await proc.stdout.receive_some()
-            if not chunk:
-                raise RuntimeError("sledagent sim exited before listening")
-            buf += chunk
-        urls = dict(line.split(" ", 1) for line in buf.decode().splitlines()[:2])
-        yield urls["nexus"], urls["fleet"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        with trio.move_on_after(10, shield=True) as scope:
-            await proc.wait()
-        if scope.cancelled_caught:
-            proc.kill()
-        if proc.stdout is not None:
-            await proc.stdout.aclose()
-
-
-async def _remote_first_times(
-    client: httpx.AsyncClient, nexus_url: str, pids: list[uuid.UUID], state: VmmState
-) -> dict[uuid.UUID, float]:
-    """Wait (one long request to the sim Nexus) until every VMM reached ``state``."""
-    body = {"ids": [str(p) for p in pids], "state": state.value, "timeout_s": 3600}
-    response = await client.post(f"{nexus_url}/sim/wait", json=body, timeout=None)
-    response.raise_for_status()
-    return {uuid.UUID(k): v for k, v in response.json().items()}
 
 
 @attrs.define
@@ -166,7 +131,7 @@ async def reader_process(
 async def run_wire(mode: str, p: WireParams, cache: Path) -> dict[str, object]:
     """One run: ``mode`` is ``reaper``, ``inline`` or ``floor``."""
     if p.peers == "process":
-        async with _sim_process() as (nexus_url, fleet_url):
+        async with sim_process() as (nexus_url, fleet_url):
             return await _run_wire(mode, p, cache, nexus_url, fleet_url)
     return await _run_wire(mode, p, cache, None, None)
 
@@ -223,7 +188,7 @@ async def _run_wire(
                         await nexus.wait_for(pid, VmmState.RUNNING)
                 else:
                     assert nexus_url is not None
-                    await _remote_first_times(peers, nexus_url, pids, VmmState.RUNNING)
+                    await nexus_first_times(peers, nexus_url, pids, VmmState.RUNNING)
                 async with reader_process(
                     info.api_url,
                     pids,
@@ -249,7 +214,7 @@ async def _run_wire(
                         }
                     else:
                         assert nexus_url is not None
-                        published = await _remote_first_times(
+                        published = await nexus_first_times(
                             peers, nexus_url, pids, VmmState.DESTROYED
                         )
                     await info.agent.drain()

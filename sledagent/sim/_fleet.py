@@ -25,6 +25,7 @@ class _Running:
     vm: FakePropolis
     addr: str
     stop: trio.Event
+    scope: trio.CancelScope
 
 
 class SimPropolisFleet:
@@ -51,14 +52,10 @@ class SimPropolisFleet:
             return self._running[zone_name].addr
         if self._nursery is None:
             raise RuntimeError("SimPropolisFleet.launch() before run() started")
-        vm, stop = FakePropolis(None), trio.Event()
-        binds = await self._nursery.start(
-            lambda task_status: serve_api(
-                sim_propolis_app(vm), listen="127.0.0.1:0", shutdown=stop, task_status=task_status
-            )
-        )
+        vm, stop, scope = FakePropolis(None), trio.Event(), trio.CancelScope()
+        binds = await self._nursery.start(self._serve, vm, stop, scope)
         addr = str(binds[0]).removeprefix("http://")
-        self._running[zone_name] = _Running(vm, addr, stop)
+        self._running[zone_name] = _Running(vm, addr, stop, scope)
         if logs is not None:
             self.logs.add(zone_name, logs)
         return addr
@@ -70,6 +67,27 @@ class SimPropolisFleet:
         if running is not None:
             running.vm.vanish()  # a waiting long poll answers "no instance" at once
             running.stop.set()
+
+    def kill(self, zone_name: str) -> None:
+        """The zone's Propolis process dies: its connections close unanswered and its
+        port refuses connections; the zone itself stays. Idempotent."""
+        running = self._running.pop(zone_name, None)
+        self.logs.remove(zone_name)
+        if running is not None:
+            running.scope.cancel()
+
+    async def _serve(
+        self,
+        vm: FakePropolis,
+        stop: trio.Event,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with scope:
+            await serve_api(
+                sim_propolis_app(vm), listen="127.0.0.1:0", shutdown=stop, task_status=task_status
+            )
 
     def vm(self, zone_name: str) -> FakePropolis | None:
         """The state machine behind a zone's Propolis (to act as its guest)."""

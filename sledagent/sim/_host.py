@@ -6,7 +6,8 @@ Serves a recording Nexus and a fleet controller from which an agent (``propolis 
 - ``POST /fleet/zones/{zone_name}`` -> ``{"addr": "127.0.0.1:port"}`` (idempotent); an
   optional body ``{"log_dir", "archive_dir", "rate_bps", "rotate_bytes", "keep"}`` makes
   that Propolis write its log into the zone (paths on this machine);
-- ``DELETE /fleet/zones/{zone_name}``: stop that zone's Propolis;
+- ``DELETE /fleet/zones/{zone_name}``: stop that zone's Propolis (``?kill=true``: its
+  process dies, connections cut unanswered, the zone left in place);
 - ``POST /fleet/halt`` with ``["zone", ...]``: those guests power off at the same instant;
   answers ``{zone: halted_at}`` on this process's clock, the clock of the Nexus's
   ``GET /sim/updates``, so a benchmark can measure halt -> publish across processes.
@@ -44,7 +45,10 @@ def fleet_app(fleet: SimPropolisFleet) -> Starlette:
         return JSONResponse({"addr": await fleet.launch(request.path_params["zone_name"], logs)})
 
     async def retire(request: Request) -> Response:
-        fleet.retire(request.path_params["zone_name"])
+        if request.query_params.get("kill") == "true":
+            fleet.kill(request.path_params["zone_name"])
+        else:
+            fleet.retire(request.path_params["zone_name"])
         return Response(status_code=204)
 
     async def halt(request: Request) -> Response:
