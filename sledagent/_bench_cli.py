@@ -5,6 +5,7 @@ from __future__ import annotations
 import json as jsonlib
 import shlex
 import sys
+from pathlib import Path
 from typing import Annotated, Literal
 
 import attrs
@@ -20,8 +21,11 @@ from .bench._crash import CrashParams, run_crash_point
 from .bench._crash import leaks as crash_leaks
 from .bench._faults import FaultParams, nexus_outage, propolis_faults
 from .bench._faults import problems as fault_problems
+from .bench._load import LoadParams, run_load_bench
+from .bench._load import problems as load_problems
 from .bench._mass_stop import MassStopParams, run_mass_stop
 from .bench._scale import run_scale_bench
+from .bench._sweep import SweepParams, run_sweep
 from .bench._wire import WireParams, run_wire_bench
 
 bench = cyclopts.App(name="bench", help="Benchmarks: print figures as JSON and a table.")
@@ -316,3 +320,75 @@ async def faults_bench(
         failed += bool(found)
         print(jsonlib.dumps({"command": command_line(), **result, "problems": found}), flush=True)
     return 1 if failed else 0
+
+
+@bench.command(name="load")
+async def load_bench(
+    *,
+    vmms: int = 1000,
+    halting: int = 200,
+    concurrency: int = 1000,
+    min_waves: int = 3,
+    log_mb: float = 1.0,
+) -> int:
+    """Waves of concurrent GET/PUT state requests while VMMs tear down: every request
+    answered (its state, or 503 INSTANCE_CHANNEL_FULL, or a terminal-VMM error), none
+    dropped; prints the latencies. Exits 1 if any request was dropped.
+
+    Parameters
+    ----------
+    vmms
+        VMMs registered and running.
+    halting
+        Of them, how many power off at once as the load starts.
+    concurrency
+        Requests in flight at once per wave (half GET, half PUT running).
+    min_waves
+        Waves at least; more until the reaper is idle.
+    log_mb
+        MB of logs per zone (what each bundle archives).
+    """
+    configure_logging(json=True, level="error")
+    params = LoadParams(
+        vmms=vmms, halting=halting, concurrency=concurrency, min_waves=min_waves, log_mb=log_mb
+    )
+    result = await run_load_bench(params)
+    found = load_problems(result)
+    print(jsonlib.dumps({"command": command_line(), **result, "problems": found}), flush=True)
+    return 1 if found else 0
+
+
+@bench.command(name="sweep")
+async def sweep_bench(
+    *,
+    vmms: tuple[int, ...] = (10, 50, 200, 1000),
+    log_mb: tuple[float, ...] = (1.0, 10.0, 50.0),
+    inline_max_mb: float = 2000.0,
+    omicron_max_mb: float = 500.0,
+    out_dir: Path = Path("docs/bench/sweep"),
+) -> int:
+    """Mass stop over the wire at every N x log volume (reaper, floor; the inline
+    policies where they fit), the bundling rate per phase-2 slot count; writes
+    ``sweep.json`` and PNG plots into ``out_dir``.
+
+    Parameters
+    ----------
+    vmms
+        The N values (VMMs stopped at once).
+    log_mb
+        MB of logs per VMM.
+    inline_max_mb
+        Run the inline policy (one bundle at a time) only up to this much log in all.
+    omicron_max_mb
+        Run the inline policy with gzip -9 only up to this much log in all.
+    out_dir
+        Where the JSON and plots go.
+    """
+    configure_logging(json=True, level="error")
+    params = SweepParams(
+        vmms=vmms, log_mb=log_mb, inline_max_mb=inline_max_mb, omicron_max_mb=omicron_max_mb
+    )
+    report = await run_sweep(params, out_dir, progress=lambda line: print(line, flush=True))
+    print(jsonlib.dumps({"command": command_line(), "out_dir": str(out_dir)}))
+    print(jsonlib.dumps(report["points"]))
+    return 0
