@@ -175,7 +175,7 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> _Api:
     async def vmm_register(request: Request) -> Response:
         propolis_id = _uuid_param(request, "propolis_id")
         body = await _body(request, InstanceEnsureBody)
-        return _json(manager.register(propolis_id, body))
+        return _json(await manager.register_durably(propolis_id, body))
 
     @route("/vmms/{propolis_id}", ["DELETE"])
     async def vmm_unregister(request: Request) -> Response:

@@ -98,6 +98,15 @@ class InstanceManager:
         log.info("vmm_registered", propolis_id=str(propolis_id), instance_id=str(body.instance_id))
         return state
 
+    async def register_durably(
+        self, propolis_id: uuid.UUID, body: InstanceEnsureBody
+    ) -> SledVmmState:
+        """``register``, answered once the VMM is journaled: one registered just before
+        a crash is known to the next start (which tells Nexus it failed)."""
+        state = self.register(propolis_id, body)
+        await self._ctx.notifier.record_registered(propolis_id, state)
+        return state
+
     async def get_state(self, propolis_id: uuid.UUID) -> SledVmmState:
         """The VMM's current state, from the registry; raises ``NoSuchVmm``."""
         _require(propolis_id, uuid.UUID, "propolis_id")

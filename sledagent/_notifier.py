@@ -51,6 +51,7 @@ class NotifierStatistics:
 @attrs.define
 class _Slot:
     pending: SledVmmState | None = None
+    pending_seq: int = 0  # its journal line: sent only once that is on disk
     newest_gen: int = -1  # newest generation accepted for this VMM
     sending: bool = False
 
@@ -66,7 +67,8 @@ class NexusNotifier:
         journal: StateJournal | None = None,
     ) -> None:
         self._client = client
-        #: Terminal states are journaled until Nexus answers (replayed after a crash).
+        #: Every state is journaled before it is sent (write-ahead: after a crash the
+        #: next start publishes what Nexus may have missed, never an older generation).
         self.journal = journal
         self._backoff = backoff
         self._limiter = trio.CapacityLimiter(concurrency)
@@ -97,8 +99,8 @@ class NexusNotifier:
         if state.gen <= slot.newest_gen:
             return  # stale: a newer generation was already accepted
         slot.newest_gen = state.gen
-        if self.journal is not None and state.vmm_state.state.is_halted:
-            self.journal.record(propolis_id, state)
+        if self.journal is not None:
+            slot.pending_seq = self.journal.record(propolis_id, state)
         if slot.pending is not None:
             self._superseded += 1  # the older pending state will never be sent
         slot.pending = state
@@ -141,8 +143,8 @@ class NexusNotifier:
     async def _deliver(self, propolis_id: uuid.UUID, slot: _Slot) -> None:
         try:
             while slot.pending is not None:
-                state, slot.pending = slot.pending, None
-                state, acknowledged = await self._send_until_done(propolis_id, slot, state)
+                state, seq, slot.pending = slot.pending, slot.pending_seq, None
+                state, acknowledged = await self._send_until_done(propolis_id, slot, state, seq)
                 if self.journal is not None and state.vmm_state.state.is_halted:
                     self.journal.delivered(propolis_id, state.gen)  # answered: 2xx or final 4xx
                 if self.on_delivered is not None:
@@ -153,6 +155,12 @@ class NexusNotifier:
             if not any(s.sending for s in self._slots.values()):
                 self._idle.set()
 
+    async def record_registered(self, propolis_id: uuid.UUID, state: SledVmmState) -> None:
+        """Journal a new VMM's first state and wait until it is on disk, so that one
+        registered just before a crash is still known (and published failed) after it."""
+        if self.journal is not None:
+            await self.journal.durable(self.journal.record(propolis_id, state))
+
     def forget(self, propolis_id: uuid.UUID) -> None:
         """Drop a VMM's slot once the VMM has left the registry."""
         slot = self._slots.get(propolis_id)
@@ -160,7 +168,7 @@ class NexusNotifier:
             del self._slots[propolis_id]
 
     async def _send_until_done(
-        self, propolis_id: uuid.UUID, slot: _Slot, state: SledVmmState
+        self, propolis_id: uuid.UUID, slot: _Slot, state: SledVmmState, seq: int
     ) -> tuple[SledVmmState, bool]:
         """Send until Nexus answers; switches to a newer pending state between retries.
 
@@ -168,6 +176,8 @@ class NexusNotifier:
         (``False``: refused with a 4xx)."""
         delays = self._backoff.delays()
         while True:
+            if self.journal is not None:
+                await self.journal.durable(seq)  # one fsync shared by a whole batch
             try:
                 async with self._limiter:
                     await self._client.put_vmm_state(propolis_id, state)
@@ -189,7 +199,7 @@ class NexusNotifier:
                     self._busy(+1)
                 if slot.pending is not None:  # a newer state arrived: send that instead
                     self._superseded += 1
-                    state, slot.pending = slot.pending, None
+                    state, seq, slot.pending = slot.pending, slot.pending_seq, None
                 continue
             self._delivered += 1
             return state, True
