@@ -28,6 +28,9 @@ from .bench._scale import run_scale_bench
 from .bench._sweep import SweepParams, run_sweep
 from .bench._wire import WireParams, run_wire_bench
 
+#: ``--vmms 10 50 200``: a list option takes every value that follows it.
+Many = cyclopts.Parameter(consume_multiple=True)
+
 bench = cyclopts.App(name="bench", help="Benchmarks: print figures as JSON and a table.")
 
 
@@ -283,7 +286,7 @@ async def faults_bench(
     *,
     vmms: int = 50,
     down_s: float = 30.0,
-    modes: tuple[str, ...] = ("down", "503", "slow"),
+    modes: Annotated[tuple[str, ...], Many] = ("down", "503", "slow"),
     propolis: bool = True,
     nexus_backoff_max_s: float = 180.0,
 ) -> int:
@@ -361,8 +364,8 @@ async def load_bench(
 @bench.command(name="sweep")
 async def sweep_bench(
     *,
-    vmms: tuple[int, ...] = (10, 50, 200, 1000),
-    log_mb: tuple[float, ...] = (1.0, 10.0, 50.0),
+    vmms: Annotated[tuple[int, ...], Many] = (10, 50, 200, 1000),
+    log_mb: Annotated[tuple[float, ...], Many] = (1.0, 10.0, 50.0),
     inline_max_mb: float = 2000.0,
     omicron_max_mb: float = 500.0,
     out_dir: Path = Path("docs/bench/sweep"),
