@@ -34,7 +34,7 @@ from .._bundle_store import read_bundle_metadata
 from .._host import zone_name_for
 from .._wire import VmmState
 from ..testing import ensure_body_json
-from ._procs import nexus_first_times, sim_process, start_daemon, stop_process
+from ._procs import daemon_config, nexus_first_times, sim_process, start_daemon, stop_process
 
 
 @attrs.frozen(kw_only=True)
@@ -56,14 +56,12 @@ async def run_crash_point(seed: int, p: CrashParams) -> dict[str, object]:
         with tempfile.TemporaryDirectory(prefix="sledagent-crash-") as tmp:
             root = Path(tmp)
             config = root / "sledagent.toml"
-            await trio.Path(config).write_text(
-                f'listen = "127.0.0.1:0"\ndata_dir = "{root / "data"}"\n'
-                f'nexus_url = "{nexus_url}"\npropolis = "remote"\n'
-                f'sim_fleet_url = "{fleet_url}"\nlog_rate_bps = 0\n'
-                f'seed_log_mb = {p.log_mb}\nseed_cache = "{root / "seed"}"\n'
-                "[agent]\nreaper_backoff = { initial_s = 0.05, max_s = 1.0 }\n"
+            agent = (
+                "reaper_backoff = { initial_s = 0.05, max_s = 1.0 }\n"
                 f"shutdown_drain_s = {p.drain_s}\n"
             )
+            text = daemon_config(root, nexus_url, fleet_url, log_mb=p.log_mb, agent=agent)
+            await trio.Path(config).write_text(text)
             log = root / "daemon.log"
             pids = [uuid.uuid4() for _ in range(p.vmms)]
             async with httpx.AsyncClient(timeout=60) as client:

@@ -37,7 +37,7 @@ from .._host import zone_name_for
 from .._stats import summary
 from .._wire import VmmState
 from ..testing import ensure_body_json
-from ._procs import nexus_first_times, sim_process, start_daemon, stop_process
+from ._procs import daemon_config, nexus_first_times, sim_process, start_daemon, stop_process
 
 RUN = {"state": {"type": "running"}}
 STOP = {"state": {"type": "stopped"}}
@@ -110,15 +110,17 @@ class FaultParams:
 
 
 def _config(root: Path, nexus_url: str, fleet_url: str, p: FaultParams) -> str:
-    return (
-        f'listen = "127.0.0.1:0"\ndata_dir = "{root / "data"}"\n'
-        f'nexus_url = "{nexus_url}"\npropolis = "remote"\n'
-        f'sim_fleet_url = "{fleet_url}"\nlog_rate_bps = 0\n'
-        f'seed_log_mb = {p.log_mb}\nseed_cache = "{root / "seed"}"\n'
-        "[agent]\nreaper_backoff = { initial_s = 0.05, max_s = 1.0 }\n"
-        f"nexus_backoff = {{ initial_s = 0.25, max_s = {p.nexus_backoff_max_s} }}\n"
-        f"propolis_unreachable_s = {p.propolis_unreachable_s}\n"
-        f"stop_grace_s = {p.stop_grace_s}\n"
+    return daemon_config(
+        root,
+        nexus_url,
+        fleet_url,
+        log_mb=p.log_mb,
+        agent=(
+            "reaper_backoff = { initial_s = 0.05, max_s = 1.0 }\n"
+            f"nexus_backoff = {{ initial_s = 0.25, max_s = {p.nexus_backoff_max_s} }}\n"
+            f"propolis_unreachable_s = {p.propolis_unreachable_s}\n"
+            f"stop_grace_s = {p.stop_grace_s}\n"
+        ),
     )
 
 

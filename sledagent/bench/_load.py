@@ -31,7 +31,7 @@ from .._host import zone_name_for
 from .._stats import summary
 from .._wire import VmmState
 from ..testing import ensure_body_json
-from ._procs import nexus_first_times, sim_process, start_daemon, stop_process
+from ._procs import daemon_config, nexus_first_times, sim_process, start_daemon, stop_process
 
 RUN = {"state": {"type": "running"}}
 #: (status, error_code) answers that are not drops: see the module's docstring.
@@ -78,13 +78,9 @@ async def run_load_bench(p: LoadParams) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="sledagent-load-") as tmp:
             root = Path(tmp)
             config = root / "sledagent.toml"
-            await trio.Path(config).write_text(
-                f'listen = "127.0.0.1:0"\ndata_dir = "{root / "data"}"\n'
-                f'nexus_url = "{nexus_url}"\npropolis = "remote"\n'
-                f'sim_fleet_url = "{fleet_url}"\nlog_rate_bps = 0\n'
-                f'seed_log_mb = {p.log_mb}\nseed_cache = "{root / "seed"}"\n'
-                f"[agent]\nmax_zones = {max(1024, 2 * p.vmms)}\n"
-            )
+            agent = f"max_zones = {max(1024, 2 * p.vmms)}\n"
+            text = daemon_config(root, nexus_url, fleet_url, log_mb=p.log_mb, agent=agent)
+            await trio.Path(config).write_text(text)
             return await _run(p, config, root / "daemon.log", nexus_url, fleet_url)
 
 

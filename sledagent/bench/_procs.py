@@ -22,6 +22,21 @@ from .._wire import VmmState
 _CLI = [sys.executable, "-c", "from sledagent._cli import main; main()"]
 
 
+def daemon_config(
+    root: Path, nexus_url: str, fleet_url: str, *, log_mb: float, agent: str = ""
+) -> str:
+    """The daemon's TOML for a run under ``root``: local zones with ``log_mb`` MB of seeded
+    logs each, Propolis from the sim process's fleet, its Nexus; ``agent``: lines of the
+    ``[agent]`` table."""
+    return (
+        f'listen = "127.0.0.1:0"\ndata_dir = "{root / "data"}"\n'
+        f'nexus_url = "{nexus_url}"\npropolis = "remote"\n'
+        f'sim_fleet_url = "{fleet_url}"\nlog_rate_bps = 0\n'
+        f'seed_log_mb = {log_mb}\nseed_cache = "{root / "seed"}"\n'
+        f"[agent]\n{agent}"
+    )
+
+
 @asynccontextmanager
 async def sim_process() -> AsyncIterator[tuple[str, str]]:
     """Start ``sledagent sim``; yields (nexus_url, fleet_url); stops it with SIGTERM."""
