@@ -103,19 +103,19 @@ class _AbortableReader:
 def _add_tail(
     tar: tarfile.TarFile, source: LogSource, cap: int, abort: threading.Event
 ) -> tuple[int, bool]:
-    """Add ``source``; beyond ``cap`` bytes only its newest bytes. Returns (size, truncated)."""
+    """Add bytes ``[source.start, source.size)`` of ``source``, at most the newest ``cap``
+    of them. Returns (bytes added, whether older bytes were left out)."""
     with open(source.path, "rb") as f:
         st = os.fstat(f.fileno())
-        size, truncated = st.st_size, st.st_size > cap
-        if truncated:
-            f.seek(st.st_size - cap)
-            size = cap
+        end = min(st.st_size, source.size)  # a linked live log may have grown since
+        start = max(source.start, end - cap, 0)
+        f.seek(start)
         info = tarfile.TarInfo(source.name)
-        info.size = size
+        info.size = end - start
         info.mtime = int(st.st_mtime)
         info.mode = 0o644
         tar.addfile(info, _AbortableReader(f, abort))
-    return size, truncated
+    return end - start, start > 0
 
 
 def _fsync_dir(path: Path) -> None:

@@ -100,11 +100,16 @@ class CommandOutput:
 
 @attrs.frozen
 class LogSource:
-    """A file in a snapshot, to be archived under ``name``."""
+    """A file in a snapshot, to be archived under ``name``: its bytes ``[start, size)``.
+
+    ``size`` is the file's length when the snapshot was taken: a live log linked into the
+    snapshot may grow afterwards, and only what it held at phase 1 is archived. ``start``
+    leaves out a live log's older bytes beyond the snapshot's cap."""
 
     name: str
     path: str
     size: int
+    start: int = 0
 
 
 @attrs.frozen

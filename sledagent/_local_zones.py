@@ -9,9 +9,13 @@ detached in a session of its own so that it outlives an agent restart like a rea
 it is halted through its pid (recorded in ``zone.json``, checked against its command line).
 
 Diagnostics are real Linux commands about the zone's processes, as argument lists:
-zone-wide ``ps``, ``uptime``, ``ss -an``, ``who``, ``last``; per process the local analogues
-of ``pargs``/``pfiles``/``pstack`` (``/proc/<pid>/cmdline``, ``ls -l /proc/<pid>/fd``,
-``/proc/<pid>/status``). A missing tool is recorded by the bundler, not raised.
+``ps`` of the zone's processes (none if it has none on this host), the host-wide
+``uptime``, ``ss -an``, ``who``, ``last`` (the same in every zone's bundle: shared between
+the zones bundled within ``host_command_ttl_s``, see ``_shared_commands``); per process the
+local analogues of ``pargs``/``pfiles``/``pstack`` (``cat /proc/<pid>/cmdline``,
+``ls -l /proc/<pid>/fd``, ``cat /proc/<pid>/status``; the two ``cat`` are read in-process,
+with the same output, rather than spawned). A missing tool is recorded by the bundler,
+not raised.
 
 A snapshot is a directory ``<root>/snapshots/<bundle_id>/`` tagged with
 ``.zone-bundle-snapshot`` (so the startup sweep finds leftovers): rotated and archived
@@ -40,6 +44,7 @@ import trio
 from ._host import CommandOutput, LogSource, Snapshot, Zone, ZoneCommand, ZoneSpec
 from ._logwriter import SERVICE_LOG
 from ._seed import link_or_copy, seed_from_cache, seed_logs
+from ._shared_commands import SharedCommands
 
 log = structlog.get_logger("sledagent.zones.local")
 R = TypeVar("R")
@@ -47,6 +52,8 @@ R = TypeVar("R")
 SNAPSHOT_TAG = ".zone-bundle-snapshot"
 LOG_SUBDIR = Path("root/var/svc/log")
 MAX_COMMAND_OUTPUT = 1 << 20
+#: Commands whose output is about the host, not the zone (local zones share the host's).
+HOST_COMMANDS = (("uptime",), ("ss", "-an"), ("who",), ("last", "-n", "20"))
 
 
 @attrs.frozen(kw_only=True)
@@ -65,6 +72,9 @@ class LocalZonesConfig:
     max_live_copy_bytes: int = 64 << 20
     #: SIGTERM, then SIGKILL after this long.
     term_timeout_s: float = 5.0
+    #: A host-wide command's output is shared by the bundles taken within this long of
+    #: its run (0: every bundle runs its own).
+    host_command_ttl_s: float = 1.0
 
 
 def _zone_dir(cfg: LocalZonesConfig, name: str) -> Path:
@@ -103,6 +113,7 @@ class LocalZoneBackend:
         self.config = config
         self.launcher = launcher
         self._fs_limiter = trio.CapacityLimiter(4)
+        self.host_commands = SharedCommands(config.host_command_ttl_s)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -234,14 +245,15 @@ class LocalZoneBackend:
 
     async def bundle_commands(self, zone: Zone) -> Sequence[ZoneCommand]:
         pids = await self._thread(self._pids, zone.name)
-        pid_list = ",".join(str(p) for p in pids) or "1"
-        cmds = [
-            ZoneCommand(("ps", "-o", "pid,ppid,stat,etime,rss,args", "--forest", "-p", pid_list)),
-            ZoneCommand(("uptime",)),
-            ZoneCommand(("ss", "-an")),
-            ZoneCommand(("who",)),
-            ZoneCommand(("last", "-n", "20")),
-        ]
+        cmds = [ZoneCommand(argv) for argv in HOST_COMMANDS]
+        if pids:  # a zone whose Propolis runs elsewhere has no process here to list
+            pid_list = ",".join(str(p) for p in pids)
+            cmds.insert(
+                0,
+                ZoneCommand(
+                    ("ps", "-o", "pid,ppid,stat,etime,rss,args", "--forest", "-p", pid_list)
+                ),
+            )
         for pid in pids:
             cmds += [
                 ZoneCommand(("cat", f"/proc/{pid}/cmdline"), name=f"pargs.{pid}"),
@@ -251,6 +263,18 @@ class LocalZoneBackend:
         return cmds
 
     async def run_command(self, zone: Zone, command: ZoneCommand) -> CommandOutput:
+        argv = command.argv
+        if argv in HOST_COMMANDS and self.host_commands.ttl_s > 0:
+            shared = await self.host_commands.run(argv, lambda: self._spawn(command))
+            return attrs.evolve(shared, name=command.name)
+        if len(argv) == 2 and argv[0] == "cat" and argv[1].startswith("/proc/"):
+            # A process spawn costs ~5 ms of CPU; reading the file gives cat's output.
+            t0 = trio.current_time()
+            out, status = await trio.to_thread.run_sync(_cat, argv[1])
+            return CommandOutput(command.name, argv, out, status, trio.current_time() - t0)
+        return await self._spawn(command)
+
+    async def _spawn(self, command: ZoneCommand) -> CommandOutput:
         t0 = trio.current_time()
         try:
             result = await trio.run_process(
@@ -285,11 +309,17 @@ class LocalZoneBackend:
             sources += sorted((c.root / "archive" / zone.name).glob(f"{SERVICE_LOG}.*"))
             for src in sources:
                 dst = snap_dir / src.name
-                if src.name == SERVICE_LOG:
-                    _copy_tail(src, dst, c.max_live_copy_bytes)  # live: still growing
-                else:
+                start = 0
+                if src.name != SERVICE_LOG:
                     link_or_copy(src, dst)  # rotated / archived: immutable
-                files.append(LogSource(src.name, str(dst), dst.stat().st_size))
+                    size = dst.stat().st_size
+                else:
+                    # The live log is only appended to (rotation renames it): a link and
+                    # its length now are a snapshot of it, without copying megabytes per
+                    # zone in phase 1. Phase 2 archives bytes [start, size) only.
+                    size = _link_or_copy_tail(src, dst, c.max_live_copy_bytes)
+                    start = max(0, size - c.max_live_copy_bytes)
+                files.append(LogSource(src.name, str(dst), size, start))
         except BaseException:
             shutil.rmtree(snap_dir, ignore_errors=True)
             raise
@@ -337,12 +367,29 @@ class LocalZoneBackend:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._fs_limiter)
 
 
-def _copy_tail(src: Path, dst: Path, cap: int) -> None:
+def _link_or_copy_tail(src: Path, dst: Path, cap: int) -> int:
+    """Link ``src`` at ``dst`` and return its length now; across filesystems, copy its
+    newest ``cap`` bytes (then the copy's length)."""
+    try:
+        os.link(src, dst)
+        return dst.stat().st_size
+    except OSError:
+        pass
     with open(src, "rb") as f, open(dst, "wb") as out:
         size = os.fstat(f.fileno()).st_size
         if size > cap:
             f.seek(size - cap)
         shutil.copyfileobj(f, out, 1 << 20)
+        return out.tell()
+
+
+def _cat(path: str) -> tuple[bytes, int]:
+    """What ``cat path`` prints (stdout and stderr) and its exit status."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()[-MAX_COMMAND_OUTPUT:], 0
+    except OSError as exc:
+        return f"cat: {path}: {exc.strerror}\n".encode(), 1
 
 
 def _alive(pid: int) -> bool:

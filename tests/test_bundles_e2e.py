@@ -90,7 +90,7 @@ async def test_a_failure_at_any_step_leaves_no_partial_file_and_no_snapshot(
             def fail(*a: object) -> None:
                 raise OSError("snapshot failed (injected)")
 
-            monkeypatch.setattr("sledagent._local_zones._link_or_copy", fail)
+            monkeypatch.setattr("sledagent._local_zones.link_or_copy", fail)
             return original(zone, bundle_id)  # type: ignore[arg-type]
 
         monkeypatch.setattr(local.zones, "_snapshot", broken_snapshot)
@@ -121,8 +121,8 @@ async def test_a_failure_at_any_step_leaves_no_partial_file_and_no_snapshot(
     if step == "command":  # a failed command is recorded; the bundle is complete
         (b,) = bundles
         with tarfile.open(b.paths[0], "r:gz") as tar:
-            ps = tar.extractfile("ps").read()  # type: ignore[union-attr]
-        assert b"injected" in ps
+            uptime = tar.extractfile("uptime").read()  # type: ignore[union-attr]
+        assert b"injected" in uptime
     else:
         assert bundles == [] and debug == []
 

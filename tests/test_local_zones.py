@@ -9,16 +9,28 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import uuid
 from pathlib import Path
 
 import pytest
 import trio
 
-from sledagent import LocalZoneBackend, LocalZonesConfig, ZoneCommand, ZoneSpec
+from sledagent import (
+    ArchiveJob,
+    LocalZoneBackend,
+    LocalZonesConfig,
+    TarArchiver,
+    ZoneBundleCause,
+    ZoneBundleId,
+    ZoneBundleMetadata,
+    ZoneCommand,
+    ZoneSpec,
+)
 from sledagent._local_zones import LOG_SUBDIR, SNAPSHOT_TAG
 from sledagent._logwriter import SERVICE_LOG
 from sledagent._seed import seed_logs
+from sledagent._wire import utcnow
 
 
 def spec() -> ZoneSpec:
@@ -77,7 +89,7 @@ async def test_commands_are_real_and_a_missing_tool_is_recorded(tmp_path: Path) 
             await backend.halt_and_remove(zone)
 
 
-async def test_a_snapshot_links_immutable_files_copies_the_live_one_and_is_tagged(
+async def test_a_snapshot_links_every_file_and_archives_the_live_log_as_it_was(
     tmp_path: Path,
 ) -> None:
     backend = LocalZoneBackend(
@@ -100,11 +112,29 @@ async def test_a_snapshot_links_immutable_files_copies_the_live_one_and_is_tagge
         )  # archived
         for f in snap.files:
             src = log_dir / f.name if (log_dir / f.name).exists() else archive_dir / f.name
-            if f.name == SERVICE_LOG:
-                assert f.size == 1000  # the live file: copied, newest bytes
-                assert Path(f.path).read_bytes() == src.read_bytes()[-1000:]
-            else:
-                assert os.stat(f.path).st_ino == os.stat(src).st_ino  # hard link
+            assert os.stat(f.path).st_ino == os.stat(src).st_ino  # hard link, no copy
+            assert f.size == src.stat().st_size
+            if f.name == SERVICE_LOG:  # the live log: its newest bytes, up to the cap
+                assert f.start == f.size - 1000
+        live = log_dir / SERVICE_LOG
+        as_snapshotted = live.read_bytes()[-1000:]
+        with live.open("ab") as grow:  # the zone keeps logging after phase 1 ...
+            grow.write(b'{"msg":"after the snapshot"}\n' * 100)
+        live.rename(log_dir / f"{SERVICE_LOG}.0.rotated")  # ... and rotates
+        archiver = TarArchiver([tmp_path / "debug"])
+        meta = ZoneBundleMetadata(
+            cause=ZoneBundleCause.TERMINATED_INSTANCE,
+            id=ZoneBundleId(bundle_id=bundle_id, zone_name=zone.name),
+            time_created=utcnow(),
+            version=0,
+        )
+        info = await archiver.write(ArchiveJob(meta, (), snap))
+        with tarfile.open(info.paths[0], "r:gz") as tar:
+            archived = tar.extractfile(SERVICE_LOG).read()  # type: ignore[union-attr]
+            manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        assert archived == as_snapshotted  # the log as it was at phase 1
+        (cut,) = [t for t in manifest["truncated"] if t["name"] == SERVICE_LOG]
+        assert cut["kept"] == 1000  # the manifest says older bytes were left out
         await backend.destroy_snapshot(snap)
         assert not snap_dir.exists()
         await backend.destroy_snapshot(snap)  # idempotent
