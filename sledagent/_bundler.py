@@ -63,6 +63,10 @@ class BundlerStatistics:
     failed: int
     #: Seconds each finished phase 1 held its zone, newest last (bounded).
     zone_held_s: tuple[float, ...]
+    #: Phase-2 slot-seconds spent writing archives, and the log bytes they took in: the
+    #: rate the archive slots achieve, and (against wall time x slots) how busy they were.
+    archive_busy_s: float = 0.0
+    archive_input_bytes: int = 0
 
 
 def _limiter_stats(limiter: trio.CapacityLimiter) -> LimiterStatistics:
@@ -96,6 +100,8 @@ class ZoneBundler:
         self._created = 0
         self._failed = 0
         self._held: list[float] = []
+        self._archive_busy_s = 0.0
+        self._archive_input_bytes = 0
 
     def statistics(self) -> BundlerStatistics:
         return BundlerStatistics(
@@ -104,6 +110,8 @@ class ZoneBundler:
             created=self._created,
             failed=self._failed,
             zone_held_s=tuple(self._held),
+            archive_busy_s=self._archive_busy_s,
+            archive_input_bytes=self._archive_input_bytes,
         )
 
     async def create(
@@ -138,7 +146,12 @@ class ZoneBundler:
             keep_snapshot = False
             try:
                 async with self.archive_limiter:
-                    info = await self._archiver.write(ArchiveJob(metadata, commands, snapshot))
+                    t0 = trio.current_time()
+                    try:
+                        info = await self._archiver.write(ArchiveJob(metadata, commands, snapshot))
+                    finally:
+                        self._archive_busy_s += trio.current_time() - t0
+                self._archive_input_bytes += sum(f.size - f.start for f in snapshot.files)
                 await self.store.add(info)
             except trio.Cancelled:
                 # Shutdown in phase 2: the zone may be torn down already, and this

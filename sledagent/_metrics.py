@@ -48,6 +48,16 @@ class AgentCollector(Collector):
         yield CounterMetricFamily(
             "sledagent_bundles_failed", "Bundle attempts failed.", value=b.failed
         )
+        yield CounterMetricFamily(
+            "sledagent_bundle_archive_busy_seconds",
+            "Phase-2 slot-seconds spent writing archives.",
+            value=b.archive_busy_s,
+        )
+        yield CounterMetricFamily(
+            "sledagent_bundle_archive_input_bytes",
+            "Log bytes taken into archives.",
+            value=b.archive_input_bytes,
+        )
         yield _quantiles(
             "sledagent_zone_held_seconds", "Phase 1 duration (zone held), recent.", b.zone_held_s
         )

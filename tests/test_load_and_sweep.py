@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 
 from sledagent.bench._load import LoadParams, problems, run_load_bench
@@ -38,6 +39,10 @@ async def test_a_sweep_writes_its_report_and_five_plots(tmp_path: Path) -> None:
     assert "inline" not in point  # over its budget: not run
     assert point["drain_predicted_s"] > 0 and point["reaper_p99_over_floor_p99_plus_50ms"] > 0
     assert "1" in report["bundle_mb_per_s_by_slots"]
+    archive = point["reaper"]["archive"]
+    assert archive["input_mb"] == pytest.approx(0.5, abs=0.05)  # 2 x 0.25 MB of logs
+    assert 0 < archive["occupancy"] <= 1 and archive["mb_per_s_in_run"] > 0
+    assert point["drain_over_predicted_in_run"] > 0
     assert (tmp_path / "sweep.json").exists()
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == [

@@ -224,7 +224,9 @@ async def _run_wire(
                 h2p = [
                     published[pid] - halted_at[zone] for pid, zone in zip(pids, zones, strict=True)
                 ]
-                held = info.agent.bundler.statistics().zone_held_s
+                stats = info.agent.bundler.statistics()
+                held = stats.zone_held_s
+                slots = stats.archive.total
                 bundles = len(await info.agent.store.list_all())
             shutdown.set()
     return {
@@ -239,6 +241,19 @@ async def _run_wire(
         "zone_held_s": {k: v for k, v in summary(held).items() if k != "max"},
         "drain_s": round(drain_s, 3),
         "bundles": bundles,
+        # How busy phase 2 kept its slots over the drain, and the rate it achieved:
+        # log MB in / (slot-seconds busy / slots), in this run, beside the rest of it.
+        "archive": {
+            "slots": slots,
+            "busy_slot_s": round(stats.archive_busy_s, 3),
+            "input_mb": round(stats.archive_input_bytes / 1e6, 1),
+            "occupancy": round(stats.archive_busy_s / (slots * drain_s), 3) if drain_s else None,
+            "mb_per_s_in_run": round(
+                stats.archive_input_bytes / 1e6 / (stats.archive_busy_s / slots), 1
+            )
+            if stats.archive_busy_s
+            else None,
+        },
         "peak_rss_mb": _peak_rss_mb(),
     }
 
