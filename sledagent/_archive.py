@@ -108,7 +108,7 @@ def _add_tail(
     with open(source.path, "rb") as f:
         st = os.fstat(f.fileno())
         end = min(st.st_size, source.size)  # a linked live log may have grown since
-        start = max(source.start, end - cap, 0)
+        start = min(end, max(source.start, end - cap, 0))  # truncated since: what is left
         f.seek(start)
         info = tarfile.TarInfo(source.name)
         info.size = end - start

@@ -11,6 +11,7 @@ import tomllib
 import uuid
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -104,6 +105,29 @@ async def test_a_file_over_the_cap_keeps_its_newest_bytes(tmp_path: Path) -> Non
             "kept": 1000,
         }
     ]
+
+
+async def test_a_source_archives_only_its_recorded_bytes_even_if_the_file_changed(
+    tmp_path: Path,
+) -> None:
+    job = make_job(tmp_path)
+    grown, cut = job.snapshot.files[0], job.snapshot.files[1]
+    with open(grown.path, "ab") as f:  # a linked live log written after its snapshot
+        f.write(b"LATER\n" * 100)
+    recorded = Path(cut.path).read_bytes()
+    Path(cut.path).write_bytes(recorded[:5])  # one truncated below its recorded start
+    files = (
+        attrs.evolve(grown, start=3),
+        attrs.evolve(cut, start=50),
+        *job.snapshot.files[2:],
+    )
+    job = attrs.evolve(job, snapshot=attrs.evolve(job.snapshot, files=files))
+    info = await TarArchiver([tmp_path / "debug"]).write(job)
+    with tarfile.open(info.paths[0], "r:gz") as tar:
+        live = tar.extractfile(grown.name).read()  # type: ignore[union-attr]
+        truncated = tar.extractfile(cut.name).read()  # type: ignore[union-attr]
+    assert live == (b'{"msg":"live"}\n' * 10)[3:]  # bytes [start, size): nothing written later
+    assert truncated == b""  # what is left of it lies before its start
 
 
 @pytest.mark.parametrize("level", [0, 2, 9])
