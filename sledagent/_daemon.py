@@ -29,6 +29,7 @@ from ._archive import TarArchiver
 from ._bundle_store import DiskBundleStore
 from ._clients import HttpNexusClient, HttpPropolisConnector
 from ._config import AgentConfig, BackoffPolicy
+from ._h1client import H1Pool
 from ._host import ZoneBackend
 from ._illumos import IllumosConfig, IllumosZoneBackend, require_tools
 from ._journal import StateJournal
@@ -192,8 +193,13 @@ async def run_daemon(
             launcher = remote
         connector = HttpPropolisConnector()
         await nursery.start(connector.run)
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-        async with httpx.AsyncClient(limits=limits) as pool:  # to Nexus
+        # As many connections, kept alive, as deliveries the notifier may have in flight.
+        deliveries = config.agent.nexus_concurrency
+        try:
+            nexus_pool = H1Pool(nexus_url, max_connections=deliveries, max_idle=deliveries)
+        except ValueError as exc:
+            raise ConfigError(f"nexus_url: {exc}") from None
+        try:
             zones: ZoneBackend
             quota = config.bundle_quota_bytes
             if config.backend == "illumos":
@@ -218,7 +224,7 @@ async def run_daemon(
             host = Host(
                 backend=zones,
                 connector=connector,
-                nexus=HttpNexusClient(pool, nexus_url),
+                nexus=HttpNexusClient(nexus_pool),
                 archiver=TarArchiver(
                     dirs,
                     compression_level=config.agent.compression_level,
@@ -250,6 +256,9 @@ async def run_daemon(
                 log.info("daemon_stopping")
                 api_stop.set()
             # Leaving the agent drained its reaper and notifier (shielded, bounded).
+        finally:
+            with trio.CancelScope(shield=True):
+                await nexus_pool.aclose()
         servers_stop.set()
         nursery.cancel_scope.cancel()
     log.info("daemon_stopped")

@@ -11,7 +11,8 @@ with no VMM, or by the manager on unregister. In this order it records the termi
 state (generation + 1), hands the zone to the reaper (``send_nowait``; the runner keeps no
 reference), asks the notifier to publish, and closes the runner's queue. Nothing waits
 for bundling or teardown: that is the fix for omicron #5237/#5235. A request in flight
-is cancelled; it and every queued request get ``Terminating`` (410).
+is cancelled; it and every queued request get ``Terminating`` (410), but for reads and
+stops, which get the terminal state.
 
 Under the ``inline`` policy (the measured baseline) the runner instead bundles and halts
 the zone itself after terminating, and publishes only then, as omicron does.
@@ -226,7 +227,12 @@ class InstanceRunner:
             self._answer_halted(request)
 
     def _answer_halted(self, request: Request) -> None:
-        if isinstance(request, ReadState):
+        """Answer a request the halt overtook: a read or a stop gets the terminal state
+        (the stop got what it asked for, however the VM came to halt, just as when
+        Propolis's answer comes first); any other change gets ``Terminating``."""
+        if isinstance(request, ReadState) or request.requested.type is (
+            VmmStateRequestedType.STOPPED
+        ):
             request.reply.ok(self.entry.state)
         else:
             request.reply.fail(Terminating(self.propolis_id))
@@ -262,7 +268,7 @@ class InstanceRunner:
             finally:
                 self._request_scope = None
         if scope.cancelled_caught:  # terminated while waiting on Propolis
-            request.reply.fail(Terminating(self.propolis_id))
+            self._answer_halted(request)
 
     async def _put_state(self, requested: VmmStateRequested) -> SledVmmState:
         kind = requested.type

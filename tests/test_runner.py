@@ -22,7 +22,7 @@ from sledagent import (
     VmNotRunning,
 )
 from sledagent._codec import encode
-from sledagent._wire import InstanceState, InstanceStateRequested
+from sledagent._wire import InstanceState, InstanceStateRequested, SledVmmState
 from sledagent._wire import VmmStateRequestedType as Req
 from sledagent.testing import (
     AgentHarness,
@@ -136,6 +136,32 @@ async def test_a_vm_that_halts_before_propolis_answers_the_stop_stays_destroyed(
     assert delivered[-1].vmm_state.state is VmmState.DESTROYED
     assert [s.gen for s in delivered] == sorted({s.gen for s in delivered})
     assert fake_agent.agent.manager.registry.find(pid) is None  # published and removed
+
+
+async def test_a_stop_overtaken_by_the_halt_is_answered_with_the_terminal_state(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Found over HTTP with the lean client: Propolis halted the guest and the monitor
+    # heard it before Propolis's answer to the stop, so the stop was cancelled and the
+    # caller got 410 for a stop that had done what it asked.
+    fakes = FakeHost()
+    async with open_fake_agent(fast_config(), fakes) as h:
+        pid = await h.start_vmm()
+        vm = fakes.propolis[pid]
+        vm.request_delay_s = 5.0
+        answers: list[SledVmmState | None] = []
+
+        async def stop() -> None:
+            answers.append(await h.request(pid, Req.STOPPED))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop)
+            await trio.sleep(1.0)
+            vm.halt()  # the guest powers off while the stop waits on Propolis
+        assert len(answers) == 1 and answers[0] is not None
+        assert answers[0].vmm_state.state is VmmState.DESTROYED
+        await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
+        await h.agent.drain()
 
 
 async def test_a_vmm_that_ignores_stop_is_destroyed_when_the_grace_period_expires(

@@ -18,6 +18,7 @@ import trio
 from sledagent import Host, MemoryBundleStore, VmmState, open_sled_agent
 from sledagent._api import build_app
 from sledagent._clients import HttpNexusClient, HttpPropolisConnector
+from sledagent._h1client import H1Pool
 from sledagent._server import serve_api
 from sledagent.sim import recording_nexus_app, sim_propolis_app
 from sledagent.testing import FakeNexus, FakePropolis, FakeZones, ensure_body_json, fast_config
@@ -64,18 +65,19 @@ async def open_wire(n_vmms: int) -> AsyncIterator[Wire]:
             addrs.append(addr)
         connector = HttpPropolisConnector()
         await nursery.start(connector.run)
-        async with httpx.AsyncClient() as pool:
-            host = Host(
-                backend=zones,
-                connector=connector,
-                nexus=HttpNexusClient(pool, nexus_url),
-                archiver=zones.archiver(),
-                store=MemoryBundleStore(),
-            )
-            async with open_sled_agent(fast_config(), host) as agent:
-                api_url = await start(build_app(agent))
-                async with httpx.AsyncClient(base_url=api_url, timeout=10) as api:
-                    yield Wire(api, sims, nexus_url, nexus, vms, addrs)
+        nexus_pool = H1Pool(nexus_url)
+        host = Host(
+            backend=zones,
+            connector=connector,
+            nexus=HttpNexusClient(nexus_pool),
+            archiver=zones.archiver(),
+            store=MemoryBundleStore(),
+        )
+        async with open_sled_agent(fast_config(), host) as agent:
+            api_url = await start(build_app(agent))
+            async with httpx.AsyncClient(base_url=api_url, timeout=10) as api:
+                yield Wire(api, sims, nexus_url, nexus, vms, addrs)
+        await nexus_pool.aclose()
         stop.set()
         nursery.cancel_scope.cancel()  # the connector's pool keeper runs until cancelled
 

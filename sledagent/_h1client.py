@@ -1,0 +1,205 @@
+"""A lean HTTP/1.1 client for the agent's hot peers (Propolis, Nexus), on trio and h11.
+
+Why not httpx (the stack's first choice, still used by the CLI, the demo and the sim's
+fleet launcher): every halt costs the agent a monitor answer from Propolis and a few
+``PUT``s to Nexus, all on its one trio thread, and an httpx exchange costs about 1.7 ms
+of CPU on this machine against about 0.3 ms for an h11 exchange on a kept-alive socket
+(docs/design.md, "HTTP client"). At 1000 VMMs halted at once that difference is the
+floor of halt-to-publish and what state readers wait behind.
+
+What it does: one pool per peer (``host:port``) of keep-alive connections, at most
+``max_connections`` requests in flight (the rest wait their turn), ``max_idle`` kept
+between requests; a connect deadline; a whole-request deadline when asked (none for a
+long poll: the caller's cancel scope bounds it); responses with ``Content-Length`` or
+chunked bodies, capped. A request that finds its kept-alive connection closed by the
+peer before any answer byte is sent again once on a new connection: every method the
+agent sends (``GET``, ``PUT``) is idempotent. A cancelled or failed exchange closes its
+connection, never returns it to the pool. No TLS, no proxies, no redirects: the agent
+speaks plain HTTP on the underlay, as omicron's services do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from urllib.parse import urlsplit
+
+import attrs
+import h11
+import trio
+
+_RECV = 64 * 1024
+
+
+class ConnectionFailed(Exception):
+    """No answer: the peer refused, reset, closed early or broke the protocol."""
+
+
+class RequestTimeout(ConnectionFailed):
+    """No whole answer within the deadline (connect or request)."""
+
+
+@attrs.frozen
+class H1Response:
+    status: int
+    body: bytes
+
+
+class _Stale(Exception):
+    """A kept-alive connection the peer had closed: nothing of an answer arrived."""
+
+
+class _Connection:
+    def __init__(self, stream: trio.SocketStream, host_header: str, max_body: int) -> None:
+        self.stream = stream
+        self.host_header = host_header
+        self.max_body = max_body
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.reusable = False
+
+    async def exchange(
+        self, method: str, target: str, body: bytes | None, headers: Sequence[tuple[str, str]]
+    ) -> H1Response:
+        conn = self.h11
+        self.reusable = False
+        head = [("host", self.host_header), *headers]
+        if body is not None:
+            head.append(("content-length", str(len(body))))
+        data = conn.send(h11.Request(method=method, target=target, headers=head))
+        if body:
+            data += conn.send(h11.Data(data=body))
+        data += conn.send(h11.EndOfMessage())
+        try:
+            await self.stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            raise _Stale from exc
+        status, chunks, size, heard = 0, [], 0, False
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    received = await self.stream.receive_some(_RECV)
+                except trio.BrokenResourceError as exc:  # reset
+                    if not heard:
+                        raise _Stale from exc
+                    raise
+                if not received and not heard:
+                    raise _Stale
+                heard = True
+                conn.receive_data(received)  # b"" tells h11 the peer closed
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > self.max_body:
+                    raise ConnectionFailed(f"answer body over {self.max_body} bytes")
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionFailed("the peer closed the connection mid-answer")
+            # InformationalResponse (100 Continue) and the like: read on.
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            self.reusable = True
+        return H1Response(status, b"".join(chunks))
+
+    async def close(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float | None, what: str) -> Iterator[None]:
+    if seconds is None:
+        yield
+        return
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError:
+        raise RequestTimeout(f"{what}: no answer within {seconds:g} s") from None
+
+
+class H1Pool:
+    """Keep-alive HTTP/1.1 connections to the peer at ``base_url`` (``http://host:port``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        max_connections: int = 8,
+        max_idle: int = 4,
+        connect_timeout_s: float = 5.0,
+        max_body_bytes: int = 8 << 20,
+    ) -> None:
+        url = urlsplit(base_url)
+        if url.scheme != "http" or not url.hostname:
+            raise ValueError(f"need an http://host:port URL, not {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self._host = url.hostname
+        self._port = url.port or 80
+        self._host_header = url.netloc
+        self._slots = trio.Semaphore(max_connections)
+        self._max_idle = max_idle
+        self._connect_timeout_s = connect_timeout_s
+        self._max_body = max_body_bytes
+        self._idle: list[_Connection] = []
+        self._closed = False
+        #: Connections opened over the pool's life (tests and benchmarks read it).
+        self.connects = 0
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        body: bytes | None = None,
+        *,
+        headers: Sequence[tuple[str, str]] = (),
+        timeout_s: float | None = None,
+    ) -> H1Response:
+        """One exchange; raises ``ConnectionFailed`` (``RequestTimeout``) if no answer."""
+        what = f"{method} {self.base_url}{target}"
+        if self._closed:
+            raise ConnectionFailed(f"{what}: the pool is closed")
+        async with self._slots:
+            with _deadline(timeout_s, what):
+                while True:
+                    conn = self._idle.pop() if self._idle else None
+                    reused = conn is not None
+                    if conn is None:
+                        conn = await self._connect(what)
+                    try:
+                        response = await conn.exchange(method, target, body, headers)
+                    except _Stale:
+                        await conn.close()
+                        if reused:
+                            continue  # the peer closed it while idle: once more, anew
+                        raise ConnectionFailed(f"{what}: closed without an answer") from None
+                    except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
+                        await conn.close()
+                        raise ConnectionFailed(f"{what}: {type(exc).__name__}: {exc}") from exc
+                    except BaseException:  # cancelled or over the body cap: never reuse
+                        await conn.close()
+                        raise
+                    break
+        if conn.reusable and not self._closed and len(self._idle) < self._max_idle:
+            self._idle.append(conn)
+        else:
+            await conn.close()
+        return response
+
+    async def _connect(self, what: str) -> _Connection:
+        with _deadline(self._connect_timeout_s, f"{what}: connect"):
+            try:
+                stream = await trio.open_tcp_stream(self._host, self._port)
+            except OSError as exc:
+                raise ConnectionFailed(f"{what}: connect: {exc}") from exc
+        self.connects += 1
+        return _Connection(stream, self._host_header, self._max_body)
+
+    async def aclose(self) -> None:
+        """Close idle connections; those in use close when their exchange ends."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close()

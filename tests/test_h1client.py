@@ -1,0 +1,260 @@
+"""The lean HTTP/1.1 client the agent uses for Propolis and Nexus (``H1Pool``), and the
+clients over it: keep-alive reuse, a peer's idle close, refusals, deadlines, cancellation,
+bounds, and how answers become ``PeerError``/``PropolisGone``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+import h11
+import pytest
+import trio
+
+from sledagent._clients import HttpNexusClient, HttpPropolisClient
+from sledagent._errors import PeerError, PropolisGone
+from sledagent._h1client import ConnectionFailed, H1Pool, RequestTimeout
+from sledagent._wire import InstanceStateRequested, SledVmmState, VmmRuntimeState, VmmState
+
+
+class Peer:
+    """A raw HTTP/1.1 server whose behaviour each test sets."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+        self.connections = 0
+        self.open_now = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.status = 204
+        self.body = b""
+        self.chunked = False
+        self.close_after_answer = False  # close the socket, without saying so
+        self.delay_s = 0.0
+        self.cut_mid_answer = False
+        self.closed = trio.Event()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        self.open_now += 1
+        conn = h11.Connection(h11.SERVER)
+        request: h11.Request | None = None
+        body = b""
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    conn.receive_data(data)
+                elif isinstance(event, h11.Request):
+                    request, body = event, b""
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    assert request is not None
+                    headers = {k.decode(): v.decode() for k, v in request.headers}
+                    self.requests.append(
+                        (request.method.decode(), request.target.decode(), headers, body)
+                    )
+                    self.in_flight += 1
+                    self.most_in_flight = max(self.most_in_flight, self.in_flight)
+                    try:
+                        with trio.move_on_after(self.delay_s):
+                            if not await stream.receive_some(65536):
+                                return  # the client left before its answer
+                    finally:
+                        self.in_flight -= 1
+                    await self._answer(stream, conn)
+                    if self.close_after_answer or self.cut_mid_answer:
+                        return
+                    conn.start_next_cycle()
+                elif isinstance(event, h11.ConnectionClosed):
+                    return
+        finally:
+            self.open_now -= 1
+            self.closed.set()
+            await trio.aclose_forcefully(stream)
+
+    async def _answer(self, stream: trio.SocketStream, conn: h11.Connection) -> None:
+        if self.chunked:
+            head = [("transfer-encoding", "chunked")]
+        else:
+            head = [("content-length", str(len(self.body)))]
+        data = conn.send(h11.Response(status_code=self.status, headers=head))
+        if self.cut_mid_answer:
+            await stream.send_all(data + b"{")  # half a body, then gone
+            return
+        if self.chunked:
+            half = len(self.body) // 2
+            data += conn.send(h11.Data(data=self.body[:half]))
+            data += conn.send(h11.Data(data=self.body[half:]))
+        elif self.body:
+            data += conn.send(h11.Data(data=self.body))
+        await stream.send_all(data + conn.send(h11.EndOfMessage()))
+
+
+@asynccontextmanager
+async def serving(peer: Peer) -> AsyncIterator[str]:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, peer.handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+        nursery.cancel_scope.cancel()
+
+
+async def test_requests_reuse_one_kept_alive_connection_and_carry_their_body() -> None:
+    peer = Peer()
+    peer.status, peer.body = 200, b'{"ok": true}'
+    async with serving(peer) as url:
+        pool = H1Pool(url)
+        for i in range(5):
+            answer = await pool.request("PUT", f"/x/{i}", b"abc", headers=[("x-a", "1")])
+            assert (answer.status, answer.body) == (200, b'{"ok": true}')
+        await pool.aclose()
+    assert peer.connections == 1 and pool.connects == 1
+    method, target, headers, body = peer.requests[-1]
+    assert (method, target, body) == ("PUT", "/x/4", b"abc")
+    assert headers["host"] == url.removeprefix("http://")
+    assert headers["content-length"] == "3" and headers["x-a"] == "1"
+
+
+async def test_a_chunked_answer_is_read_whole() -> None:
+    peer = Peer()
+    peer.status, peer.body, peer.chunked = 200, b"0123456789" * 1000, True
+    async with serving(peer) as url:
+        pool = H1Pool(url)
+        answer = await pool.request("GET", "/big")
+        assert answer.body == peer.body
+        assert (await pool.request("GET", "/big")).body == peer.body
+        await pool.aclose()
+    assert peer.connections == 1
+
+
+async def test_a_connection_the_peer_closed_while_idle_is_replaced_without_an_error() -> None:
+    peer = Peer()
+    peer.close_after_answer = True  # keep-alive promised, then the socket is closed
+    async with serving(peer) as url:
+        pool = H1Pool(url)
+        for _ in range(3):
+            peer.closed = trio.Event()
+            assert (await pool.request("PUT", "/x", b"{}")).status == 204
+            with trio.fail_after(5):
+                await peer.closed.wait()  # the server has dropped it by now
+        await pool.aclose()
+    assert len(peer.requests) == 3  # each sent once: the stale sockets carried nothing
+    assert pool.connects == 3
+
+
+async def test_a_refused_connection_is_a_connection_failure() -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: refused
+        pool = H1Pool(f"http://127.0.0.1:{port}")
+        with pytest.raises(ConnectionFailed, match="connect"):
+            await pool.request("GET", "/")
+
+
+async def test_an_answer_cut_off_midway_fails_and_is_not_sent_again() -> None:
+    peer = Peer()
+    peer.status, peer.body, peer.cut_mid_answer = 200, b'{"a": 1}', True
+    async with serving(peer) as url:
+        pool = H1Pool(url)
+        with pytest.raises(ConnectionFailed):
+            await pool.request("PUT", "/x", b"{}")
+        await pool.aclose()
+    assert len(peer.requests) == 1
+
+
+async def test_a_slow_answer_times_out_and_its_connection_is_closed() -> None:
+    peer = Peer()
+    peer.delay_s = 10
+    async with serving(peer) as url:
+        pool = H1Pool(url)
+        with pytest.raises(RequestTimeout, match=r"within 0\.2 s"):
+            await pool.request("PUT", "/x", b"{}", timeout_s=0.2)
+        with trio.fail_after(5):
+            await peer.closed.wait()  # the server sees the client leave
+        peer.delay_s = 0
+        assert (await pool.request("PUT", "/x", b"{}")).status == 204
+        await pool.aclose()
+    assert pool.connects == 2
+
+
+async def test_a_cancelled_long_poll_closes_its_connection() -> None:
+    peer = Peer()
+    peer.delay_s = 10
+    async with serving(peer) as url:
+        pool = H1Pool(url)
+        with trio.move_on_after(0.2):
+            await pool.request("GET", "/instance/state-monitor", b'{"gen": 1}')
+        with trio.fail_after(5):
+            await peer.closed.wait()
+        await pool.aclose()
+
+
+async def test_requests_in_flight_stay_within_the_pool_bound() -> None:
+    peer = Peer()
+    peer.delay_s = 0.05
+    async with serving(peer) as url:
+        pool = H1Pool(url, max_connections=2, max_idle=2)
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(pool.request, "PUT", "/x", b"{}")
+        await pool.aclose()
+    assert len(peer.requests) == 8
+    assert peer.most_in_flight == 2 and pool.connects == 2
+
+
+async def test_an_oversized_answer_is_refused() -> None:
+    peer = Peer()
+    peer.status, peer.body = 200, b"x" * 5000
+    async with serving(peer) as url:
+        pool = H1Pool(url, max_body_bytes=1000)
+        with pytest.raises(ConnectionFailed, match="over 1000 bytes"):
+            await pool.request("GET", "/")
+        await pool.aclose()
+
+
+def test_only_plain_http_urls_make_a_pool() -> None:
+    with pytest.raises(ValueError, match="http://host:port"):
+        H1Pool("https://nexus.example")
+
+
+async def test_propolis_answers_become_peer_errors_with_their_codes() -> None:
+    peer = Peer()
+    async with serving(peer) as url:
+        pool = H1Pool(url)
+        client = HttpPropolisClient(pool)
+        peer.status, peer.body = 410, json.dumps({"message": "no", "error_code": None}).encode()
+        with pytest.raises(PropolisGone):
+            await client.put_state(InstanceStateRequested.STOP)
+        peer.status = 500
+        peer.body = json.dumps({"message": "x", "error_code": "NoInstance"}).encode()
+        with pytest.raises(PropolisGone):  # Propolis's own "no VM" code, whatever the status
+            await client.put_state(InstanceStateRequested.STOP)
+        peer.body = b"not json"
+        with pytest.raises(PeerError) as caught:
+            await client.put_state(InstanceStateRequested.STOP)
+        assert caught.value.status == 500 and caught.value.transient
+        assert "not json" in str(caught.value)
+        await pool.aclose()
+    assert peer.requests[0][:2] == ("PUT", "/instance/state")
+    assert json.loads(peer.requests[0][3]) == "Stop"
+
+
+async def test_nexus_unreachable_is_a_transient_peer_error() -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        nexus = HttpNexusClient(H1Pool(url))
+        with pytest.raises(PeerError) as caught:
+            now = dt.datetime.now(dt.UTC)
+            state = SledVmmState(VmmRuntimeState(gen=2, state=VmmState.STOPPED, time_updated=now))
+            await nexus.put_vmm_state(uuid.uuid4(), state)
+    assert caught.value.status is None and caught.value.transient
