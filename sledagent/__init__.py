@@ -8,6 +8,7 @@ from ._agent import SledAgent as SledAgent
 from ._agent import open_sled_agent as open_sled_agent
 from ._api import build_app as build_app
 from ._archive import TarArchiver as TarArchiver
+from ._archive_procs import ProcessArchiver as ProcessArchiver
 from ._bundle_store import DiskBundleStore as DiskBundleStore
 from ._bundler import BundlerStatistics as BundlerStatistics
 from ._bundler import ZoneBundler as ZoneBundler
@@ -138,6 +139,7 @@ __all__ = [
     "NoSuchZone",
     "NotifierStatistics",
     "PeerError",
+    "ProcessArchiver",
     "PropolisAlreadyRegistered",
     "PropolisClient",
     "PropolisConnector",

@@ -178,9 +178,11 @@ class TarArchiver:
 
     def _write_sync(self, job: ArchiveJob, abort: threading.Event) -> BundleInfo:
         with background_priority():  # requests and publications go first
-            return self._write_bundle(job, abort)
+            return self.write_sync(job, abort)
 
-    def _write_bundle(self, job: ArchiveJob, abort: threading.Event) -> BundleInfo:
+    def write_sync(self, job: ArchiveJob, abort: threading.Event) -> BundleInfo:
+        """Write the bundle in the calling thread (a worker thread, or a worker process:
+        ``ProcessArchiver``); ``abort`` stops it within one read chunk."""
         meta = job.metadata
         written: list[Path] = []  # every file of this bundle, to remove on failure
         try:
@@ -209,14 +211,15 @@ class TarArchiver:
             return gz
         return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=self.compression_level)
 
-    def _tmp_for(self, final: Path) -> Path:
+    def tmp_for(self, final: Path) -> Path:
+        """The hidden temporary name a bundle is written under before its rename."""
         return final.with_name(f"{TMP_PREFIX}{final.name.removesuffix(BUNDLE_SUFFIX)}{TMP_SUFFIX}")
 
     def _write_primary(
         self, job: ArchiveJob, final: Path, abort: threading.Event, written: list[Path]
     ) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp_for(final)
+        tmp = self.tmp_for(final)
         written.append(tmp)
         now = time.time()
         manifest: dict[str, object] = {"entries": [], "commands": [], "truncated": []}
@@ -269,7 +272,7 @@ class TarArchiver:
 
     def _copy_atomically(self, source: Path, final: Path, written: list[Path]) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp_for(final)
+        tmp = self.tmp_for(final)
         written.append(tmp)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, BUNDLE_MODE)
         with os.fdopen(fd, "wb") as dst, open(source, "rb") as src:

@@ -26,6 +26,7 @@ import trio
 from ._agent import Host, SledAgent, open_sled_agent
 from ._api import build_app
 from ._archive import TarArchiver
+from ._archive_procs import ProcessArchiver
 from ._bundle_store import DiskBundleStore
 from ._clients import HttpNexusClient, HttpPropolisConnector
 from ._config import AgentConfig, BackoffPolicy
@@ -74,6 +75,9 @@ class DaemonConfig:
     debug_dirs: tuple[Path, ...] = ()
     bundle_quota_bytes: int | None = None
     max_bundle_file_mb: int = 64
+    #: Where bundles are compressed: ``process`` (worker processes, one per phase-2 slot,
+    #: off the agent's GIL) or ``thread`` (worker threads of the agent's process).
+    archive_in: Literal["process", "thread"] = "process"
     #: Each zone's log writer (bytes/s) and the log volume seeded at zone install.
     log_rate_bps: int = 2048
     seed_log_mb: float = 0.0
@@ -84,6 +88,8 @@ class DaemonConfig:
     def __attrs_post_init__(self) -> None:
         if self.propolis == "remote" and not self.sim_fleet_url:
             raise ConfigError('propolis = "remote" needs sim_fleet_url')
+        if self.archive_in not in ("process", "thread"):
+            raise ConfigError(f'archive_in must be "process" or "thread", not {self.archive_in!r}')
         if self.backend not in ("local", "illumos"):
             raise ConfigError(f'backend must be "local" or "illumos", not {self.backend!r}')
         if self.backend == "illumos" and self.propolis != "external":
@@ -133,6 +139,19 @@ def load_config(path: Path) -> DaemonConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     return config_from_toml(text, source=str(path))
+
+
+def archiver_for(config: DaemonConfig, dirs: list[Path]) -> TarArchiver | ProcessArchiver:
+    """The configured archiver; as many worker processes as phase-2 slots."""
+    level, cap = config.agent.compression_level, config.max_bundle_file_mb << 20
+    if config.archive_in == "thread":
+        return TarArchiver(dirs, compression_level=level, max_file_bytes=cap)
+    return ProcessArchiver(
+        dirs,
+        compression_level=level,
+        max_file_bytes=cap,
+        workers=config.agent.bundle_archive_concurrency,
+    )
 
 
 async def _client_keeper(
@@ -199,6 +218,8 @@ async def run_daemon(
             nexus_pool = H1Pool(nexus_url, max_connections=deliveries, max_idle=deliveries)
         except ValueError as exc:
             raise ConfigError(f"nexus_url: {exc}") from None
+        dirs = config.bundle_dirs()
+        archiver = archiver_for(config, dirs)
         try:
             zones: ZoneBackend
             quota = config.bundle_quota_bytes
@@ -220,16 +241,11 @@ async def run_daemon(
                     ),
                     launcher=launcher,
                 )
-            dirs = config.bundle_dirs()
             host = Host(
                 backend=zones,
                 connector=connector,
                 nexus=HttpNexusClient(nexus_pool),
-                archiver=TarArchiver(
-                    dirs,
-                    compression_level=config.agent.compression_level,
-                    max_file_bytes=config.max_bundle_file_mb << 20,
-                ),
+                archiver=archiver,
                 store=DiskBundleStore(
                     dirs,
                     context_path=config.data_dir / "bundle-cleanup-context.toml",
@@ -259,6 +275,8 @@ async def run_daemon(
         finally:
             with trio.CancelScope(shield=True):
                 await nexus_pool.aclose()
+                if isinstance(archiver, ProcessArchiver):
+                    await archiver.aclose()
         servers_stop.set()
         nursery.cancel_scope.cancel()
     log.info("daemon_stopped")

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Literal
 
 import attrs
 import httpx
@@ -52,6 +53,8 @@ class WireParams:
     #: ``process``: the simulated Propolis fleet and Nexus run in a ``sledagent sim``
     #: process of their own (the agent's figures are its own); ``inline``: in this process.
     peers: str = "process"
+    #: Where the daemon compresses bundles (``DaemonConfig.archive_in``).
+    archive_in: Literal["process", "thread"] = "process"
 
 
 @attrs.define
@@ -159,6 +162,7 @@ async def _run_wire(
             log_rate_bps=0,
             seed_log_mb=0.0 if floor else p.log_mb,
             seed_cache=cache,
+            archive_in=p.archive_in,
             agent=agent,
         )
         shutdown = trio.Event()

@@ -1,0 +1,62 @@
+"""The archive worker process's loop (``python -m sledagent._archive_worker``): see
+``ProcessArchiver``. Kept apart from ``_archive_procs`` so that running it does not
+import the module it is the ``__main__`` of twice."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import pickle
+import struct
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+#: Each message on the pipes: its length (4 bytes, big-endian), then a pickle.
+HEADER = struct.Struct(">I")
+_NICE = 10
+
+
+def _read_exactly(stream: Any, n: int) -> bytes | None:
+    data = stream.read(n)
+    return data if len(data) == n else None
+
+
+def serve(argv: list[str]) -> None:
+    """Answer jobs on stdin until it closes: ``(debug_dirs, level, max_file_bytes)`` in
+    ``argv[0]``, then per job ``("ok", BundleInfo)`` or ``("error", exception)``."""
+    from ._archive import TarArchiver
+
+    dirs, level, max_file_bytes = ast.literal_eval(argv[0])
+    archiver = TarArchiver(
+        [Path(d) for d in dirs], compression_level=level, max_file_bytes=max_file_bytes
+    )
+    with contextlib.suppress(OSError):
+        os.nice(_NICE)  # requests and publications (in the agent) go first
+    never = threading.Event()  # cancellation comes as SIGKILL, from the agent
+    # Answers go to the pipe on fd 1 alone: anything else printing (a log line, a
+    # warning) goes to stderr instead of into the protocol.
+    stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    while (head := _read_exactly(stdin, HEADER.size)) is not None:
+        payload = _read_exactly(stdin, HEADER.unpack(head)[0])
+        if payload is None:
+            return
+        job = pickle.loads(payload)
+        try:
+            answer: tuple[str, object] = ("ok", archiver.write_sync(job, never))
+        except Exception as exc:
+            answer = ("error", exc)
+        try:
+            data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # an exception that cannot be pickled: keep its words
+            data = pickle.dumps(("error", RuntimeError(repr(exc))))
+        stdout.write(HEADER.pack(len(data)) + data)
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1:])

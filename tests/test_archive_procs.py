@@ -1,0 +1,122 @@
+"""Bundles written in worker processes (``ProcessArchiver``): the same files as the
+thread archiver, workers kept between bundles, and nothing left behind when a bundle is
+cancelled, fails, or its worker dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tarfile
+from pathlib import Path
+
+import pytest
+import trio
+
+from sledagent import ProcessArchiver, TarArchiver
+from sledagent._archive_procs import ArchiveWorkerDied
+
+from .test_archive import leftovers, make_job
+
+
+def members(path: str) -> dict[str, bytes]:
+    with tarfile.open(path, "r:gz") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+
+
+async def test_a_worker_process_writes_the_same_bundle_as_a_thread(tmp_path: Path) -> None:
+    job = make_job(tmp_path, big=3 << 20)
+    archiver = ProcessArchiver([tmp_path / "p0", tmp_path / "p1"], max_file_bytes=1 << 20)
+    try:
+        info = await archiver.write(job)
+    finally:
+        await archiver.aclose()
+    expected = await TarArchiver([tmp_path / "t0"], max_file_bytes=1 << 20).write(job)
+    assert info.metadata == expected.metadata
+    assert [Path(p).parent.parent for p in info.paths] == [tmp_path / "p0", tmp_path / "p1"]
+    got, want = members(info.paths[0]), members(expected.paths[0])
+    assert got == want  # entry for entry, the capped log and the manifest included
+    assert members(info.paths[1]) == got
+    assert not [p for p in leftovers(tmp_path / "p0") if ".tmp" in p]
+
+
+async def test_workers_are_kept_between_bundles_up_to_their_bound(tmp_path: Path) -> None:
+    archiver = ProcessArchiver([tmp_path / "d"], workers=2)
+    jobs = []
+    for i in range(6):
+        (tmp_path / str(i)).mkdir()
+        jobs.append(make_job(tmp_path / str(i)))
+    try:
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(archiver.write, job)
+        for job in jobs[:2]:  # and again, one at a time
+            await archiver.write(job)
+    finally:
+        await archiver.aclose()
+    assert archiver.started == 2
+    assert len([p for p in leftovers(tmp_path / "d") if p.endswith(".tar.gz")]) == 6
+
+
+async def test_a_cancelled_bundle_leaves_no_file_and_the_next_one_is_written(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    big = make_job(tmp_path / "a", big=64 << 20)
+    archiver = ProcessArchiver([tmp_path / "d0", tmp_path / "d1"], compression_level=3)
+    try:
+        with trio.move_on_after(0.3) as scope:
+            await archiver.write(big)
+        assert scope.cancelled_caught
+        # The worker is gone by the time write() returns, and so is every file.
+        assert leftovers(tmp_path / "d0", tmp_path / "d1") == []
+        info = await archiver.write(make_job(tmp_path / "b"))
+    finally:
+        await archiver.aclose()
+    assert archiver.started == 2
+    assert leftovers(tmp_path / "d0", tmp_path / "d1") == sorted(info.paths)
+
+
+async def test_an_error_in_the_worker_reaches_the_caller_and_leaves_no_file(
+    tmp_path: Path,
+) -> None:
+    job = make_job(tmp_path)
+    os.unlink(job.snapshot.files[1].path)  # a source vanishes while writing
+    archiver = ProcessArchiver([tmp_path / "d0", tmp_path / "d1"])
+    try:
+        with pytest.raises(FileNotFoundError):
+            await archiver.write(job)
+    finally:
+        await archiver.aclose()
+    assert leftovers(tmp_path / "d0", tmp_path / "d1") == []
+    assert archiver.started == 1  # an error in a bundle does not cost the worker
+
+
+async def test_a_worker_that_dies_mid_bundle_fails_it_cleanly_and_is_replaced(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    archiver = ProcessArchiver([tmp_path / "d0"], compression_level=3)
+    try:
+        first = await archiver.write(make_job(tmp_path / "b"))  # a worker, idle now
+        (worker,) = archiver._idle
+        big = make_job(tmp_path / "a", big=64 << 20)
+        failures: list[Exception] = []
+
+        async def write_big() -> None:
+            try:
+                await archiver.write(big)
+            except ArchiveWorkerDied as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_big)
+            await trio.sleep(0.3)
+            os.kill(worker.process.pid, signal.SIGKILL)
+        assert len(failures) == 1
+        assert leftovers(tmp_path / "d0") == list(first.paths)
+        await archiver.write(big)
+    finally:
+        await archiver.aclose()
+    assert archiver.started == 2
