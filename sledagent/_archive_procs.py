@@ -8,8 +8,8 @@ reads, compression calls and writes: measured at 200 VMMs x 10 MB, the archive t
 each wrote ~80 MB/s against ~465 MB/s alone (docs/performance.md, "Where a mass stop's
 drain goes"). A process has a GIL of its own; the trio thread is left only the pipe.
 
-How: up to ``workers`` processes (``python -m sledagent._archive_worker``), started on
-first use and kept; each takes one job at a time over its stdin (a length-prefixed
+How: up to ``workers`` processes (``sledagent._archive_worker``), started by ``warm_up``
+or on first use and kept; each takes one job at a time over its stdin (a length-prefixed
 pickle of the ``ArchiveJob``: a trusted child of ours, nothing else reads the pipe) and
 answers on stdout with the ``BundleInfo`` or the error. The child runs the very same
 ``TarArchiver`` code (temporary name, fsync, rename, copies), at a lower CPU priority
@@ -92,10 +92,14 @@ class ProcessArchiver:
         )
         if workers < 1:
             raise ValueError("workers must be >= 1")
+        # "-c", not "-m": the package imports this module, and runpy warns when the
+        # module it runs as __main__ was imported first.
         self._argv = [
-            sys.executable, "-m", "sledagent._archive_worker",
+            sys.executable, "-c", "import sys; from sledagent._archive_worker import serve; "
+            "serve(sys.argv[1:])",
             repr(([str(d) for d in self._local.debug_dirs], compression_level, max_file_bytes)),
         ]  # fmt: skip
+        self._workers = workers
         self._idle: list[_Worker] = []
         self._slots = trio.Semaphore(workers)
         self._closed = False
@@ -124,6 +128,17 @@ class ProcessArchiver:
             raise value
         assert isinstance(value, BundleInfo)
         return value
+
+    async def warm_up(self) -> None:
+        """Start every worker now (the daemon does, at start): a worker's first job
+        otherwise waits for its interpreter and imports (~0.3 s here), which showed as
+        a slower drain for the first bundles of a small mass stop."""
+        while len(self._idle) < self._workers and not self._closed:
+            worker = await self._start()
+            if self._closed:  # closed while it started
+                await worker.kill()
+                return
+            self._idle.append(worker)
 
     async def sweep_partial(self) -> int:
         return await self._local.sweep_partial()

@@ -1,6 +1,6 @@
-"""The archive worker process's loop (``python -m sledagent._archive_worker``): see
-``ProcessArchiver``. Kept apart from ``_archive_procs`` so that running it does not
-import the module it is the ``__main__`` of twice."""
+"""The archive worker process's loop (``serve``): see ``ProcessArchiver``. Kept apart
+from ``_archive_procs``, which the agent imports, so that a worker imports little of
+its own."""
 
 from __future__ import annotations
 
@@ -56,7 +56,3 @@ def serve(argv: list[str]) -> None:
             data = pickle.dumps(("error", RuntimeError(repr(exc))))
         stdout.write(HEADER.pack(len(data)) + data)
         stdout.flush()
-
-
-if __name__ == "__main__":
-    serve(sys.argv[1:])

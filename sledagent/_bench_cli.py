@@ -149,6 +149,7 @@ async def bundle(
     log_mb: float = 10.0,
     level: int = 2,
     archive_concurrency: int | None = None,
+    archive_in: Literal["process", "thread"] = "process",
     json: Annotated[bool, cyclopts.Parameter(negative="")] = False,
 ) -> int:
     """Bundle Z local zones with M MB of logs each; compare with pigz -1 and gzip -9.
@@ -163,11 +164,13 @@ async def bundle(
         isal compression level of our bundles (0..3).
     archive_concurrency
         Phase-2 slots (default: the number of cores).
+    archive_in
+        Compress in worker ``process``es (the daemon's default) or ``thread``s.
     json
         Print only the JSON report.
     """
     configure_logging(json=True, level="error")
-    params = BundleBenchParams(zones=zones, log_mb=log_mb, level=level)
+    params = BundleBenchParams(zones=zones, log_mb=log_mb, level=level, archive_in=archive_in)
     if archive_concurrency is not None:
         params = attrs.evolve(params, archive_concurrency=archive_concurrency)
     report = {"command": command_line(), **(await run_bundle_bench(params))}

@@ -220,6 +220,8 @@ async def run_daemon(
             raise ConfigError(f"nexus_url: {exc}") from None
         dirs = config.bundle_dirs()
         archiver = archiver_for(config, dirs)
+        if isinstance(archiver, ProcessArchiver):
+            nursery.start_soon(archiver.warm_up)
         try:
             zones: ZoneBackend
             quota = config.bundle_quota_bytes

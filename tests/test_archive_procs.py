@@ -120,3 +120,14 @@ async def test_a_worker_that_dies_mid_bundle_fails_it_cleanly_and_is_replaced(
     finally:
         await archiver.aclose()
     assert archiver.started == 2
+
+
+async def test_warm_up_starts_every_worker_before_the_first_bundle(tmp_path: Path) -> None:
+    archiver = ProcessArchiver([tmp_path / "d"], workers=2)
+    try:
+        await archiver.warm_up()
+        assert archiver.started == 2
+        await archiver.write(make_job(tmp_path))
+    finally:
+        await archiver.aclose()
+    assert archiver.started == 2  # the bundle took a warm worker

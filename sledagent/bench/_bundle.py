@@ -3,7 +3,7 @@
 Z local zones are created with M MB each of realistic JSON logs (log-normal file sizes:
 live, rotated and archived files). They are bundled at once through the real
 ``ZoneBundler`` (phase 1 commands + snapshot, phase 2 tar.gz through isal in worker
-threads, one slot per core by default). In the same run, on the same files:
+threads or processes, one slot per core by default). In the same run, on the same files:
 
 - ``pigz``: ``tar -cf - <files> | pigz -p <cores> -1`` per zone, all zones in sequence
   (pigz's fastest level, every core), when pigz is installed;
@@ -24,11 +24,13 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Literal
 
 import attrs
 import trio
 
 from .._archive import TarArchiver
+from .._archive_procs import ProcessArchiver
 from .._bundler import ZoneBundler
 from .._host import Zone, ZoneSpec
 from .._local_zones import LOG_SUBDIR, LocalZoneBackend, LocalZonesConfig
@@ -44,6 +46,8 @@ class BundleBenchParams:
     level: int = 2
     archive_concurrency: int = attrs.field(factory=lambda: os.cpu_count() or 1)
     baselines: bool = True
+    #: Where the archives are compressed, as the daemon's ``archive_in``.
+    archive_in: Literal["process", "thread"] = "process"
 
     def __attrs_post_init__(self) -> None:
         if self.zones < 1 or self.log_mb <= 0 or self.archive_concurrency < 1:
@@ -110,9 +114,20 @@ async def _run(params: BundleBenchParams, tmp: Path) -> dict[str, object]:
     input_bytes = await trio.to_thread.run_sync(
         lambda: sum(p.stat().st_size for fs in files for p in fs)
     )
+    archiver: TarArchiver | ProcessArchiver
+    level, cap = params.level, 1 << 40
+    if params.archive_in == "thread":
+        archiver = TarArchiver([tmp / "debug"], compression_level=level, max_file_bytes=cap)
+    else:
+        archiver = ProcessArchiver(
+            [tmp / "debug"],
+            compression_level=level,
+            max_file_bytes=cap,
+            workers=params.archive_concurrency,
+        )
     bundler = ZoneBundler(
         backend,
-        TarArchiver([tmp / "debug"], compression_level=params.level, max_file_bytes=1 << 40),
+        archiver,
         MemoryBundleStore(),
         collect_concurrency=8,
         archive_concurrency=params.archive_concurrency,
@@ -129,6 +144,8 @@ async def _run(params: BundleBenchParams, tmp: Path) -> dict[str, object]:
 
             nursery.start_soon(one)
     ours_s = time.perf_counter() - t0
+    if isinstance(archiver, ProcessArchiver):
+        await archiver.aclose()
     mb = input_bytes / (1 << 20)
     report: dict[str, object] = {
         "input_mb": round(mb, 2),
@@ -141,6 +158,7 @@ async def _run(params: BundleBenchParams, tmp: Path) -> dict[str, object]:
             },
             "level": params.level,
             "archive_slots": params.archive_concurrency,
+            "archive_in": params.archive_in,
         },
     }
     if params.baselines:
