@@ -8,6 +8,7 @@ import ast
 import contextlib
 import os
 import pickle
+import signal
 import struct
 import sys
 import threading
@@ -35,6 +36,9 @@ def serve(argv: list[str]) -> None:
     )
     with contextlib.suppress(OSError):
         os.nice(_NICE)  # requests and publications (in the agent) go first
+    # The agent decides when a worker ends (stdin closed, or killed): a Ctrl-C at the
+    # terminal reaches the whole process group, and the agent's shutdown needs it alive.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     never = threading.Event()  # cancellation comes as SIGKILL, from the agent
     # Answers go to the pipe on fd 1 alone: anything else printing (a log line, a
     # warning) goes to stderr instead of into the protocol.
