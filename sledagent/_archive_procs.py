@@ -117,8 +117,9 @@ class ProcessArchiver:
             try:
                 kind, value = await worker.call(job)
             except BaseException:  # cancelled, or the worker died: nothing may remain
-                await worker.kill()
-                await trio.to_thread.run_sync(self._remove_all, job)
+                with trio.CancelScope(shield=True):  # the caller may be cancelled
+                    await worker.kill()
+                    await trio.to_thread.run_sync(self._remove_all, job)
                 raise
             if self._closed:
                 await worker.kill()
