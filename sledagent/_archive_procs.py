@@ -105,6 +105,7 @@ class ProcessArchiver:
         self._closed = False
         #: Worker processes started over the archiver's life (tests read it).
         self.started = 0
+        self._ended = 0  # killed; started - ended are alive (busy or idle)
 
     @property
     def debug_dirs(self) -> list[Path]:
@@ -118,11 +119,11 @@ class ProcessArchiver:
                 kind, value = await worker.call(job)
             except BaseException:  # cancelled, or the worker died: nothing may remain
                 with trio.CancelScope(shield=True):  # the caller may be cancelled
-                    await worker.kill()
+                    await self._kill(worker)
                     await trio.to_thread.run_sync(self._remove_all, job)
                 raise
             if self._closed:
-                await worker.kill()
+                await self._kill(worker)
             else:
                 self._idle.append(worker)
         if kind == "error":
@@ -134,10 +135,10 @@ class ProcessArchiver:
         """Start every worker now (the daemon does, at start): a worker's first job
         otherwise waits for its interpreter and imports (~0.3 s here), which showed as
         a slower drain for the first bundles of a small mass stop."""
-        while len(self._idle) < self._workers and not self._closed:
+        while self.started - self._ended < self._workers and not self._closed:
             worker = await self._start()
             if self._closed:  # closed while it started
-                await worker.kill()
+                await self._kill(worker)
                 return
             self._idle.append(worker)
 
@@ -149,7 +150,11 @@ class ProcessArchiver:
         self._closed = True
         idle, self._idle = self._idle, []
         for worker in idle:
-            await worker.kill()
+            await self._kill(worker)
+
+    async def _kill(self, worker: _Worker) -> None:
+        self._ended += 1
+        await worker.kill()
 
     async def _start(self) -> _Worker:
         process = await trio.lowlevel.open_process(
