@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import attrs
-import httpx
 import structlog
 import trio
 
@@ -154,15 +153,6 @@ def archiver_for(config: DaemonConfig, dirs: list[Path]) -> TarArchiver | Proces
     )
 
 
-async def _client_keeper(
-    *, task_status: trio.TaskStatus[httpx.AsyncClient] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """An httpx client that lives as long as the daemon's nursery."""
-    async with httpx.AsyncClient(timeout=30) as client:
-        task_status.started(client)
-        await trio.sleep_forever()
-
-
 @attrs.frozen
 class DaemonInfo:
     api_url: str
@@ -207,7 +197,10 @@ async def run_daemon(
         if config.propolis == "remote":
             if not config.sim_fleet_url:
                 raise ConfigError('propolis = "remote" needs sim_fleet_url')
-            remote = RemoteFleetLauncher(await nursery.start(_client_keeper), config.sim_fleet_url)
+            try:
+                remote = RemoteFleetLauncher(config.sim_fleet_url)
+            except ValueError as exc:
+                raise ConfigError(f"sim_fleet_url: {exc}") from None
             await nursery.start(remote.run)
             launcher = remote
         connector = HttpPropolisConnector()

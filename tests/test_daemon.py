@@ -126,3 +126,53 @@ async def test_the_cli_daemon_serves_and_exits_0_on_sigterm(tmp_path: Path) -> N
                 await proc.wait()
             if proc.stdout is not None:
                 await proc.stdout.aclose()
+
+
+async def test_vmms_launched_through_a_sim_host_run_log_bundle_and_are_retired(
+    tmp_path: Path,
+) -> None:
+    """``propolis = "remote"``: each zone's Propolis lives in the sim host, writes its log
+    into the agent's zone, and is stopped there once the zone is gone."""
+    from sledagent.sim._host import run_sim_host
+
+    shutdown = trio.Event()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nexus_url, fleet_url = await nursery.start(
+                lambda task_status: run_sim_host(shutdown=shutdown, task_status=task_status)
+            )
+            config = DaemonConfig(
+                listen="127.0.0.1:0", data_dir=tmp_path, log_rate_bps=8192, seed_log_mb=0.25,
+                nexus_url=nexus_url, propolis="remote", sim_fleet_url=fleet_url,
+                agent=fast_config(),
+            )  # fmt: skip
+            info = await nursery.start(run_daemon, config, shutdown)
+            pid = uuid.uuid4()
+            zone = f"oxz_propolis-server_{pid}"
+            async with (
+                httpx.AsyncClient(base_url=info.api_url, timeout=10) as api,
+                httpx.AsyncClient(base_url=nexus_url, timeout=30) as nexus,
+                httpx.AsyncClient(base_url=fleet_url, timeout=10) as fleet,
+            ):
+                assert (await api.put(f"/vmms/{pid}", json=ensure_body_json())).status_code == 200
+                r = await api.put(f"/vmms/{pid}/state", json={"state": {"type": "running"}})
+                assert r.status_code == 200, r.text
+                wait = {"ids": [str(pid)], "timeout_s": 20}
+                r = await nexus.post("/sim/wait", json={**wait, "state": "running"})
+                assert r.status_code == 200, r.text
+                r = await api.put(f"/vmms/{pid}/state", json={"state": {"type": "stopped"}})
+                assert r.status_code == 200, r.text
+                r = await nexus.post("/sim/wait", json={**wait, "state": "destroyed"})
+                assert r.status_code == 200, r.text
+                await info.agent.drain()
+                bundles = (await api.get("/zones/bundles")).json()
+                assert [b["id"]["zone_name"] for b in bundles] == [zone]
+                bid = bundles[0]["id"]["bundle_id"]
+                r = await api.get(f"/zones/bundles/{zone}/{bid}")
+                with tarfile.open(fileobj=io.BytesIO(r.content), mode="r:gz") as tar:
+                    log = tar.extractfile("oxide-propolis-server:default.log")
+                    assert log is not None and log.read()  # written by the sim host's Propolis
+                # Retired: the sim host no longer has a guest for that zone to halt.
+                while (await fleet.post("/fleet/halt", json=[zone])).json():
+                    await trio.sleep(0.05)
+            shutdown.set()
