@@ -173,6 +173,10 @@ async def test_vmms_launched_through_a_sim_host_run_log_bundle_and_are_retired(
                     log = tar.extractfile("oxide-propolis-server:default.log")
                     assert log is not None and log.read()  # written by the sim host's Propolis
                 # Retired: the sim host no longer has a guest for that zone to halt.
-                while (await fleet.post("/fleet/halt", json=[zone])).json():
+                for _ in range(400):
+                    if (await fleet.post("/fleet/halt", json=[zone])).json() == {}:
+                        break
                     await trio.sleep(0.05)
+                else:
+                    pytest.fail(f"the sim host still runs a Propolis for {zone}")
             shutdown.set()
