@@ -49,6 +49,17 @@ class _Stale(Exception):
     """A kept-alive connection the peer had closed: nothing of an answer arrived."""
 
 
+@attrs.define
+class _Answer:
+    """An answer as it is parsed."""
+
+    status: int = 0
+    chunks: list[bytes] = attrs.Factory(list)
+    size: int = 0
+    #: Any byte of it arrived: a close before that means a stale kept-alive connection.
+    heard: bool = False
+
+
 class _Connection:
     def __init__(self, stream: trio.SocketStream, host_header: str, max_body: int) -> None:
         self.stream = stream
@@ -58,7 +69,12 @@ class _Connection:
         self.reusable = False
 
     async def exchange(
-        self, method: str, target: str, body: bytes | None, headers: Sequence[tuple[str, str]]
+        self,
+        method: str,
+        target: str,
+        body: bytes | None,
+        headers: Sequence[tuple[str, str]],
+        parse_gate: trio.CapacityLimiter | None = None,
     ) -> H1Response:
         conn = self.h11
         self.reusable = False
@@ -73,36 +89,50 @@ class _Connection:
             await self.stream.send_all(data)
         except trio.BrokenResourceError as exc:
             raise _Stale from exc
-        status, chunks, size, heard = 0, [], 0, False
+        answer = _Answer()
         while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                try:
-                    received = await self.stream.receive_some(_RECV)
-                except trio.BrokenResourceError as exc:  # reset
-                    if not heard:
-                        raise _Stale from exc
-                    raise
-                if not received and not heard:
-                    raise _Stale
-                heard = True
-                conn.receive_data(received)  # b"" tells h11 the peer closed
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > self.max_body:
-                    raise ConnectionFailed(f"answer body over {self.max_body} bytes")
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
+            try:
+                received = await self.stream.receive_some(_RECV)
+            except trio.BrokenResourceError as exc:  # reset
+                if not answer.heard:
+                    raise _Stale from exc
+                raise
+            if not received and not answer.heard:
+                raise _Stale
+            answer.heard = True
+            # Only the parsing holds a token of the gate: never a wait on the peer.
+            if parse_gate is None:
+                done = self._digest(received, answer)
+            else:
+                async with parse_gate:
+                    done = self._digest(received, answer)
+            if done:
                 break
-            elif isinstance(event, h11.ConnectionClosed):
-                raise ConnectionFailed("the peer closed the connection mid-answer")
-            # InformationalResponse (100 Continue) and the like: read on.
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
             self.reusable = True
-        return H1Response(status, b"".join(chunks))
+        return H1Response(answer.status, b"".join(answer.chunks))
+
+    def _digest(self, received: bytes, answer: _Answer) -> bool:
+        """Feed ``received`` to h11 (b"": the peer closed); True once the answer is whole."""
+        conn = self.h11
+        conn.receive_data(received)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                return False
+            if isinstance(event, h11.Response):
+                answer.status = event.status_code
+            elif isinstance(event, h11.Data):
+                answer.size += len(event.data)
+                if answer.size > self.max_body:
+                    raise ConnectionFailed(f"answer body over {self.max_body} bytes")
+                answer.chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return True
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionFailed("the peer closed the connection mid-answer")
+            # InformationalResponse (100 Continue) and the like: read on.
 
     async def close(self) -> None:
         await trio.aclose_forcefully(self.stream)
@@ -156,8 +186,14 @@ class H1Pool:
         *,
         headers: Sequence[tuple[str, str]] = (),
         timeout_s: float | None = None,
+        parse_gate: trio.CapacityLimiter | None = None,
     ) -> H1Response:
-        """One exchange; raises ``ConnectionFailed`` (``RequestTimeout``) if no answer."""
+        """One exchange; raises ``ConnectionFailed`` (``RequestTimeout``) if no answer.
+
+        ``parse_gate``: the answer's bytes are parsed holding one of its tokens (never
+        while waiting for them). Many long polls answered at once (every guest halting
+        together) then wake for a read each, and are parsed and handled a few at a time
+        (see ``HttpPropolisConnector``)."""
         what = f"{method} {self.base_url}{target}"
         if self._closed:
             raise ConnectionFailed(f"{what}: the pool is closed")
@@ -169,7 +205,7 @@ class H1Pool:
                     if conn is None:
                         conn = await self._connect(what)
                     try:
-                        response = await conn.exchange(method, target, body, headers)
+                        response = await conn.exchange(method, target, body, headers, parse_gate)
                     except _Stale:
                         await conn.close()
                         if reused:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -258,3 +258,46 @@ async def test_nexus_unreachable_is_a_transient_peer_error() -> None:
             state = SledVmmState(VmmRuntimeState(gen=2, state=VmmState.STOPPED, time_updated=now))
             await nexus.put_vmm_state(uuid.uuid4(), state)
     assert caught.value.status is None and caught.value.transient
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if predicate():
+            return
+        await trio.sleep(0.01)
+    pytest.fail("the condition never came true")
+
+
+async def test_answers_are_parsed_holding_a_gate_token_but_never_awaited_with_one() -> None:
+    """The monitors' shared gate: a long poll waiting for its answer holds no token (or
+    one slow Propolis would stall every monitor); an answer that has arrived is parsed
+    only once a token is free."""
+    slow, fast = Peer(), Peer()
+    slow.delay_s = 10
+    fast.status, fast.body = 200, b'{"gen": 3}'
+    gate = trio.CapacityLimiter(1)
+    async with serving(slow) as slow_url, serving(fast) as fast_url:
+        slow_pool, fast_pool = H1Pool(slow_url), H1Pool(fast_url)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(slow_pool.request, "GET", "/poll", parse_gate=gate))
+            await _until(lambda: slow.in_flight == 1)
+            with trio.fail_after(5):
+                answer = await fast_pool.request("GET", "/a", parse_gate=gate)
+            assert answer.body == b'{"gen": 3}'
+
+            holder = object()
+            await gate.acquire_on_behalf_of(holder)
+            answers: list[bytes] = []
+
+            async def read() -> None:
+                answers.append((await fast_pool.request("GET", "/b", parse_gate=gate)).body)
+
+            nursery.start_soon(read)
+            await _until(lambda: len(fast.requests) == 2)
+            await trio.sleep(0.2)  # answered by now, but not parsed
+            assert answers == []
+            gate.release_on_behalf_of(holder)
+            await _until(lambda: answers == [b'{"gen": 3}'])
+            nursery.cancel_scope.cancel()
+        await slow_pool.aclose()
+        await fast_pool.aclose()
