@@ -31,11 +31,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
 import trio
 
 from ._archive import TarArchiver, bundle_path
 from ._archive_worker import HEADER as _HEADER
 from ._host import ArchiveJob, BundleInfo
+
+_log = structlog.get_logger("sledagent.archive")
 
 
 class ArchiveWorkerDied(Exception):
@@ -53,6 +56,11 @@ class _Worker:
         await self.process.stdin.send_all(_HEADER.pack(len(payload)) + payload)
         head = await self._read(_HEADER.size)
         return pickle.loads(await self._read(_HEADER.unpack(head)[0]))
+
+    async def ready(self) -> None:
+        """Wait for the worker's greeting: its imports (~0.7 s here) are done."""
+        if _HEADER.unpack(await self._read(_HEADER.size))[0] != 0:
+            raise ArchiveWorkerDied(f"archive worker {self.process.pid} did not greet")
 
     async def _read(self, n: int) -> bytes:
         assert self.process.stdout is not None
@@ -132,11 +140,17 @@ class ProcessArchiver:
         return value
 
     async def warm_up(self) -> None:
-        """Start every worker now (the daemon does, at start): a worker's first job
-        otherwise waits for its interpreter and imports (~0.3 s here), which showed as
-        a slower drain for the first bundles of a small mass stop."""
+        """Start every worker now and wait until each is ready (the daemon does this
+        at start, in the background): a worker's first job otherwise waits for its
+        interpreter and imports (~0.7 s here), which showed as a slower drain for the
+        first bundles of a small mass stop."""
         while self.started - self._ended < self._workers and not self._closed:
-            worker = await self._start()
+            try:
+                worker = await self._start()
+            except (ArchiveWorkerDied, OSError) as exc:
+                # Not fatal to the agent: each bundle tries again, and fails alone.
+                _log.warning("archive_worker_start_failed", error=str(exc))
+                return
             if self._closed:  # closed while it started
                 await self._kill(worker)
                 return
@@ -161,7 +175,13 @@ class ProcessArchiver:
             self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
         self.started += 1
-        return _Worker(process)
+        worker = _Worker(process)
+        try:
+            await worker.ready()
+        except BaseException:  # cancelled while it started, or it died
+            await self._kill(worker)  # shielded
+            raise
+        return worker
 
     def _remove_all(self, job: ArchiveJob) -> None:
         zone, bundle = job.metadata.id.zone_name, job.metadata.id.bundle_id

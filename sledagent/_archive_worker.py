@@ -27,7 +27,8 @@ def _read_exactly(stream: Any, n: int) -> bytes | None:
 
 def serve(argv: list[str]) -> None:
     """Answer jobs on stdin until it closes: ``(debug_dirs, level, max_file_bytes)`` in
-    ``argv[0]``, then per job ``("ok", BundleInfo)`` or ``("error", exception)``."""
+    ``argv[0]``; an empty frame once ready, then per job ``("ok", BundleInfo)`` or
+    ``("error", exception)``."""
     from ._archive import TarArchiver
 
     dirs, level, max_file_bytes = ast.literal_eval(argv[0])
@@ -45,6 +46,8 @@ def serve(argv: list[str]) -> None:
     stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    stdout.write(HEADER.pack(0))  # ready: imports done (an empty frame)
+    stdout.flush()
     while (head := _read_exactly(stdin, HEADER.size)) is not None:
         payload = _read_exactly(stdin, HEADER.unpack(head)[0])
         if payload is None:

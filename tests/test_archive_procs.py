@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import tarfile
 from pathlib import Path
 
@@ -131,3 +132,18 @@ async def test_warm_up_starts_every_worker_before_the_first_bundle(tmp_path: Pat
     finally:
         await archiver.aclose()
     assert archiver.started == 2  # the bundle took a warm worker
+
+
+async def test_a_worker_that_cannot_start_fails_each_bundle_but_not_the_agent(
+    tmp_path: Path,
+) -> None:
+    archiver = ProcessArchiver([tmp_path / "d"], workers=1)
+    archiver._argv = [sys.executable, "-c", "import sys; sys.exit(3)"]  # dies before greeting
+    try:
+        await archiver.warm_up()  # logged, not raised: the daemon starts all the same
+        with pytest.raises(ArchiveWorkerDied):
+            await archiver.write(make_job(tmp_path))
+    finally:
+        await archiver.aclose()
+    assert leftovers(tmp_path / "d") == []
+    assert archiver.started == 2 and archiver._ended == 2  # nothing left running

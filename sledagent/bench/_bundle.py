@@ -134,6 +134,9 @@ async def _run(params: BundleBenchParams, tmp: Path) -> dict[str, object]:
         command_timeout_s=30.0,
         snapshot_cleanup_timeout_s=60.0,
     )
+    if isinstance(archiver, ProcessArchiver):
+        # As the daemon does at start: the timing is of bundling, not of starting workers.
+        await archiver.warm_up()
     t0 = time.perf_counter()
     sizes: list[int] = []
     async with trio.open_nursery() as nursery:
