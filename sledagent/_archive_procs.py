@@ -113,7 +113,9 @@ class ProcessArchiver:
         self._closed = False
         #: Worker processes started over the archiver's life (tests read it).
         self.started = 0
-        self._ended = 0  # killed; started - ended are alive (busy or idle)
+        self._ended = 0  # killed; started - ended are alive (busy, idle or starting)
+        #: Woken when a worker becomes idle after starting, or one ends.
+        self._changed = trio.lowlevel.ParkingLot()
 
     @property
     def debug_dirs(self) -> list[Path]:
@@ -122,7 +124,7 @@ class ProcessArchiver:
     async def write(self, job: ArchiveJob) -> BundleInfo:
         """Write ``job``'s bundle in a worker process; all or nothing, as ``TarArchiver``."""
         async with self._slots:
-            worker = self._idle.pop() if self._idle else await self._start()
+            worker = await self._take()
             try:
                 kind, value = await worker.call(job)
             except BaseException:  # cancelled, or the worker died: nothing may remain
@@ -134,6 +136,7 @@ class ProcessArchiver:
                 await self._kill(worker)
             else:
                 self._idle.append(worker)
+                self._changed.unpark_all()
         if kind == "error":
             raise value
         assert isinstance(value, BundleInfo)
@@ -155,6 +158,17 @@ class ProcessArchiver:
                 await self._kill(worker)
                 return
             self._idle.append(worker)
+            self._changed.unpark_all()
+
+    async def _take(self) -> _Worker:
+        """An idle worker; a new one if fewer than ``workers`` are alive; else wait for
+        one that is starting (``warm_up``'s) rather than start one more."""
+        while True:
+            if self._idle:
+                return self._idle.pop()
+            if self.started - self._ended < self._workers:
+                return await self._start()
+            await self._changed.park()
 
     async def sweep_partial(self) -> int:
         return await self._local.sweep_partial()
@@ -168,13 +182,19 @@ class ProcessArchiver:
 
     async def _kill(self, worker: _Worker) -> None:
         self._ended += 1
+        self._changed.unpark_all()  # room for another worker
         await worker.kill()
 
     async def _start(self) -> _Worker:
-        process = await trio.lowlevel.open_process(
-            self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        self.started += 1
+        self.started += 1  # before the first await: counted as alive at once
+        try:
+            process = await trio.lowlevel.open_process(
+                self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+        except BaseException:
+            self._ended += 1
+            self._changed.unpark_all()
+            raise
         worker = _Worker(process)
         try:
             await worker.ready()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from sledagent import ProcessArchiver, TarArchiver
 from sledagent._archive_procs import ArchiveWorkerDied
@@ -147,3 +148,18 @@ async def test_a_worker_that_cannot_start_fails_each_bundle_but_not_the_agent(
         await archiver.aclose()
     assert leftovers(tmp_path / "d") == []
     assert archiver.started == 2 and archiver._ended == 2  # nothing left running
+
+
+async def test_a_bundle_arriving_while_workers_start_waits_for_them_not_for_a_new_one(
+    tmp_path: Path,
+) -> None:
+    archiver = ProcessArchiver([tmp_path / "d"], workers=1)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(archiver.warm_up)
+            await trio.testing.wait_all_tasks_blocked()  # the worker is starting
+            info = await archiver.write(make_job(tmp_path))
+        assert leftovers(tmp_path / "d") == list(info.paths)
+    finally:
+        await archiver.aclose()
+    assert archiver.started == 1  # one interpreter start, shared
