@@ -29,6 +29,7 @@ import attrs
 import httpx
 import trio
 
+from .._clients import _error_code as error_code
 from .._h1client import ConnectionFailed, H1Pool
 from .._host import zone_name_for
 from .._stats import summary
@@ -63,14 +64,6 @@ class LoadParams:
             raise ValueError("halting must be between 0 and vmms")
         if self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
-
-
-def _error_code(body: bytes) -> str | None:
-    try:
-        code = json.loads(body).get("error_code")
-    except (ValueError, AttributeError):
-        return None
-    return code if isinstance(code, str) else None
 
 
 async def _register_all(client: httpx.AsyncClient, url: str, pids: list[uuid.UUID]) -> None:
@@ -136,7 +129,7 @@ async def _run(
                     dropped[type(exc).__name__] += 1
                     return
                 latency[method].append(trio.current_time() - started)
-                code = None if r.status == 200 else _error_code(r.body)
+                code = None if r.status == 200 else error_code(r)
                 key = f"{r.status} {code or ''}".strip()
                 if (r.status, code) in ANSWERS:
                     answers[key] += 1
