@@ -5,7 +5,7 @@ agent, encode the answer. Every error is ``{message, error_code, request_id}`` w
 status of the ``AgentError`` raised (omicron's codes); malformed paths, queries and bodies
 are 400 naming the field, oversized bodies 413, non-JSON bodies 415, unknown routes 404.
 Nothing a client sends produces a 500. Beyond omicron (ours, documented in the served
-spec): explicit bundle jobs and the reaper's holdings.
+spec): explicit bundle jobs, the reaper's holdings, and the bundle quarantine.
 """
 
 from __future__ import annotations
@@ -213,7 +213,9 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> _Api:
     @route("/zones/bundles/{zone_name}/{bundle_id}", ["GET"])
     async def zone_bundle_get(request: Request) -> Response:
         zone_name, bundle_id = _zone_param(request), _uuid_param(request, "bundle_id")
-        info = await store.get(zone_name, bundle_id)
+        # Checked before serving: a copy that is no longer whole (truncated since it was
+        # indexed) is quarantined; with none left the answer is 404 naming why.
+        info = await store.get_verified(zone_name, bundle_id)
         path = None if info is None else await trio.to_thread.run_sync(_confined, info.paths, roots)
         if path is None:
             raise NotFound(f"no bundle {bundle_id} for zone {zone_name}")
@@ -246,6 +248,10 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> _Api:
     @route("/zones/bundle-cleanup", ["POST"])
     async def zone_bundle_cleanup(request: Request) -> Response:
         return _json(await store.cleanup())
+
+    @route("/zones/bundle-cleanup/quarantine", ["GET"])
+    async def zone_bundle_quarantine(request: Request) -> Response:
+        return _json(await store.quarantine())
 
     @route("/zones/cleanup", ["GET"])
     async def zones_cleanup(request: Request) -> Response:
@@ -292,6 +298,7 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> _Api:
         zone_bundle_cleanup_context,
         zone_bundle_cleanup_context_update,
         zone_bundle_cleanup,
+        zone_bundle_quarantine,
         zones_cleanup,
     ]
 

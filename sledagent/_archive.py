@@ -8,7 +8,8 @@ Layout of a bundle (compatible with omicron's zone bundles, plus a manifest of o
 3. every current, rotated and archived log under its file name, from the snapshot; a
    file larger than ``max_file_bytes`` keeps only its newest bytes;
 4. ``manifest.json``: size of each entry, each command's duration, exit status, timeout
-   and error, and which files were truncated.
+   and error, which files were truncated, and which log sources were missing (``missing``:
+   name and reason; an empty list when none was).
 
 The file is written to a hidden temporary name in ``<debug_dir>/<zone_name>/``, fsynced,
 renamed, then copied the same way to every other debug directory (omicron keeps one per
@@ -28,6 +29,7 @@ import shutil
 import tarfile
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -201,11 +203,11 @@ class TarArchiver:
             raise
         return BundleInfo(meta, size, tuple(str(p) for p in written))  # primary first
 
-    def _gzip(self, raw: BinaryIO) -> io.BufferedIOBase:
+    def _gzip(self, raw: BinaryIO) -> gzip.GzipFile:
         """isal's igzip for levels 0..3 (ours); stdlib zlib for 4..9 (omicron uses 9,
         "best": the inline baseline's bundles, about 25x slower here)."""
         if self.compression_level <= 3:
-            gz: io.BufferedIOBase = igzip.IGzipFile(  # type: ignore[no-untyped-call]
+            gz: gzip.GzipFile = igzip.IGzipFile(  # type: ignore[no-untyped-call]
                 fileobj=raw, mode="wb", compresslevel=self.compression_level
             )
             return gz
@@ -222,7 +224,13 @@ class TarArchiver:
         tmp = self.tmp_for(final)
         written.append(tmp)
         now = time.time()
-        manifest: dict[str, object] = {"entries": [], "commands": [], "truncated": []}
+        missing = [
+            {"name": name, "reason": "not found when the snapshot was taken"}
+            for name in job.snapshot.missing
+        ]
+        manifest: dict[str, object] = {
+            "entries": [], "commands": [], "truncated": [], "missing": missing,
+        }  # fmt: skip
         entries: list[dict[str, object]] = manifest["entries"]  # type: ignore[assignment]
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, BUNDLE_MODE)
         with os.fdopen(fd, "wb") as raw:
@@ -262,6 +270,10 @@ class TarArchiver:
                             {"name": source.name, "original_size": source.size, "kept": size}
                         )
                 _add_bytes(tar, "manifest.json", json.dumps(manifest, indent=1).encode(), now)
+                # A dictionary reset before tar's end blocks: the stream's last bytes
+                # decode on their own, so a reader can prove the file ends where it was
+                # finished without decompressing all of it (``_bundle_check``).
+                gz.flush(zlib.Z_FULL_FLUSH)
             raw.flush()
             os.fsync(raw.fileno())
         if abort.is_set():  # never publish a bundle whose caller has gone

@@ -1,9 +1,17 @@
 """DiskBundleStore: the bundles in the debug directories, indexed in memory.
 
-The files are the truth: at startup the index is rebuilt by reading each bundle's
-``metadata.toml`` (the first member, so only the start of each file is decompressed); a
-corrupt bundle is reported and skipped. Afterwards listing never opens a bundle, and no
-operation waits for a bundle being written (they are added when complete).
+The files are the truth, and nothing in a debug directory is hidden. A scan walks every
+file under each debug directory (``_bundle_scan``): at start, at every cleanup (periodic
+or requested), and for every utilization or quarantine request. A file the index does
+not know (or whose size changed) is checked (``_bundle_check``: its ``metadata.toml``,
+the first member, and the end of its gzip stream): a whole bundle is indexed, anything
+else is moved to ``<debug_dir>/.quarantine/`` (``_quarantine``), where it is counted,
+listed, exported as a metric and removed first by cleanup. A bundle about to be served
+is checked again (``get_verified``): a copy that is no longer whole is quarantined, and
+with no whole copy left the answer is 404, what a client takes as "no such bundle".
+
+Between scans, listing never opens a bundle, and no operation waits for a bundle being
+written (they are added when complete; their temporary files are counted, never moved).
 
 Retention (``_retention``): utilization and cleanup are per debug directory, as in
 omicron; the cleanup context is validated, persisted next to the data (omicron loses it on
@@ -14,10 +22,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import tarfile
 import tomllib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import attrs
@@ -27,39 +34,34 @@ import trio
 from trio_util import AsyncValue
 
 from ._archive import BUNDLE_SUFFIX
+from ._bundle_scan import (
+    Checked,
+    DirScan,
+    Found,
+    Verdict,
+    check,
+    check_copy,
+    in_progress,
+    walk,
+)
 from ._codec import convert
-from ._host import BundleInfo
+from ._errors import NotFound
+from ._host import BundleInfo, StoreStatistics
+from ._quarantine import Record, listed, load_records, move_to_quarantine, save_records
 from ._retention import DEFAULT_CONTEXT, apply_update, bytes_available, plan_cleanup
 from ._retention import validate_context as _validate
-from ._store import BundleIndex, MemoryBundleStore
+from ._store import MemoryBundleStore
 from ._wire import (
     BundleUtilization,
     CleanupContext,
     CleanupContextUpdate,
     CleanupCount,
-    ZoneBundleMetadata,
+    QuarantinedFile,
+    utcnow,
 )
 
 log = structlog.get_logger("sledagent.store")
-
-
-def read_bundle_metadata(path: Path) -> ZoneBundleMetadata:
-    """Read ``metadata.toml`` from a bundle; raises ``ValueError`` if it is not valid."""
-    try:
-        with tarfile.open(path, "r:gz") as tar:
-            member = tar.next()
-            if member is None or member.name != "metadata.toml":
-                raise ValueError("first entry is not metadata.toml")
-            f = tar.extractfile(member)
-            if f is None:
-                raise ValueError("metadata.toml is not a file")
-            doc = tomllib.loads(f.read().decode())
-    except (OSError, tarfile.TarError, EOFError, tomllib.TOMLDecodeError, UnicodeError) as exc:
-        raise ValueError(f"unreadable bundle: {exc}") from exc
-    try:
-        return msgspec.convert(doc, ZoneBundleMetadata, strict=False)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"invalid metadata.toml: {exc}") from exc
+_Key = tuple[str, uuid.UUID]
 
 
 class DiskBundleStore(MemoryBundleStore):
@@ -71,46 +73,40 @@ class DiskBundleStore(MemoryBundleStore):
         *,
         context_path: Path,
         quota_bytes: int | None = None,
+        check_concurrency: int = 2,
     ) -> None:
         if not debug_dirs:
             raise ValueError("DiskBundleStore needs at least one debug directory")
         self.debug_dirs = [Path(d) for d in debug_dirs]
         self.context_path = Path(context_path)
+        #: Why each quarantined file is there (outside the debug dirs: not counted).
+        self.record_path = self.context_path.with_name("bundle-quarantine.json")
         self.quota_bytes = quota_bytes
         super().__init__()
-        self.skipped: list[tuple[str, str]] = []  # (path, why) of unreadable bundles
         #: How many periodic cleanups have run (lets a caller wait for the next one).
         self.cleanup_runs = AsyncValue(0)
+        self._files: dict[str, tuple[_Key, int]] = {}  # indexed path -> (bundle, size)
+        self._quarantine: dict[str, dict[str, QuarantinedFile]] = {
+            str(d): {} for d in self.debug_dirs
+        }
+        self._records: dict[str, Record] = {}
+        self._saved_records: dict[str, Record] = {}
+        self._quarantined = 0
+        self._scan_lock = trio.Lock()  # one scan (or cleanup) at a time
+        self._move_lock = trio.Lock()  # a quarantine name is chosen, then renamed to
+        self._check_limiter = trio.CapacityLimiter(check_concurrency)
+        self._removing: set[str] = set()  # paths being unlinked: not new files
+        self._deleted: set[_Key] | None = None  # deleted while a scan runs
 
     # --- startup ----------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Rebuild the index from the files and load the persisted context."""
-        index, skipped = await trio.to_thread.run_sync(self._scan)
-        self.index, self.skipped = index, skipped
-        for path, why in skipped:
-            log.error("bundle_skipped", path=path, reason=why)
+        """Load the persisted context and records, then scan (index, quarantine)."""
         self.context.value = await trio.to_thread.run_sync(self._load_context)
-
-    def _scan(self) -> tuple[BundleIndex, list[tuple[str, str]]]:
-        index, skipped = BundleIndex(), []
-        for debug_dir in self.debug_dirs:
-            for path in sorted(debug_dir.glob(f"*/*{BUNDLE_SUFFIX}")):
-                if path.name.startswith("."):
-                    continue
-                try:
-                    meta = read_bundle_metadata(path)
-                    if path.parent.name != meta.id.zone_name:
-                        raise ValueError("zone_name does not match the directory")
-                except ValueError as exc:
-                    skipped.append((str(path), str(exc)))
-                    continue
-                known = index.get(meta.id.zone_name, meta.id.bundle_id)
-                if known is None:
-                    index.add(BundleInfo(meta, path.stat().st_size, (str(path),)))
-                else:
-                    index.add(attrs.evolve(known, paths=(*known.paths, str(path))))
-        return index, skipped
+        self._records = await trio.to_thread.run_sync(load_records, self.record_path)
+        self._saved_records = dict(self._records)
+        async with self._scan_lock:
+            await self._scan_locked()
 
     def _load_context(self) -> CleanupContext:
         try:
@@ -122,22 +118,238 @@ class DiskBundleStore(MemoryBundleStore):
             log.error("cleanup_context_unreadable", path=str(self.context_path), error=str(exc))
             return DEFAULT_CONTEXT
 
+    # --- the scan -----------------------------------------------------------------------
+
+    async def _scan_locked(self) -> list[DirScan]:
+        """Walk every debug directory; index the whole bundles the index lacks, forget
+        the ones whose file is gone, quarantine everything else. Holds ``_scan_lock``."""
+        self._deleted = set()
+        scans = []
+        try:
+            for d in self.debug_dirs:
+                known = {p for p in self._files if _under(p, d)}
+                scan = await trio.to_thread.run_sync(walk, d)
+                seen = {f.path for f in scan.files}
+                for path in known - seen:  # removed behind our back: the files are the truth
+                    if path not in self._removing and self._forget_path(path):
+                        log.warning("bundle_file_vanished", path=path)
+                todo = [
+                    f
+                    for f in scan.files
+                    if f.path not in self._removing
+                    and not in_progress(d, f.path)
+                    and self._files.get(f.path, (None, -1))[1] != f.size
+                ]
+                for checked in await self._check_all(d, todo):
+                    await self._apply(d, checked)
+                self._refresh_quarantine(d, scan)
+                scans.append(scan)
+        finally:
+            self._deleted = None
+        await self._flush_records()
+        return scans
+
+    async def _check_all(self, debug_dir: Path, todo: list[Found]) -> list[Checked]:
+        results: list[Checked] = []
+
+        async def one(found: Found) -> None:
+            results.append(
+                await trio.to_thread.run_sync(check, debug_dir, found, limiter=self._check_limiter)
+            )
+
+        async with trio.open_nursery() as nursery:
+            for found in todo:
+                nursery.start_soon(one, found)
+        return sorted(results, key=lambda c: c.found.path)
+
+    async def _apply(self, debug_dir: Path, checked: Checked) -> None:
+        path = checked.found.path
+        if checked.verdict is Verdict.GONE:
+            self._forget_path(path)
+        elif checked.verdict is Verdict.CHANGING:
+            log.info("bundle_file_changing", path=path)  # judged at the next scan
+        elif checked.verdict is Verdict.WHOLE:
+            assert checked.metadata is not None
+            key = (checked.metadata.id.zone_name, checked.metadata.id.bundle_id)
+            if path in self._removing or (self._deleted is not None and key in self._deleted):
+                return  # deleted while it was being checked
+            self._index_path(BundleInfo(checked.metadata, checked.found.size, (path,)))
+        else:
+            await self._quarantine_file(debug_dir, path, checked.found.size, checked.reason)
+
+    def _refresh_quarantine(self, debug_dir: Path, scan: DirScan) -> None:
+        """The quarantine as the walk saw it, plus what this scan moved there."""
+        moved = self._quarantine[str(debug_dir)]
+        now = {
+            f.path: listed(debug_dir, f.path, f.size, f.ctime, self._records.get(f.path))
+            for f in scan.quarantined
+        }
+        for path, item in moved.items():
+            now.setdefault(path, item)
+        self._quarantine[str(debug_dir)] = now
+
+    async def _quarantine_file(self, debug_dir: Path, path: str, size: int, reason: str) -> bool:
+        async with self._move_lock:
+            try:
+                moved = await trio.to_thread.run_sync(move_to_quarantine, debug_dir, Path(path))
+            except FileNotFoundError:
+                self._forget_path(path)
+                return False
+            except OSError as exc:  # still counted in bytes_used; retried at the next scan
+                log.error("quarantine_failed", path=path, reason=reason, error=str(exc))
+                return False
+        self._forget_path(path)
+        record = Record(path, reason, utcnow())
+        self._records[str(moved)] = record
+        item = listed(debug_dir, str(moved), size, 0.0, record)
+        self._quarantine[str(debug_dir)][str(moved)] = item
+        self._quarantined += 1
+        log.warning(
+            "bundle_quarantined", path=path, quarantined_as=str(moved), bytes=size, reason=reason
+        )
+        return True
+
+    async def _flush_records(self) -> None:
+        """Persist the records of the files in quarantine (dropping the others), if
+        they changed since last written."""
+        present = {p for q in self._quarantine.values() for p in q}
+        records = {p: r for p, r in self._records.items() if p in present}
+        self._records = records
+        if records == self._saved_records:
+            return
+        try:
+            await trio.to_thread.run_sync(save_records, self.record_path, records)
+            self._saved_records = dict(records)
+        except OSError as exc:  # the reasons only; the files are handled
+            log.error("quarantine_record_unwritable", path=str(self.record_path), error=str(exc))
+
+    # --- the index of files -------------------------------------------------------------
+
+    def _index_path(self, info: BundleInfo) -> None:
+        """Add ``info``'s paths to its bundle's entry (copies found apart are merged)."""
+        key = (info.zone_name, info.bundle_id)
+        for p in info.paths:
+            self._files[p] = (key, info.size)
+        known = self.index.get(*key)
+        if known is None:
+            self.index.add(info)
+        else:
+            paths = (*known.paths, *(p for p in info.paths if p not in known.paths))
+            self.index.add(attrs.evolve(known, paths=paths))
+
+    def _forget_path(self, path: str) -> bool:
+        """Drop one copy from the index (the bundle with its last copy); whether known."""
+        entry = self._files.pop(path, None)
+        if entry is None:
+            return False
+        known = self.index.get(*entry[0])
+        if known is not None:
+            left = tuple(p for p in known.paths if p != path)
+            if left:
+                self.index.add(attrs.evolve(known, paths=left))
+            else:
+                self.index.remove(*entry[0])
+        return True
+
+    def _quarantined_for(self, zone_name: str, bundle_id: uuid.UUID) -> list[QuarantinedFile]:
+        name = os.path.join(zone_name, f"{bundle_id}{BUNDLE_SUFFIX}")
+        return [
+            q
+            for d, items in self._quarantine.items()
+            for q in items.values()
+            if q.original_path == os.path.join(d, name)
+        ]
+
+    async def _unlink(self, paths: Iterable[str]) -> None:
+        paths = list(paths)
+        self._removing.update(paths)
+        try:
+            await trio.to_thread.run_sync(_unlink_all, paths)
+        finally:
+            self._removing.difference_update(paths)
+
+    def _drop_quarantined(self, items: Iterable[QuarantinedFile]) -> None:
+        for q in items:
+            self._quarantine[q.debug_dir].pop(q.path, None)
+            self._records.pop(q.path, None)
+
     # --- BundleStore --------------------------------------------------------------------
 
-    async def delete(self, zone_name: str, bundle_id: uuid.UUID) -> bool:
-        info = self.index.remove(zone_name, bundle_id)
+    async def add(self, info: BundleInfo) -> None:
+        self._index_path(info)
+
+    async def get_verified(self, zone_name: str, bundle_id: uuid.UUID) -> BundleInfo | None:
+        info = self.index.get(zone_name, bundle_id)
         if info is None:
+            quarantined = self._quarantined_for(zone_name, bundle_id)
+            if quarantined:
+                raise NotFound(_not_whole(zone_name, bundle_id, quarantined[0]))
+            return None
+        good: list[str] = []
+        for path in info.paths:
+            debug_dir = self._dir_of(path)
+            checked = await trio.to_thread.run_sync(
+                check_copy, debug_dir, path, info.size, limiter=self._check_limiter
+            )
+            if checked.verdict is Verdict.WHOLE:
+                good.append(path)
+            elif checked.verdict is Verdict.BAD:
+                await self._quarantine_file(debug_dir, path, checked.found.size, checked.reason)
+            elif checked.verdict is Verdict.GONE:
+                self._forget_path(path)
+        if len(good) < len(info.paths):
+            await self._flush_records()
+        if not good:
+            quarantined = self._quarantined_for(zone_name, bundle_id)
+            if quarantined:
+                raise NotFound(_not_whole(zone_name, bundle_id, quarantined[-1]))
+            return None
+        return attrs.evolve(info, paths=tuple(good))
+
+    async def delete(self, zone_name: str, bundle_id: uuid.UUID) -> bool:
+        """Remove every copy, and any quarantined file that was this bundle's."""
+        info = self.index.remove(zone_name, bundle_id)
+        quarantined = self._quarantined_for(zone_name, bundle_id)
+        if info is None and not quarantined:
             return False
-        await trio.to_thread.run_sync(_unlink_all, info.paths)
+        if self._deleted is not None:
+            self._deleted.add((zone_name, bundle_id))
+        paths = info.paths if info is not None else ()
+        for p in paths:
+            self._files.pop(p, None)
+        self._drop_quarantined(quarantined)
+        await self._unlink([*paths, *(q.path for q in quarantined)])
+        if quarantined:
+            await self._flush_records()
         return True
+
+    async def quarantine(self) -> list[QuarantinedFile]:
+        async with self._scan_lock:
+            await self._scan_locked()
+        items = [q for d in self._quarantine.values() for q in d.values()]
+        return sorted(items, key=lambda q: (q.time_quarantined, q.path))
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            quarantine_files={d: len(q) for d, q in self._quarantine.items()},
+            quarantine_bytes={
+                d: sum(i.bytes for i in q.values()) for d, q in self._quarantine.items()
+            },
+            quarantined=self._quarantined,
+        )
 
     # --- retention ----------------------------------------------------------------------
 
+    def _dir_of(self, path: str) -> Path:
+        for d in self.debug_dirs:
+            if _under(path, d):
+                return d
+        return Path(path).parent.parent  # not under any: judged where it lies
+
     def _in_dir(self, debug_dir: Path) -> list[BundleInfo]:
-        prefix = str(debug_dir) + os.sep
         out = []
         for b in self.index.list_all():
-            mine = tuple(p for p in b.paths if p.startswith(prefix))
+            mine = tuple(p for p in b.paths if _under(p, debug_dir))
             if mine:
                 out.append(attrs.evolve(b, paths=mine))
         return out
@@ -148,45 +360,51 @@ class DiskBundleStore(MemoryBundleStore):
         return shutil.disk_usage(debug_dir if debug_dir.exists() else debug_dir.parent).total
 
     async def utilization(self) -> dict[str, BundleUtilization]:
-        """Per debug directory: quota, bytes available to bundles, bytes used."""
+        """Per debug directory: quota, bytes available to bundles, and bytes used by
+        every file in it (bundles, quarantine, bundles being written), after a scan."""
         limit = self.context.value.storage_limit
+        async with self._scan_lock:
+            scans = await self._scan_locked()
         out = {}
-        for d in self.debug_dirs:
-            quota = await trio.to_thread.run_sync(self._quota, d)
-            used = sum(b.size for b in self._in_dir(d))
-            out[str(d)] = BundleUtilization(
-                bytes_available=bytes_available(quota, limit), bytes_used=used, dataset_quota=quota
+        for scan in scans:
+            quota = await trio.to_thread.run_sync(self._quota, scan.debug_dir)
+            out[str(scan.debug_dir)] = BundleUtilization(
+                bytes_available=bytes_available(quota, limit),
+                bytes_used=scan.bytes_used,
+                dataset_quota=quota,
             )
         return out
 
     async def cleanup(self) -> dict[str, CleanupCount]:
-        """Delete the lowest-priority bundles of each directory until it fits its limit."""
+        """Scan, then delete from each directory, quarantined files first, then the
+        lowest-priority bundles, until everything in it fits its limit."""
         ctx = self.context.value
         counts = {}
-        for d in self.debug_dirs:
-            quota = await trio.to_thread.run_sync(self._quota, d)
-            plan = plan_cleanup(
-                self._in_dir(d),
-                bytes_available=bytes_available(quota, ctx.storage_limit),
-                priority=ctx.priority,
-            )
-            for victim in plan.delete:
-                await trio.to_thread.run_sync(_unlink_all, victim.paths)
-                self._forget_paths(victim)
-            counts[str(d)] = CleanupCount(bundles=len(plan.delete), bytes=plan.bytes_freed)
-            if plan.delete:
-                log.info("bundles_cleaned", debug_dir=str(d), bundles=len(plan.delete))
+        async with self._scan_lock:
+            scans = await self._scan_locked()
+            for scan in scans:
+                d = scan.debug_dir
+                quota = await trio.to_thread.run_sync(self._quota, d)
+                plan = plan_cleanup(
+                    self._in_dir(d),
+                    bytes_available=bytes_available(quota, ctx.storage_limit),
+                    priority=ctx.priority,
+                    quarantined=self._quarantine[str(d)].values(),
+                    bytes_used=scan.bytes_used,
+                )
+                if plan.quarantined:
+                    self._drop_quarantined(plan.quarantined)
+                    await self._unlink(q.path for q in plan.quarantined)
+                    log.info("quarantine_cleaned", debug_dir=str(d), files=len(plan.quarantined))
+                for victim in plan.delete:
+                    for p in victim.paths:
+                        self._forget_path(p)
+                    await self._unlink(victim.paths)
+                counts[str(d)] = CleanupCount(bundles=len(plan.delete), bytes=plan.bytes_freed)
+                if plan.delete:
+                    log.info("bundles_cleaned", debug_dir=str(d), bundles=len(plan.delete))
+            await self._flush_records()
         return counts
-
-    def _forget_paths(self, victim: BundleInfo) -> None:
-        known = self.index.get(victim.zone_name, victim.bundle_id)
-        if known is None:
-            return
-        left = tuple(p for p in known.paths if p not in victim.paths)
-        if left:
-            self.index.add(attrs.evolve(known, paths=left))
-        else:
-            self.index.remove(victim.zone_name, victim.bundle_id)
 
     async def update_context(self, update: CleanupContextUpdate) -> CleanupContext:
         """Validate, persist and apply; ``BadRequest`` naming the field on bad values."""
@@ -218,6 +436,17 @@ class DiskBundleStore(MemoryBundleStore):
             except Exception as exc:  # retried at the next period
                 log.error("cleanup_failed", error=repr(exc))
             self.cleanup_runs.value += 1
+
+
+def _under(path: str, debug_dir: Path) -> bool:
+    return path.startswith(str(debug_dir) + os.sep)
+
+
+def _not_whole(zone_name: str, bundle_id: uuid.UUID, q: QuarantinedFile) -> str:
+    return (
+        f"no whole bundle {bundle_id} for zone {zone_name}: it is in quarantine "
+        f"({q.reason}), see GET /zones/bundle-cleanup/quarantine"
+    )
 
 
 def _unlink_all(paths: Sequence[str]) -> None:

@@ -24,6 +24,7 @@ from ._wire import (
     InstanceEnsureRequest,
     InstanceStateMonitorResponse,
     InstanceStateRequested,
+    QuarantinedFile,
     SledVmmState,
     ZoneBundleCause,
     ZoneBundleMetadata,
@@ -114,12 +115,17 @@ class LogSource:
 
 @attrs.frozen
 class Snapshot:
-    """A per-bundle, point-in-time copy of a zone's log sources (named by bundle id)."""
+    """A per-bundle, point-in-time copy of a zone's log sources (named by bundle id).
+
+    ``missing`` names the log sources the zone should have had but did not (its
+    Propolis service log, when no file of that name was there): the bundle's manifest
+    says so, rather than a reader having to notice an absent entry."""
 
     name: str
     zone_name: str
     bundle_id: uuid.UUID
     files: tuple[LogSource, ...] = ()
+    missing: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -223,6 +229,16 @@ class Archiver(Protocol):
         ...
 
 
+@attrs.frozen
+class StoreStatistics:
+    """The bundle store's quarantine, per debug directory, as of its last scan (start,
+    cleanup, a utilization or quarantine request) or move; and the moves since start."""
+
+    quarantine_files: dict[str, int] = attrs.field(factory=dict)
+    quarantine_bytes: dict[str, int] = attrs.field(factory=dict)
+    quarantined: int = 0
+
+
 class BundleStore(Protocol):
     """The bundles on this host. Never waits for a bundle in progress."""
 
@@ -246,6 +262,12 @@ class BundleStore(Protocol):
 
     async def get(self, zone_name: str, bundle_id: uuid.UUID) -> BundleInfo | None: ...
 
+    async def get_verified(self, zone_name: str, bundle_id: uuid.UUID) -> BundleInfo | None:
+        """The bundle with only its copies that are whole now (checked before serving);
+        a copy that is not is quarantined. ``None`` if there is no such bundle;
+        ``NotFound`` naming the reason if no copy is whole (they are in quarantine)."""
+        ...
+
     async def delete(self, zone_name: str, bundle_id: uuid.UUID) -> bool:
         """Remove every copy; ``False`` if there was no such bundle."""
         ...
@@ -261,5 +283,12 @@ class BundleStore(Protocol):
         ...
 
     async def cleanup(self) -> dict[str, CleanupCount]:
-        """Apply retention now; per debug directory, what was removed."""
+        """Apply retention now; per debug directory, what was removed (quarantined files
+        first: their bytes count in ``bytes``, not in ``bundles``)."""
         ...
+
+    async def quarantine(self) -> list[QuarantinedFile]:
+        """Scan the debug directories, then list what is in quarantine (oldest first)."""
+        ...
+
+    def statistics(self) -> StoreStatistics: ...

@@ -274,7 +274,7 @@ class IllumosZoneBackend:
             with trio.CancelScope(shield=True):
                 await self.destroy_snapshot(Snapshot(name, zone.name, bundle_id))
             raise
-        return Snapshot(name, zone.name, bundle_id, files)
+        return Snapshot(name, zone.name, bundle_id, files, _missing(files, live.name))
 
     async def destroy_snapshot(self, snapshot: Snapshot) -> None:
         result = await self.runner.run(self._priv("zfs", "destroy", snapshot.name))
@@ -321,7 +321,7 @@ class IllumosZoneBackend:
             files = await trio.to_thread.run_sync(
                 _log_files, root / "root" / live.parent.relative_to("/"), live.name
             )
-            found.append(Snapshot(name, zone_name, bundle_id, files))
+            found.append(Snapshot(name, zone_name, bundle_id, files, _missing(files, live.name)))
         return found
 
     async def quota(self, dataset: str) -> tuple[int | None, int]:
@@ -342,3 +342,9 @@ def _log_files(log_dir: Path, live_name: str) -> tuple[LogSource, ...]:
         if entry.name.startswith(live_name) and entry.is_file():
             files.append(LogSource(entry.name, entry.path, entry.stat().st_size))
     return tuple(files)
+
+
+def _missing(files: tuple[LogSource, ...], live_name: str) -> tuple[str, ...]:
+    """The service's log, if the snapshot holds no file of that name (the bundle's
+    manifest says so)."""
+    return () if any(f.name == live_name for f in files) else (live_name,)

@@ -17,13 +17,14 @@ import trio
 from ._backoff import retry
 from ._bundler import ZoneBundler
 from ._config import BackoffPolicy
-from ._host import BundleInfo, BundleStore, Zone, ZoneBackend
+from ._host import BundleInfo, BundleStore, StoreStatistics, Zone, ZoneBackend
 from ._nics import NicReservations
 from ._wire import (
     BundleUtilization,
     CleanupContext,
     CleanupContextUpdate,
     CleanupCount,
+    QuarantinedFile,
     ZoneBundleCause,
 )
 
@@ -91,9 +92,20 @@ class LockedBundleStore:
         async with self._lock:
             return await self._inner.get(zone_name, bundle_id)
 
+    async def get_verified(self, zone_name: str, bundle_id: uuid.UUID) -> BundleInfo | None:
+        async with self._lock:
+            return await self._inner.get_verified(zone_name, bundle_id)
+
     async def delete(self, zone_name: str, bundle_id: uuid.UUID) -> bool:
         async with self._lock:
             return await self._inner.delete(zone_name, bundle_id)
+
+    async def quarantine(self) -> list[QuarantinedFile]:
+        async with self._lock:
+            return await self._inner.quarantine()
+
+    def statistics(self) -> StoreStatistics:
+        return self._inner.statistics()
 
     def cleanup_context(self) -> CleanupContext:
         return self._inner.cleanup_context()

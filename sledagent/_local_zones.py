@@ -323,7 +323,7 @@ class LocalZoneBackend:
         except BaseException:
             shutil.rmtree(snap_dir, ignore_errors=True)
             raise
-        return Snapshot(str(snap_dir), zone.name, bundle_id, tuple(files))
+        return Snapshot(str(snap_dir), zone.name, bundle_id, tuple(files), _missing(files))
 
     async def destroy_snapshot(self, snapshot: Snapshot) -> None:
         await self._thread(shutil.rmtree, snapshot.name, True)
@@ -359,12 +359,18 @@ class LocalZoneBackend:
                 for f in sorted(snap_dir.iterdir())
                 if f.name != SNAPSHOT_TAG and f.is_file()
             )
-            found.append(Snapshot(str(snap_dir), zone_name, bundle_id, files))
+            found.append(Snapshot(str(snap_dir), zone_name, bundle_id, files, _missing(files)))
         return found
 
     async def _thread(self, fn: Callable[..., R], *args: object) -> R:
         """Blocking filesystem work, off the trio thread, a few at a time."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self._fs_limiter)
+
+
+def _missing(files: Sequence[LogSource]) -> tuple[str, ...]:
+    """The zone's Propolis service log, if the snapshot has no file of that name: it
+    exists from the service's start, so its absence is worth saying in the bundle."""
+    return () if any(f.name == SERVICE_LOG for f in files) else (SERVICE_LOG,)
 
 
 def _link_or_copy_tail(src: Path, dst: Path, cap: int) -> int:

@@ -65,6 +65,28 @@ def log_lines(n_bytes: int, rng: random.Random, *, start: float | None = None) -
     return ("\n".join(out) + "\n").encode()
 
 
+def start_log(log_dir: Path, zone_name: str) -> None:
+    """Create the service's log with its first line, as a service's log exists from its
+    start: a VMM that lives a few milliseconds still leaves a log in its bundle."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(
+        {
+            "msg": "propolis-server starting",
+            "v": 0,
+            "name": "propolis-server",
+            "level": 30,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "component": "server",
+            "zone_name": zone_name,
+        },
+        separators=(",", ":"),
+    )
+    with open(log_dir / SERVICE_LOG, "ab") as f:
+        f.write(line.encode() + b"\n")
+
+
 def rotate(log_dir: Path, archive_dir: Path, keep: int) -> None:
     """Shift ``.log`` -> ``.log.0`` -> ``.log.1``...; beyond ``keep``, archive."""
     base = log_dir / SERVICE_LOG
@@ -97,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "--daemonize", action="store_true", help="detach (own session), print the pid, exit"
     )
     args = parser.parse_args(argv)
+    start_log(args.log_dir, args.zone_name)  # before the pid is printed: install waits
     if args.daemonize:
         # The zone's process must not be the agent's child: zones outlive an agent
         # restart, and the agent halts them the same way whether it started them or not.
@@ -117,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     rng = random.Random()
-    args.log_dir.mkdir(parents=True, exist_ok=True)
     path = args.log_dir / SERVICE_LOG
     interval = 0.5
     while running:

@@ -62,6 +62,28 @@ class AgentCollector(Collector):
             "sledagent_zone_held_seconds", "Phase 1 duration (zone held), recent.", b.zone_held_s
         )
 
+        st = agent.store.statistics()
+        files = GaugeMetricFamily(
+            "sledagent_bundle_quarantine_files",
+            "Files in a debug directory's quarantine (not whole bundles), as of the last scan.",
+            labels=["debug_dir"],
+        )
+        size = GaugeMetricFamily(
+            "sledagent_bundle_quarantine_bytes",
+            "Bytes in a debug directory's quarantine, as of the last scan.",
+            labels=["debug_dir"],
+        )
+        for d, count in st.quarantine_files.items():
+            files.add_metric([d], count)
+            size.add_metric([d], st.quarantine_bytes.get(d, 0))
+        yield files
+        yield size
+        yield CounterMetricFamily(
+            "sledagent_bundles_quarantined",
+            "Files moved to quarantine since start (unreadable, truncated...).",
+            value=st.quarantined,
+        )
+
         r = agent.reaper.statistics()
         yield GaugeMetricFamily("sledagent_reaper_zones", "Defunct zones held.", value=r.held)
         yield CounterMetricFamily("sledagent_reaper_reaped", "Zones torn down.", value=r.reaped)

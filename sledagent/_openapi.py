@@ -23,6 +23,7 @@ from ._wire import (
     CleanupCount,
     Error,
     InstanceEnsureBody,
+    QuarantinedFile,
     SledVmmState,
     VmmPutStateBody,
     VmmPutStateResponse,
@@ -83,7 +84,8 @@ OPERATIONS: tuple[Operation, ...] = (
               answer=BundleJobStatus, ours=True,
               links=(("zone_bundle_job_get", "job_id", "$response.body#/job_id"),)),
     Operation("get", "/zones/bundles/{zone_name}/{bundle_id}", "zone_bundle_get",
-              "Download a bundle (application/gzip).", BUNDLE, answer="gzip"),
+              "Download a bundle (application/gzip). Checked first: a copy that is not "
+              "whole is quarantined; 404 if none is.", BUNDLE, answer="gzip"),
     Operation("delete", "/zones/bundles/{zone_name}/{bundle_id}", "zone_bundle_delete",
               "Delete a bundle, every copy.", BUNDLE, status=204),
     Operation("get", "/zones/bundle-jobs/{job_id}", "zone_bundle_job_get",
@@ -96,6 +98,11 @@ OPERATIONS: tuple[Operation, ...] = (
               "Update the cleanup context.", body=CleanupContextUpdate, status=204),
     Operation("post", "/zones/bundle-cleanup", "zone_bundle_cleanup",
               "Apply retention now.", answer=dict[str, CleanupCount]),
+    Operation("get", "/zones/bundle-cleanup/quarantine", "zone_bundle_quarantine",
+              "Files in the debug directories that are not whole bundles (unreadable, "
+              "truncated...), moved to <debug_dir>/.quarantine/: counted in bytes_used, "
+              "removed first by cleanup. Scans the directories first.",
+              answer=list[QuarantinedFile], ours=True),
     Operation("get", "/zones/cleanup", "zones_cleanup", "What the reaper holds, by step.",
               answer=list[ZoneCleanupItem], ours=True),
     Operation("get", "/metrics", "metrics", "Prometheus metrics (no token needed).",

@@ -4,8 +4,10 @@ Semantics are omicron's (``zone_bundle.rs``): a bundle's priority is read along 
 dimension of ``priority`` in order (``cause`` ranks other < unexpected_zone <
 terminated_instance; ``time`` ranks older lower); cleanup deletes the lowest-priority
 bundles of a debug directory until its usage is within ``storage_limit`` percent of its
-quota. Unlike omicron, updates are validated as a whole (a clear error naming the field)
-and the context is persisted by the store, so it survives a restart.
+quota. Beyond omicron, files in the directory that are not whole bundles (quarantined,
+``_quarantine``) are counted and go first. Unlike omicron, updates are validated as a
+whole (a clear error naming the field) and the context is persisted by the store, so it
+survives a restart.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ import attrs
 
 from ._errors import BadRequest
 from ._host import BundleInfo
-from ._wire import CleanupContext, CleanupContextUpdate, Duration, PriorityDimension
+from ._wire import (
+    CleanupContext,
+    CleanupContextUpdate,
+    Duration,
+    PriorityDimension,
+    QuarantinedFile,
+)
 
 PERIOD_MIN_S = 60
 PERIOD_MAX_S = 86_400
@@ -79,22 +87,42 @@ def priority_key(bundle: BundleInfo, priority: Sequence[PriorityDimension]) -> t
 @attrs.frozen
 class CleanupPlan:
     delete: tuple[BundleInfo, ...]
-    bytes_freed: int
+    bytes_freed: int  # bundles' and quarantined files' bytes
+    quarantined: tuple[QuarantinedFile, ...] = ()
 
 
 def plan_cleanup(
-    bundles: Iterable[BundleInfo], *, bytes_available: int, priority: Sequence[PriorityDimension]
+    bundles: Iterable[BundleInfo],
+    *,
+    bytes_available: int,
+    priority: Sequence[PriorityDimension],
+    quarantined: Iterable[QuarantinedFile] = (),
+    bytes_used: int | None = None,
 ) -> CleanupPlan:
-    """Which bundles to delete so that the rest fit in ``bytes_available``."""
+    """What to delete so that the directory fits in ``bytes_available``: quarantined
+    files first (oldest first: they are not bundles), then bundles in priority order.
+
+    ``bytes_used`` is the directory's whole usage, files cleanup cannot remove included
+    (a bundle being written); by default the bundles' and quarantined files' sum."""
+    files = sorted(quarantined, key=lambda q: (q.time_quarantined, q.path))
     ordered = sorted(bundles, key=lambda b: priority_key(b, priority))
-    used = sum(b.size for b in ordered)
+    used = bytes_used
+    if used is None:
+        used = sum(b.size for b in ordered) + sum(q.bytes for q in files)
+    chosen_files: list[QuarantinedFile] = []
+    for q in files:
+        if used <= bytes_available:
+            break
+        chosen_files.append(q)
+        used -= q.bytes
     chosen: list[BundleInfo] = []
     for bundle in ordered:
         if used <= bytes_available:
             break
         chosen.append(bundle)
         used -= bundle.size
-    return CleanupPlan(tuple(chosen), sum(b.size for b in chosen))
+    freed = sum(b.size for b in chosen) + sum(q.bytes for q in chosen_files)
+    return CleanupPlan(tuple(chosen), freed, tuple(chosen_files))
 
 
 def bytes_available(quota: int, storage_limit: int) -> int:

@@ -14,9 +14,15 @@ import attrs
 import trio
 from trio_util import AsyncValue
 
-from ._host import BundleInfo
+from ._host import BundleInfo, StoreStatistics
 from ._retention import DEFAULT_CONTEXT, apply_update
-from ._wire import BundleUtilization, CleanupContext, CleanupContextUpdate, CleanupCount
+from ._wire import (
+    BundleUtilization,
+    CleanupContext,
+    CleanupContextUpdate,
+    CleanupCount,
+    QuarantinedFile,
+)
 
 
 @attrs.define
@@ -95,5 +101,14 @@ class MemoryBundleStore:
     async def get(self, zone_name: str, bundle_id: uuid.UUID) -> BundleInfo | None:
         return self.index.get(zone_name, bundle_id)
 
+    async def get_verified(self, zone_name: str, bundle_id: uuid.UUID) -> BundleInfo | None:
+        return self.index.get(zone_name, bundle_id)  # no files: nothing to check
+
     async def delete(self, zone_name: str, bundle_id: uuid.UUID) -> bool:
         return self.index.remove(zone_name, bundle_id) is not None
+
+    async def quarantine(self) -> list[QuarantinedFile]:
+        return []
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics()

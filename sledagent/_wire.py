@@ -406,3 +406,20 @@ class BundleJobStatus:
     time_created: Timestamp
     bundle: ZoneBundleMetadata | None = None
     error: str | None = None
+
+
+@attrs.frozen
+class QuarantinedFile:
+    """A file found in a debug directory that is not a whole bundle (unreadable,
+    truncated, misnamed, not a regular file), moved to ``<debug_dir>/.quarantine/``
+    (``GET /zones/bundle-cleanup/quarantine``). Counted in the directory's
+    ``bytes_used``; cleanup removes these before any bundle."""
+
+    debug_dir: str
+    #: Where it is now, under ``<debug_dir>/.quarantine/``.
+    path: str
+    #: Where it was found.
+    original_path: str
+    bytes: U64
+    reason: str
+    time_quarantined: Timestamp

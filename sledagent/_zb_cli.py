@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,7 +16,8 @@ from rich.progress import Progress, SpinnerColumn, TextColumn
 
 zone_bundle = cyclopts.App(
     name="zone-bundle",
-    help="Zone bundles on a running agent: list, fetch, delete, create; cleanup settings.",
+    help="Zone bundles on a running agent: list, fetch, delete, create; cleanup settings; "
+    "quarantine.",
 )
 
 Url = Annotated[str, cyclopts.Parameter(name="--url", help="The agent's API.")]
@@ -116,6 +118,25 @@ async def utilization(*, url: Url = DEFAULT_URL) -> None:
 async def cleanup(*, url: Url = DEFAULT_URL) -> None:
     """Apply retention now; shows what was removed per debug directory."""
     _print((await _call(url, "POST", "/zones/bundle-cleanup")).json())
+
+
+@zone_bundle.command
+async def quarantine(
+    *,
+    json_output: Annotated[bool, cyclopts.Parameter(name="--json")] = False,
+    url: Url = DEFAULT_URL,
+) -> None:
+    """List the files in the debug directories that are not whole bundles (unreadable,
+    truncated...): moved to <debug_dir>/.quarantine/, counted in utilization, removed
+    first by cleanup. One line each: bytes, when, where it was found, why."""
+    items = (await _call(url, "GET", "/zones/bundle-cleanup/quarantine")).json()
+    if json_output:
+        _print(items)
+        return
+    for q in items:
+        print(f"{q['bytes']:>12}  {q['time_quarantined']}  {q['original_path']}  ({q['reason']})")
+    total = sum(q["bytes"] for q in items)
+    print(f"{len(items)} file(s), {total} bytes in quarantine", file=sys.stderr)
 
 
 @zone_bundle.command

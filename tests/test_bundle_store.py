@@ -36,7 +36,7 @@ def store_at(tmp_path: Path, dirs: list[Path], quota: int | None = None) -> Disk
     return DiskBundleStore(dirs, context_path=tmp_path / "ctx.toml", quota_bytes=quota)
 
 
-async def test_the_index_is_rebuilt_from_the_files_and_corrupt_ones_are_skipped(
+async def test_the_index_is_rebuilt_from_the_files_and_corrupt_ones_are_quarantined(
     tmp_path: Path,
 ) -> None:
     dirs = [tmp_path / "a", tmp_path / "b"]
@@ -51,7 +51,7 @@ async def test_the_index_is_rebuilt_from_the_files_and_corrupt_ones_are_skipped(
     listed = await store.list_all()
     assert sorted(b.bundle_id for b in listed) == sorted(w.bundle_id for w in written)  # type: ignore[attr-defined]
     assert all(len(b.paths) == 2 for b in listed)  # both copies found
-    assert [p for p, _ in store.skipped] == [str(bad)]
+    assert [q.original_path for q in await store.quarantine()] == [str(bad)]
     assert await store.list_all("no-such-zone") == []
 
 

@@ -30,7 +30,7 @@ import httpx
 import trio
 
 from .._archive import BUNDLE_SUFFIX, TMP_SUFFIX
-from .._bundle_store import read_bundle_metadata
+from .._bundle_check import read_bundle_metadata
 from .._host import zone_name_for
 from .._wire import VmmState
 from ..testing import ensure_body_json

@@ -55,9 +55,12 @@ class SimPropolisFleet:
         vm, stop, scope = FakePropolis(None), trio.Event(), trio.CancelScope()
         binds = await self._nursery.start(self._serve, vm, stop, scope)
         addr = str(binds[0]).removeprefix("http://")
-        self._running[zone_name] = _Running(vm, addr, stop, scope)
+        running = _Running(vm, addr, stop, scope)
+        self._running[zone_name] = running
         if logs is not None:
-            self.logs.add(zone_name, logs)
+            await self.logs.start(zone_name, logs)  # the log exists once launched
+            if self._running.get(zone_name) is not running:  # retired meanwhile
+                self.logs.remove(zone_name)
         return addr
 
     def retire(self, zone_name: str) -> None:

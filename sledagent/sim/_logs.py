@@ -18,7 +18,7 @@ import random
 import trio
 
 from .._local_zones import LogSpec
-from .._logwriter import SERVICE_LOG, log_lines, rotate
+from .._logwriter import SERVICE_LOG, log_lines, rotate, start_log
 
 
 class SimLogWriter:
@@ -29,6 +29,13 @@ class SimLogWriter:
         self._specs: dict[str, LogSpec] = {}
         self._rng = random.Random(seed)
         self.written_bytes = 0
+
+    async def start(self, zone_name: str, spec: LogSpec) -> None:
+        """Create the zone's log now (``start_log``: a real service's log exists from
+        its start), then append to it every tick until ``remove``. Raises ``OSError``
+        if the log cannot be created."""
+        await trio.to_thread.run_sync(start_log, spec.log_dir, zone_name)
+        self.add(zone_name, spec)
 
     def add(self, zone_name: str, spec: LogSpec) -> None:
         self._specs[zone_name] = spec
