@@ -20,6 +20,7 @@ a file with a whole end is not looked for: that needs the full pass on every fil
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tarfile
@@ -27,6 +28,7 @@ import tomllib
 import uuid
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 from isal import igzip
@@ -48,14 +50,23 @@ def read_bundle_metadata(path: Path) -> ZoneBundleMetadata:
     """Read ``metadata.toml`` from a bundle (only the start of the file is decompressed);
     ``NotABundle`` if it is not valid."""
     try:
-        with tarfile.open(path, "r:gz") as tar:
+        with open(path, "rb") as f:
+            return _metadata(f)
+    except OSError as exc:
+        raise NotABundle(f"unreadable bundle: {exc}") from exc
+
+
+def _metadata(f: BinaryIO) -> ZoneBundleMetadata:
+    try:
+        f.seek(0)
+        with tarfile.open(fileobj=f, mode="r:gz") as tar:
             member = tar.next()
             if member is None or member.name != "metadata.toml":
                 raise NotABundle("first entry is not metadata.toml")
-            f = tar.extractfile(member)
-            if f is None:
+            extracted = tar.extractfile(member)
+            if extracted is None:
                 raise NotABundle("metadata.toml is not a file")
-            doc = tomllib.loads(f.read().decode())
+            doc = tomllib.loads(extracted.read().decode())
     except (OSError, tarfile.TarError, EOFError, tomllib.TOMLDecodeError, UnicodeError) as exc:
         raise NotABundle(f"unreadable bundle: {exc}") from exc
     try:
@@ -64,14 +75,31 @@ def read_bundle_metadata(path: Path) -> ZoneBundleMetadata:
         raise NotABundle(f"invalid metadata.toml: {exc}") from exc
 
 
-def stream_ends_whole(path: Path) -> bool:
+def open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file: never through a symbolic
+    link, never blocking on a FIFO. ``NotABundle`` otherwise; ``FileNotFoundError``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW on a link
+            raise NotABundle("not a regular file") from None
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise NotABundle(f"unreadable: {exc}") from exc
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise NotABundle("not a regular file")
+    return f
+
+
+def stream_ends_whole(f: BinaryIO) -> bool:
     """The fast check of the gzip stream's end (see the module docstring); ``False``
     means "not proven", never "broken"."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        n = min(size, TAIL_WINDOW)
-        f.seek(size - n)
-        tail = f.read(n)
+    size = f.seek(0, os.SEEK_END)
+    n = min(size, TAIL_WINDOW)
+    f.seek(size - n)
+    tail = f.read(n)
     if len(tail) < len(FLUSH_MARK) + 8 or int.from_bytes(tail[-4:], "little") % 512:
         return False
     end = len(tail) - 8
@@ -95,12 +123,13 @@ def stream_ends_whole(path: Path) -> bool:
     return False
 
 
-def verify_gzip(path: Path) -> None:
+def verify_gzip(f: BinaryIO) -> None:
     """Decompress the whole file, checking every member's CRC-32 and length and that
     nothing but members follows; ``NotABundle`` naming what is wrong."""
+    f.seek(0)
     try:
-        with igzip.IGzipFile(path, "rb") as f:  # type: ignore[no-untyped-call]
-            while f.read(_READ_CHUNK):
+        with igzip.IGzipFile(fileobj=f, mode="rb") as gz:  # type: ignore[no-untyped-call]
+            while gz.read(_READ_CHUNK):
                 pass
     except EOFError as exc:
         raise NotABundle(f"truncated: {exc}") from exc
@@ -110,28 +139,33 @@ def verify_gzip(path: Path) -> None:
 
 def check_bundle(path: Path, debug_dir: Path) -> ZoneBundleMetadata:
     """The metadata of the whole bundle at ``path`` (under ``debug_dir``), or
-    ``NotABundle`` naming why it is not one. Never follows a symbolic link."""
-    st = os.lstat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise NotABundle("not a regular file")
+    ``NotABundle`` naming why it is not one; ``FileNotFoundError`` if it is gone."""
     rel = path.relative_to(debug_dir)
-    if len(rel.parts) != 2:
-        raise NotABundle("not directly in a zone's bundle directory")
-    zone_name, name = rel.parts
-    stem = name.removesuffix(BUNDLE_SUFFIX)
-    try:
-        if stem == name:
-            raise ValueError
-        named_id = uuid.UUID(stem)
-    except ValueError:
-        raise NotABundle(f"not named <bundle id>{BUNDLE_SUFFIX}") from None
-    meta = read_bundle_metadata(path)
-    if meta.id.zone_name != zone_name:
-        raise NotABundle(
-            f"metadata.toml names zone {meta.id.zone_name!r}, not its directory {zone_name!r}"
-        )
-    if meta.id.bundle_id != named_id:
-        raise NotABundle(f"metadata.toml names bundle {meta.id.bundle_id}, not its file name")
-    if not stream_ends_whole(path):
-        verify_gzip(path)
+    with open_regular(path) as f:
+        if len(rel.parts) != 2:
+            raise NotABundle("not directly in a zone's bundle directory")
+        zone_name, name = rel.parts
+        stem = name.removesuffix(BUNDLE_SUFFIX)
+        try:
+            if stem == name:
+                raise ValueError
+            named_id = uuid.UUID(stem)
+        except ValueError:
+            raise NotABundle(f"not named <bundle id>{BUNDLE_SUFFIX}") from None
+        meta = _metadata(f)
+        if meta.id.zone_name != zone_name:
+            raise NotABundle(
+                f"metadata.toml names zone {meta.id.zone_name!r}, not its directory {zone_name!r}"
+            )
+        if meta.id.bundle_id != named_id:
+            raise NotABundle(f"metadata.toml names bundle {meta.id.bundle_id}, not its file name")
+        if not stream_ends_whole(f):
+            verify_gzip(f)
     return meta
+
+
+def copy_ends_whole(path: Path) -> tuple[int, bool]:
+    """Before serving a copy: its size and whether its end is proven whole (the fast
+    check), through the same regular-file-only open."""
+    with open_regular(path) as f:
+        return os.fstat(f.fileno()).st_size, stream_ends_whole(f)

@@ -18,7 +18,7 @@ import attrs
 import structlog
 
 from ._archive import TMP_PREFIX, TMP_SUFFIX
-from ._bundle_check import NotABundle, check_bundle, stream_ends_whole
+from ._bundle_check import NotABundle, check_bundle, copy_ends_whole
 from ._quarantine import QUARANTINE_DIR
 from ._wire import ZoneBundleMetadata
 
@@ -137,12 +137,11 @@ def check_copy(debug_dir: Path, path: str, size: int) -> Checked:
     found = stat_path(path)
     if found is None:
         return Checked(Found(path, 0, 0, 0.0, False), Verdict.GONE)
-    if found.regular and found.size == size:
-        try:
-            if stream_ends_whole(Path(path)):
-                return Checked(found, Verdict.WHOLE)
-        except FileNotFoundError:
-            return Checked(found, Verdict.GONE)
-        except OSError:
-            pass  # the full check says why
+    try:
+        if copy_ends_whole(Path(path)) == (size, True):
+            return Checked(found, Verdict.WHOLE)
+    except FileNotFoundError:
+        return Checked(found, Verdict.GONE)
+    except (NotABundle, OSError):
+        pass  # the full check says why
     return check(debug_dir, found)
