@@ -414,3 +414,50 @@ async def test_over_http_a_truncated_bundle_is_404_and_the_quarantine_is_listed_
             local.propolis[pid].halt()
             await local.nexus.wait_for(pid, VmmState.DESTROYED)
             await api.harness.agent.drain()
+
+
+async def test_scans_racing_new_and_deleted_bundles_leave_the_index_equal_to_the_files(
+    tmp_path: Path,
+) -> None:
+    from sledagent import TarArchiver
+
+    from .test_archive import make_job
+
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    store = store_at(tmp_path, dirs)
+    archiver = TarArchiver(dirs)
+    deleted: list[uuid.UUID] = []
+    with trio.fail_after(120):
+        await store.open()
+
+        async def writer(i: int) -> None:
+            work = tmp_path / f"w{i}"
+            work.mkdir()
+            info = await archiver.write(make_job(work))
+            await store.add(info)
+            if i % 3 == 0:
+                assert await store.delete(info.zone_name, info.bundle_id)
+                deleted.append(info.bundle_id)
+
+        async def scanner(done: trio.Event) -> None:
+            while not done.is_set():
+                await store.utilization()
+
+        done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scanner, done)
+            nursery.start_soon(scanner, done)
+            async with trio.open_nursery() as writers:
+                for i in range(30):
+                    writers.start_soon(writer, i)
+            done.set()
+        await store.utilization()
+        indexed = {(b.bundle_id, p) for b in await store.list_all() for p in b.paths}
+    on_disk = {
+        (uuid.UUID(p.name.removesuffix(".tar.gz")), str(p))
+        for d in dirs
+        for p in d.glob("*/*.tar.gz")
+    }
+    assert indexed == on_disk
+    assert len({b for b, _ in indexed}) == 20 and not {b for b, _ in indexed} & set(deleted)
+    assert await store.quarantine() == []
