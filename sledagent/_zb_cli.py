@@ -123,7 +123,9 @@ async def cleanup(*, url: Url = DEFAULT_URL) -> None:
 @zone_bundle.command
 async def quarantine(
     *,
-    json_output: Annotated[bool, cyclopts.Parameter(name="--json")] = False,
+    json_output: Annotated[
+        bool, cyclopts.Parameter(name="--json", negative=(), help="Print the JSON answer.")
+    ] = False,
     url: Url = DEFAULT_URL,
 ) -> None:
     """List the files in the debug directories that are not whole bundles (unreadable,
