@@ -49,6 +49,7 @@ from ._host import NexusClient as NexusClient
 from ._host import PropolisClient as PropolisClient
 from ._host import PropolisConnector as PropolisConnector
 from ._host import Snapshot as Snapshot
+from ._host import StoreStatistics as StoreStatistics
 from ._host import Zone as Zone
 from ._host import ZoneBackend as ZoneBackend
 from ._host import ZoneCommand as ZoneCommand
@@ -79,6 +80,7 @@ from ._wire import InstanceStateMonitorResponse as InstanceStateMonitorResponse
 from ._wire import InstanceStateRequested as InstanceStateRequested
 from ._wire import MigrationRuntimeState as MigrationRuntimeState
 from ._wire import MigrationState as MigrationState
+from ._wire import QuarantinedFile as QuarantinedFile
 from ._wire import SledVmmState as SledVmmState
 from ._wire import VmmPutStateBody as VmmPutStateBody
 from ._wire import VmmPutStateResponse as VmmPutStateResponse
@@ -144,12 +146,14 @@ __all__ = [
     "PropolisClient",
     "PropolisConnector",
     "PropolisGone",
+    "QuarantinedFile",
     "Reaper",
     "ReaperItem",
     "ReaperStep",
     "SledAgent",
     "SledVmmState",
     "Snapshot",
+    "StoreStatistics",
     "TarArchiver",
     "Terminating",
     "TerminationPolicy",

@@ -33,7 +33,6 @@ import structlog
 import trio
 from trio_util import AsyncValue
 
-from ._archive import BUNDLE_SUFFIX
 from ._bundle_scan import (
     Checked,
     DirScan,
@@ -47,7 +46,7 @@ from ._bundle_scan import (
 from ._codec import convert
 from ._errors import NotFound
 from ._host import BundleInfo, StoreStatistics
-from ._quarantine import Record, listed, load_records, move_to_quarantine, save_records
+from ._quarantine import Quarantine
 from ._retention import DEFAULT_CONTEXT, apply_update, bytes_available, plan_cleanup
 from ._retention import validate_context as _validate
 from ._store import MemoryBundleStore
@@ -57,7 +56,6 @@ from ._wire import (
     CleanupContextUpdate,
     CleanupCount,
     QuarantinedFile,
-    utcnow,
 )
 
 log = structlog.get_logger("sledagent.store")
@@ -79,21 +77,17 @@ class DiskBundleStore(MemoryBundleStore):
             raise ValueError("DiskBundleStore needs at least one debug directory")
         self.debug_dirs = [Path(d) for d in debug_dirs]
         self.context_path = Path(context_path)
-        #: Why each quarantined file is there (outside the debug dirs: not counted).
-        self.record_path = self.context_path.with_name("bundle-quarantine.json")
         self.quota_bytes = quota_bytes
+        #: What is not a whole bundle; why each is there is recorded beside the context
+        #: (outside the debug dirs: not counted in their usage).
+        self.quarantined = Quarantine(
+            self.debug_dirs, self.context_path.with_name("bundle-quarantine.json")
+        )
         super().__init__()
         #: How many periodic cleanups have run (lets a caller wait for the next one).
         self.cleanup_runs = AsyncValue(0)
         self._files: dict[str, tuple[_Key, int]] = {}  # indexed path -> (bundle, size)
-        self._quarantine: dict[str, dict[str, QuarantinedFile]] = {
-            str(d): {} for d in self.debug_dirs
-        }
-        self._records: dict[str, Record] = {}
-        self._saved_records: dict[str, Record] = {}
-        self._quarantined = 0
         self._scan_lock = trio.Lock()  # one scan (or cleanup) at a time
-        self._move_lock = trio.Lock()  # a quarantine name is chosen, then renamed to
         self._check_limiter = trio.CapacityLimiter(check_concurrency)
         self._removing: set[str] = set()  # paths being unlinked: not new files
         self._deleted: set[_Key] | None = None  # deleted while a scan runs
@@ -103,8 +97,7 @@ class DiskBundleStore(MemoryBundleStore):
     async def open(self) -> None:
         """Load the persisted context and records, then scan (index, quarantine)."""
         self.context.value = await trio.to_thread.run_sync(self._load_context)
-        self._records = await trio.to_thread.run_sync(load_records, self.record_path)
-        self._saved_records = dict(self._records)
+        await self.quarantined.load()
         async with self._scan_lock:
             await self._scan_locked()
 
@@ -142,11 +135,11 @@ class DiskBundleStore(MemoryBundleStore):
                 ]
                 for checked in await self._check_all(d, todo):
                     await self._apply(d, checked)
-                self._refresh_quarantine(d, scan)
+                self.quarantined.refresh(d, ((f.path, f.size, f.ctime) for f in scan.quarantined))
                 scans.append(scan)
         finally:
             self._deleted = None
-        await self._flush_records()
+        await self.quarantined.flush()
         return scans
 
     async def _check_all(self, debug_dir: Path, todo: list[Found]) -> list[Checked]:
@@ -175,53 +168,8 @@ class DiskBundleStore(MemoryBundleStore):
                 return  # deleted while it was being checked
             self._index_path(BundleInfo(checked.metadata, checked.found.size, (path,)))
         else:
-            await self._quarantine_file(debug_dir, path, checked.found.size, checked.reason)
-
-    def _refresh_quarantine(self, debug_dir: Path, scan: DirScan) -> None:
-        """The quarantine as the walk saw it, plus what this scan moved there."""
-        moved = self._quarantine[str(debug_dir)]
-        now = {
-            f.path: listed(debug_dir, f.path, f.size, f.ctime, self._records.get(f.path))
-            for f in scan.quarantined
-        }
-        for path, item in moved.items():
-            now.setdefault(path, item)
-        self._quarantine[str(debug_dir)] = now
-
-    async def _quarantine_file(self, debug_dir: Path, path: str, size: int, reason: str) -> bool:
-        async with self._move_lock:
-            try:
-                moved = await trio.to_thread.run_sync(move_to_quarantine, debug_dir, Path(path))
-            except FileNotFoundError:
-                self._forget_path(path)
-                return False
-            except OSError as exc:  # still counted in bytes_used; retried at the next scan
-                log.error("quarantine_failed", path=path, reason=reason, error=str(exc))
-                return False
-        self._forget_path(path)
-        record = Record(path, reason, utcnow())
-        self._records[str(moved)] = record
-        item = listed(debug_dir, str(moved), size, 0.0, record)
-        self._quarantine[str(debug_dir)][str(moved)] = item
-        self._quarantined += 1
-        log.warning(
-            "bundle_quarantined", path=path, quarantined_as=str(moved), bytes=size, reason=reason
-        )
-        return True
-
-    async def _flush_records(self) -> None:
-        """Persist the records of the files in quarantine (dropping the others), if
-        they changed since last written."""
-        present = {p for q in self._quarantine.values() for p in q}
-        records = {p: r for p, r in self._records.items() if p in present}
-        self._records = records
-        if records == self._saved_records:
-            return
-        try:
-            await trio.to_thread.run_sync(save_records, self.record_path, records)
-            self._saved_records = dict(records)
-        except OSError as exc:  # the reasons only; the files are handled
-            log.error("quarantine_record_unwritable", path=str(self.record_path), error=str(exc))
+            await self.quarantined.move(debug_dir, path, checked.found.size, checked.reason)
+            self._forget_path(path)
 
     # --- the index of files -------------------------------------------------------------
 
@@ -251,15 +199,6 @@ class DiskBundleStore(MemoryBundleStore):
                 self.index.remove(*entry[0])
         return True
 
-    def _quarantined_for(self, zone_name: str, bundle_id: uuid.UUID) -> list[QuarantinedFile]:
-        name = os.path.join(zone_name, f"{bundle_id}{BUNDLE_SUFFIX}")
-        return [
-            q
-            for d, items in self._quarantine.items()
-            for q in items.values()
-            if q.original_path == os.path.join(d, name)
-        ]
-
     async def _unlink(self, paths: Iterable[str]) -> None:
         paths = list(paths)
         self._removing.update(paths)
@@ -267,11 +206,6 @@ class DiskBundleStore(MemoryBundleStore):
             await trio.to_thread.run_sync(_unlink_all, paths)
         finally:
             self._removing.difference_update(paths)
-
-    def _drop_quarantined(self, items: Iterable[QuarantinedFile]) -> None:
-        for q in items:
-            self._quarantine[q.debug_dir].pop(q.path, None)
-            self._records.pop(q.path, None)
 
     # --- BundleStore --------------------------------------------------------------------
 
@@ -281,7 +215,7 @@ class DiskBundleStore(MemoryBundleStore):
     async def get_verified(self, zone_name: str, bundle_id: uuid.UUID) -> BundleInfo | None:
         info = self.index.get(zone_name, bundle_id)
         if info is None:
-            quarantined = self._quarantined_for(zone_name, bundle_id)
+            quarantined = self.quarantined.of_bundle(zone_name, bundle_id)
             if quarantined:
                 raise NotFound(_not_whole(zone_name, bundle_id, quarantined[0]))
             return None
@@ -294,13 +228,14 @@ class DiskBundleStore(MemoryBundleStore):
             if checked.verdict is Verdict.WHOLE:
                 good.append(path)
             elif checked.verdict is Verdict.BAD:
-                await self._quarantine_file(debug_dir, path, checked.found.size, checked.reason)
+                await self.quarantined.move(debug_dir, path, checked.found.size, checked.reason)
+                self._forget_path(path)
             elif checked.verdict is Verdict.GONE:
                 self._forget_path(path)
         if len(good) < len(info.paths):
-            await self._flush_records()
+            await self.quarantined.flush()
         if not good:
-            quarantined = self._quarantined_for(zone_name, bundle_id)
+            quarantined = self.quarantined.of_bundle(zone_name, bundle_id)
             if quarantined:
                 raise NotFound(_not_whole(zone_name, bundle_id, quarantined[-1]))
             return None
@@ -309,7 +244,7 @@ class DiskBundleStore(MemoryBundleStore):
     async def delete(self, zone_name: str, bundle_id: uuid.UUID) -> bool:
         """Remove every copy, and any quarantined file that was this bundle's."""
         info = self.index.remove(zone_name, bundle_id)
-        quarantined = self._quarantined_for(zone_name, bundle_id)
+        quarantined = self.quarantined.of_bundle(zone_name, bundle_id)
         if info is None and not quarantined:
             return False
         if self._deleted is not None:
@@ -317,25 +252,23 @@ class DiskBundleStore(MemoryBundleStore):
         paths = info.paths if info is not None else ()
         for p in paths:
             self._files.pop(p, None)
-        self._drop_quarantined(quarantined)
+        self.quarantined.drop(quarantined)
         await self._unlink([*paths, *(q.path for q in quarantined)])
         if quarantined:
-            await self._flush_records()
+            await self.quarantined.flush()
         return True
 
     async def quarantine(self) -> list[QuarantinedFile]:
         async with self._scan_lock:
             await self._scan_locked()
-        items = [q for d in self._quarantine.values() for q in d.values()]
-        return sorted(items, key=lambda q: (q.time_quarantined, q.path))
+        return self.quarantined.all()
 
     def statistics(self) -> StoreStatistics:
+        items = self.quarantined.items
         return StoreStatistics(
-            quarantine_files={d: len(q) for d, q in self._quarantine.items()},
-            quarantine_bytes={
-                d: sum(i.bytes for i in q.values()) for d, q in self._quarantine.items()
-            },
-            quarantined=self._quarantined,
+            quarantine_files={d: len(q) for d, q in items.items()},
+            quarantine_bytes={d: sum(i.bytes for i in q.values()) for d, q in items.items()},
+            quarantined=self.quarantined.moved,
         )
 
     # --- retention ----------------------------------------------------------------------
@@ -389,11 +322,11 @@ class DiskBundleStore(MemoryBundleStore):
                     self._in_dir(d),
                     bytes_available=bytes_available(quota, ctx.storage_limit),
                     priority=ctx.priority,
-                    quarantined=self._quarantine[str(d)].values(),
+                    quarantined=self.quarantined.items[str(d)].values(),
                     bytes_used=scan.bytes_used,
                 )
                 if plan.quarantined:
-                    self._drop_quarantined(plan.quarantined)
+                    self.quarantined.drop(plan.quarantined)
                     await self._unlink(q.path for q in plan.quarantined)
                     log.info("quarantine_cleaned", debug_dir=str(d), files=len(plan.quarantined))
                 for victim in plan.delete:
@@ -403,7 +336,7 @@ class DiskBundleStore(MemoryBundleStore):
                 counts[str(d)] = CleanupCount(bundles=len(plan.delete), bytes=plan.bytes_freed)
                 if plan.delete:
                     log.info("bundles_cleaned", debug_dir=str(d), bundles=len(plan.delete))
-            await self._flush_records()
+            await self.quarantined.flush()
         return counts
 
     async def update_context(self, update: CleanupContextUpdate) -> CleanupContext:

@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import attrs
 import msgspec
 import structlog
+import trio
 
-from ._wire import QuarantinedFile
+from ._archive import BUNDLE_SUFFIX
+from ._wire import QuarantinedFile, utcnow
 
 log = structlog.get_logger("sledagent.store")
 
@@ -110,3 +114,88 @@ def save_records(path: Path, records: dict[str, Record]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class Quarantine:
+    """What is in each debug directory's quarantine, and why (the store's; not
+    thread-safe: used from the trio thread, blocking work in worker threads).
+
+    ``refresh`` takes what a walk saw there; ``move`` puts a file there; ``drop``
+    forgets files removed; ``flush`` writes the records if they changed."""
+
+    def __init__(self, debug_dirs: Sequence[Path], record_path: Path) -> None:
+        self.record_path = record_path
+        self.items: dict[str, dict[str, QuarantinedFile]] = {str(d): {} for d in debug_dirs}
+        self.moved = 0  # files moved here since start
+        self._records: dict[str, Record] = {}
+        self._saved: dict[str, Record] = {}
+        self._move_lock = trio.Lock()  # a free name is chosen, then renamed to
+
+    async def load(self) -> None:
+        self._records = await trio.to_thread.run_sync(load_records, self.record_path)
+        self._saved = dict(self._records)
+
+    def all(self) -> list[QuarantinedFile]:
+        """Every quarantined file, oldest first."""
+        found = [q for d in self.items.values() for q in d.values()]
+        return sorted(found, key=lambda q: (q.time_quarantined, q.path))
+
+    def refresh(self, debug_dir: Path, seen: Iterable[tuple[str, int, float]]) -> None:
+        """The quarantine as a walk saw it (path, size, ctime), plus what was moved
+        there since the walk."""
+        now = {
+            path: listed(debug_dir, path, size, ctime, self._records.get(path))
+            for path, size, ctime in seen
+        }
+        for path, item in self.items[str(debug_dir)].items():
+            now.setdefault(path, item)
+        self.items[str(debug_dir)] = now
+
+    async def move(self, debug_dir: Path, path: str, size: int, reason: str) -> bool:
+        """Move ``path`` into the quarantine, recording why; ``False`` if it is gone or
+        cannot be moved (logged: it stays counted where it is, tried at the next scan)."""
+        async with self._move_lock:
+            try:
+                moved = await trio.to_thread.run_sync(move_to_quarantine, debug_dir, Path(path))
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                log.error("quarantine_failed", path=path, reason=reason, error=str(exc))
+                return False
+        record = Record(path, reason, utcnow())
+        self._records[str(moved)] = record
+        self.items[str(debug_dir)][str(moved)] = listed(debug_dir, str(moved), size, 0.0, record)
+        self.moved += 1
+        log.warning(
+            "bundle_quarantined", path=path, quarantined_as=str(moved), bytes=size, reason=reason
+        )
+        return True
+
+    def of_bundle(self, zone_name: str, bundle_id: uuid.UUID) -> list[QuarantinedFile]:
+        """The quarantined files that were found as this bundle's file."""
+        name = os.path.join(zone_name, f"{bundle_id}{BUNDLE_SUFFIX}")
+        return [
+            q
+            for d, items in self.items.items()
+            for q in items.values()
+            if q.original_path == os.path.join(d, name)
+        ]
+
+    def drop(self, items: Iterable[QuarantinedFile]) -> None:
+        for q in items:
+            self.items[q.debug_dir].pop(q.path, None)
+            self._records.pop(q.path, None)
+
+    async def flush(self) -> None:
+        """Persist the records of the files in quarantine (dropping the others), if
+        they changed since last written."""
+        present = {p for q in self.items.values() for p in q}
+        records = {p: r for p, r in self._records.items() if p in present}
+        self._records = records
+        if records == self._saved:
+            return
+        try:
+            await trio.to_thread.run_sync(save_records, self.record_path, records)
+            self._saved = dict(records)
+        except OSError as exc:  # the reasons only; the files are handled
+            log.error("quarantine_record_unwritable", path=str(self.record_path), error=str(exc))
