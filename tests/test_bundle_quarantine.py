@@ -461,3 +461,19 @@ async def test_scans_racing_new_and_deleted_bundles_leave_the_index_equal_to_the
     assert indexed == on_disk
     assert len({b for b, _ in indexed}) == 20 and not {b for b, _ in indexed} & set(deleted)
     assert await store.quarantine() == []
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3, 4, 9])
+async def test_bundles_of_every_compression_level_are_proven_whole_by_their_end(
+    tmp_path: Path, level: int
+) -> None:
+    from sledagent import TarArchiver
+
+    from .test_archive import make_job
+
+    with trio.fail_after(30):
+        info = await TarArchiver([tmp_path / "d"], compression_level=level).write(
+            make_job(tmp_path, big=300_000)
+        )
+    assert ends_whole(info.paths[0])  # isal for 0..3, stdlib zlib for 4..9
+    assert check_bundle(Path(info.paths[0]), tmp_path / "d") == info.metadata
