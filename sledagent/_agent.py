@@ -176,11 +176,12 @@ class SledAgent:
     async def recover_snapshots(self, leftovers: list[Snapshot]) -> None:
         """Archive the snapshots a crash left: their bundles would otherwise be lost (the
         zone may be torn down already). At most the phase-1 limiter's worth exist,
-        archived concurrently under the phase-2 limiter, while the agent serves."""
+        archived concurrently under the phase-2 limiter, while the agent serves; the
+        reaper holds each meanwhile (``GET /zones/cleanup``)."""
         try:
             async with trio.open_nursery() as nursery:
                 for snapshot in leftovers:
-                    nursery.start_soon(self.bundler.recover, snapshot)
+                    nursery.start_soon(self.reaper.recover, snapshot)
         finally:
             self.recovered.set()
 

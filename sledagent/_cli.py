@@ -187,7 +187,7 @@ async def run(
             print(f"sledagent listening on {info.api_url} (Nexus: {info.nexus_url})", flush=True)
             await shutdown.wait()
     except* (StartupError, JournalError) as group:
-        failures = [str(e) for e in group.exceptions]
+        failures = [str(e) for e in _leaves(group)]
     for line in failures:
         print(f"sledagent: {line}", file=sys.stderr)
     return 1 if failures else 0
@@ -232,6 +232,13 @@ async def sim(
         )  # fmt: skip
         print(f"nexus {nexus_url}\nfleet {fleet_url}", flush=True)
     return 0
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for e in error.exceptions for leaf in _leaves(e)]
+    return [error]
 
 
 def main() -> None:

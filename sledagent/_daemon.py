@@ -196,6 +196,7 @@ async def run_daemon(
     task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until ``shutdown`` is set; reports where it listens."""
+    log.info("daemon_starting", pid=os.getpid(), data_dir=str(config.data_dir))
     token = config.token or os.environ.get(TOKEN_ENV) or None
     if config.backend == "illumos":
         try:

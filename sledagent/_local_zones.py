@@ -104,7 +104,10 @@ class PropolisLauncher(Protocol):
         """Start the zone's Propolis, at ``addr`` if it can listen there; its address."""
         ...
 
-    def retire(self, zone_name: str) -> None: ...
+    async def retire(self, zone_name: str) -> None:
+        """Stop the zone's Propolis (idempotent); returns once it is stopped (or its
+        host is gone)."""
+        ...
 
 
 class LocalZoneBackend:
@@ -242,7 +245,7 @@ class LocalZoneBackend:
         """SIGTERM the zone's processes, SIGKILL after a deadline, remove the tree."""
         name = zone.name
         if self.launcher is not None:
-            self.launcher.retire(name)
+            await self.launcher.retire(name)
         pids = await self._thread(self._pids, name)
         for pid in pids:
             _signal_group(pid, signal.SIGTERM)

@@ -236,6 +236,14 @@ class InstanceManager:
             gen=state.gen,
         )
 
+    def readopting(self) -> int:
+        """VMMs taken back from the journal whose Propolis has not answered yet."""
+        return sum(
+            1
+            for e in self.registry
+            if e.phase is VmmPhase.ACTIVE and e.runner is not None and not e.runner.adopted.is_set()
+        )
+
     def _abandon(self, propolis_id: uuid.UUID) -> None:
         """A VMM ended with no generation left to publish it with: drop it now."""
         self.registry.remove(propolis_id)

@@ -73,8 +73,13 @@ class SimPropolisFleet:
             self.logs.add(zone_name, logs)
         return addr
 
-    def retire(self, zone_name: str) -> None:
+    async def retire(self, zone_name: str) -> None:
         """Stop the zone's Propolis; idempotent."""
+        await trio.lowlevel.checkpoint()
+        self.retire_now(zone_name)
+
+    def retire_now(self, zone_name: str) -> None:
+        """``retire``, synchronously."""
         running = self._running.pop(zone_name, None)
         self.logs.remove(zone_name)
         if running is not None:

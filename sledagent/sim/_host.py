@@ -69,7 +69,7 @@ def fleet_app(fleet: SimPropolisFleet, *, on_lease: Callable[[], None] = lambda:
         if request.query_params.get("kill") == "true":
             fleet.kill(request.path_params["zone_name"])
         else:
-            fleet.retire(request.path_params["zone_name"])
+            fleet.retire_now(request.path_params["zone_name"])
         return Response(status_code=204)
 
     async def halt(request: Request) -> Response:
@@ -179,7 +179,7 @@ def _remove_state(path: Path) -> None:
 class RemoteFleetLauncher:
     """A ``PropolisLauncher`` backed by a ``sledagent sim`` process's fleet controller.
 
-    Who starts it: the daemon (``run``), so that ``retire`` never blocks a caller. It
+    Who starts it: the daemon (``run``), which closes its pool at the end. It
     speaks through an ``H1Pool``, not httpx: it runs on the agent's trio thread, and at
     1000 VMMs its launches and retires cost as much CPU there as the agent's own work.
     """
@@ -220,11 +220,7 @@ class RemoteFleetLauncher:
             )
         return str(json.loads(response.body)["addr"])
 
-    def retire(self, zone_name: str) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(self._retire, zone_name)
-
-    async def _retire(self, zone_name: str) -> None:
+    async def retire(self, zone_name: str) -> None:
         try:
             await self._pool.request("DELETE", f"/fleet/zones/{zone_name}", timeout_s=_TIMEOUT_S)
         except ConnectionFailed:
