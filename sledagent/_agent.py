@@ -155,11 +155,17 @@ class SledAgent:
         log.info("startup_scan", partial_files=partial, snapshots=len(leftovers), zones=len(zones))
         return leftovers, zones
 
-    def reconcile(self, journaled: dict[uuid.UUID, JournaledVmm], zones: list[Zone]) -> None:
+    def reconcile(
+        self,
+        journaled: dict[uuid.UUID, JournaledVmm],
+        zones: list[Zone],
+        *,
+        host_rebooted: bool = False,
+    ) -> None:
         """Take back every live VMM the journal holds, hold the ones that ended until
         Nexus knows, and hand every zone nobody owns to the reaper (``_readopt``).
         Synchronous: when it returns, every journaled VMM answers reads."""
-        found = readopt_plan(journaled, zones)
+        found = readopt_plan(journaled, zones, host_rebooted=host_rebooted)
         for vmm, zone in found.readopt:
             self.manager.readopt(vmm, zone)
         for vmm, zone in found.ended:
@@ -171,6 +177,7 @@ class SledAgent:
             readopting=len(found.readopt),
             ended=len(found.ended),
             unexpected_zones=len(found.unexpected),
+            host_rebooted=host_rebooted,
         )
 
     async def recover_snapshots(self, leftovers: list[Snapshot]) -> None:
@@ -195,9 +202,14 @@ class SledAgent:
 
 @asynccontextmanager
 async def open_sled_agent(
-    config: AgentConfig, host: Host, *, sled_id: uuid.UUID | None = None
+    config: AgentConfig,
+    host: Host,
+    *,
+    sled_id: uuid.UUID | None = None,
+    host_rebooted: bool = False,
 ) -> AsyncIterator[SledAgent]:
-    """Run a sled agent for the duration of the ``async with`` block."""
+    """Run a sled agent for the duration of the ``async with`` block. ``host_rebooted``:
+    the host booted since the journal was written (no guest survived)."""
     agent = SledAgent(config, host, sled_id=sled_id)
     async with trio.open_nursery() as nursery:
         journal = host.journal
@@ -207,7 +219,7 @@ async def open_sled_agent(
             await nursery.start(journal.run)
         await nursery.start(agent.notifier.run)
         await nursery.start(agent.manager.run)
-        agent.reconcile(journaled, zones)
+        agent.reconcile(journaled, zones, host_rebooted=host_rebooted)
         await nursery.start(agent.reaper.run)
         nursery.start_soon(agent.recover_snapshots, leftovers)
         await nursery.start(agent.jobs.run)

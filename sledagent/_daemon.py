@@ -31,7 +31,7 @@ from ._archive_procs import ProcessArchiver
 from ._bundle_store import DiskBundleStore
 from ._clients import HttpNexusClient, HttpPropolisConnector
 from ._config import AgentConfig, BackoffPolicy
-from ._datadir import StartupError, hold_data_dir, sled_id_of
+from ._datadir import StartupError, hold_data_dir, host_rebooted, sled_id_of
 from ._h1client import H1Pool
 from ._host import ZoneBackend
 from ._illumos import IllumosConfig, IllumosZoneBackend, require_tools
@@ -207,8 +207,11 @@ async def run_daemon(
         servers_stop = trio.Event()
         async with hold_data_dir(config.data_dir):
             sled_id = await trio.to_thread.run_sync(sled_id_of, config.data_dir)
+            rebooted = await trio.to_thread.run_sync(host_rebooted, config.data_dir)
             peers = await _peers(config, nursery, servers_stop)
-            await _serve_agent(config, nursery, peers, sled_id, token, shutdown, task_status)
+            await _serve_agent(
+                config, nursery, peers, sled_id, rebooted, token, shutdown, task_status
+            )
         servers_stop.set()
         nursery.cancel_scope.cancel()
     log.info("daemon_stopped")
@@ -280,6 +283,7 @@ async def _serve_agent(
     nursery: trio.Nursery,
     peers: _Peers,
     sled_id: uuid.UUID,
+    rebooted: bool,
     token: str | None,
     shutdown: trio.Event,
     task_status: trio.TaskStatus[DaemonInfo],
@@ -331,7 +335,9 @@ async def _serve_agent(
             ),
             journal=StateJournal(config.data_dir / JOURNAL_NAME),
         )
-        async with open_sled_agent(config.agent, host, sled_id=sled_id) as agent:
+        async with open_sled_agent(
+            config.agent, host, sled_id=sled_id, host_rebooted=rebooted
+        ) as agent:
             api_stop = trio.Event()
             binds = await nursery.start(
                 lambda task_status: serve_api(

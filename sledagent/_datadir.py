@@ -23,6 +23,9 @@ import trio
 
 LOCK_NAME = ".lock"
 SLED_ID_NAME = "sled-id"
+BOOT_ID_NAME = "boot-id"
+#: Linux's id of the current boot (a new one at every boot).
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 class StartupError(RuntimeError):
@@ -56,6 +59,27 @@ async def hold_data_dir(data_dir: Path) -> AsyncIterator[None]:
         yield
     finally:
         os.close(fd)  # releases the flock
+
+
+def host_rebooted(data_dir: Path) -> bool:
+    """Whether the host booted since the last agent start on ``data_dir`` (the boot id
+    kept there differs from the current one), and keep the current one. A host reboot
+    ends every guest: the start then tells Nexus at once instead of waiting for each
+    Propolis to stay unreachable. Unknown (no boot id on this host, or none kept): False."""
+    path = Path(data_dir) / BOOT_ID_NAME
+    try:
+        current = _BOOT_ID.read_text().strip()
+    except OSError:
+        return False
+    try:
+        previous: str | None = path.read_text().strip()
+    except FileNotFoundError:
+        previous = None
+    if previous != current:
+        tmp = path.with_name(f".{BOOT_ID_NAME}.tmp")
+        tmp.write_text(f"{current}\n")
+        os.replace(tmp, path)
+    return previous is not None and previous != current
 
 
 def sled_id_of(data_dir: Path) -> uuid.UUID:

@@ -23,7 +23,9 @@ in docs/design.md ("Restart: the reconciliation table"):
   re-adopted with its zone (the next ``running`` creates the VM);
 - live, zone, no answer within ``readopt_probe_s``: re-adopted; the monitor fails it
   after ``propolis_unreachable_s`` without an answer;
-- no journal entry, zone: ``unexpected_zone``, bundled and torn down.
+- no journal entry, zone: ``unexpected_zone``, bundled and torn down;
+- the host rebooted since the journal was written (its boot id changed): no guest
+  survived; every live VMM is ``failed`` at once and its zone reaped.
 
 Reads are answered from the journal from the first moment (the registry is filled
 before the API serves); a state change waits for its VMM's re-adoption (``adopted``)
@@ -64,8 +66,11 @@ class Plan:
     unexpected: tuple[Zone, ...] = ()
 
 
-def plan(journaled: dict[uuid.UUID, JournaledVmm], zones: list[Zone]) -> Plan:
-    """Pair every journaled VMM with its zone, and find the zones nobody owns."""
+def plan(
+    journaled: dict[uuid.UUID, JournaledVmm], zones: list[Zone], *, host_rebooted: bool = False
+) -> Plan:
+    """Pair every journaled VMM with its zone, and find the zones nobody owns. After a
+    host reboot no guest survived: every journaled VMM has ended (``failed``)."""
     by_id = {z.propolis_id: z for z in zones if z.propolis_id is not None}
     readopt, ended = [], []
     for pid, vmm in sorted(journaled.items()):
@@ -78,7 +83,7 @@ def plan(journaled: dict[uuid.UUID, JournaledVmm], zones: list[Zone]) -> Plan:
                 propolis_addr=zone.propolis_addr or vmm.registration.propolis_addr,
                 nic_ids=zone.nic_ids or vmm.registration.nic_ids,
             )
-        if vmm.registration is None or vmm.state.vmm_state.state.is_halted:
+        if host_rebooted or vmm.registration is None or vmm.state.vmm_state.state.is_halted:
             ended.append((vmm, zone))
         else:
             readopt.append((vmm, zone))

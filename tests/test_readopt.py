@@ -272,3 +272,38 @@ async def test_generations_never_repeat_or_go_back_across_many_restarts(tmp_path
             assert state.gen >= last  # never back
             assert seen.setdefault(state.gen, state) == state  # a repeat is the same content
             last = state.gen
+
+
+async def test_after_a_host_reboot_every_live_vmm_is_failed_at_once(tmp_path: Path) -> None:
+    """No guest survives a host reboot: the start tells Nexus right away, without waiting
+    for each Propolis to stay unreachable, and reaps the zones."""
+    fakes = FakeHost(journal_path=tmp_path / "journal.sqlite3")
+    with trio.fail_after(30):
+        async with agent_on(fakes) as agent:
+            pids = [await AgentHarness(agent, fakes).start_vmm() for _ in range(3)]
+            await agent.notifier.wait_idle()
+            gens = {pid: agent.manager.registry.get(pid).state.gen for pid in pids}
+        host = fakes.host()
+        async with open_sled_agent(fast_config(), host, host_rebooted=True) as agent:
+            for pid in pids:
+                await fakes.nexus.wait_for(pid, VmmState.FAILED)
+            await agent.drain()
+    for pid in pids:
+        final = fakes.nexus.latest(pid)
+        assert final is not None and final.gen == gens[pid] + 1
+    assert fakes.zones.zones == {}
+
+
+def test_a_changed_boot_id_is_a_host_reboot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sledagent import _datadir
+
+    boot = tmp_path / "boot_id"
+    monkeypatch.setattr(_datadir, "_BOOT_ID", boot)
+    boot.write_text("aaaa\n")
+    assert not _datadir.host_rebooted(tmp_path)  # first start: nothing to compare
+    assert not _datadir.host_rebooted(tmp_path)  # same boot
+    boot.write_text("bbbb\n")
+    assert _datadir.host_rebooted(tmp_path)
+    assert not _datadir.host_rebooted(tmp_path)
