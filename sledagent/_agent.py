@@ -9,17 +9,21 @@ open_sled_agent (one nursery)
  |- store.run_periodic_cleanup   retention, every `period` of the cleanup context
 ```
 
-Before any of them starts, ``startup_sweep`` opens the store (index from the files) and
-deals with what an earlier run left: partial files are removed, snapshots archived into
-their bundles, zones nobody owns handed to the reaper; then terminal states Nexus never
-acknowledged are published again (the journal).
+Before any of them starts, the journal is read back and ``startup_scan`` finds what an
+earlier run left (the store's index from the files, partial files removed, leftover
+snapshots and the zones on the host listed). Then ``reconcile`` takes back every live
+VMM the journal holds (``_readopt``: each runner asks its Propolis before serving),
+holds the ones that ended until Nexus has their terminal state, and hands every zone
+nobody owns to the reaper. Leftover snapshots are archived into their bundles while the
+agent already serves.
 
 Data flows one way: API -> manager -> runner -> reaper -> bundler -> store.
 
 Shutdown (leaving the ``async with``, normally or by cancellation): new registrations
 are refused; the reaper and the notifier get ``shutdown_drain_s`` under a shielded
-cancel scope to finish what they hold; then everything is cancelled. Live VMMs' zones
-and whatever the reaper did not finish stay on the host for the next start's sweep.
+cancel scope to finish what they hold; then everything is cancelled. Live VMMs, their
+zones and their Propolis are left as they are, for the next start to take back; whatever
+the reaper did not finish stays on the host for the next start's sweep.
 """
 
 from __future__ import annotations
@@ -40,14 +44,17 @@ from ._host import (
     DefunctZone,
     NexusClient,
     PropolisConnector,
+    Snapshot,
+    Zone,
     ZoneBackend,
 )
 from ._inline import InlineTeardown, LockedBundleStore
 from ._jobs import BundleJobs
-from ._journal import StateJournal
+from ._journal import JournaledVmm, StateJournal
 from ._manager import InstanceManager
 from ._nics import NicReservations
 from ._notifier import NexusNotifier
+from ._readopt import plan as readopt_plan
 from ._reaper import Reaper
 from ._runner import RunnerContext
 from ._wire import ZoneBundleCause, utcnow
@@ -134,53 +141,87 @@ class SledAgent:
         )
 
         self.jobs = BundleJobs(self.bundler, self.manager.live_zone)
+        #: Set once the snapshots an earlier run left are archived (``recover_snapshots``).
+        self.recovered = trio.Event()
 
-    async def startup_sweep(self) -> None:
-        """Pick up what an earlier run left: open the store, remove partial bundle files,
-        archive leftover snapshots, and hand every zone nobody owns to the reaper."""
+    async def startup_scan(self) -> tuple[list[Snapshot], list[Zone]]:
+        """What an earlier run left, found before anything new is made: open the store,
+        remove partial bundle files, and list leftover snapshots and the zones on the
+        host (for the reconciliation with the journal)."""
         await self.store.open()
         partial = await self.host.archiver.sweep_partial()
-        # Snapshots a crash left are finished, not thrown away: their bundles would
-        # otherwise be lost (the zone may be torn down already). At most the phase-1
-        # limiter's worth exist, archived concurrently under the phase-2 limiter.
         leftovers = await self.host.backend.leftover_snapshots()
-        async with trio.open_nursery() as nursery:
-            for snapshot in leftovers:
-                nursery.start_soon(self.bundler.recover, snapshot)
-        snapshots = len(leftovers)
-        orphans = 0
-        for zone in await self.host.backend.list_zones():
-            if zone.propolis_id is not None and self.manager.registry.find(zone.propolis_id):
-                continue
+        zones = await self.host.backend.list_zones()
+        log.info("startup_scan", partial_files=partial, snapshots=len(leftovers), zones=len(zones))
+        return leftovers, zones
+
+    def reconcile(
+        self,
+        journaled: dict[uuid.UUID, JournaledVmm],
+        zones: list[Zone],
+        *,
+        host_rebooted: bool = False,
+    ) -> None:
+        """Take back every live VMM the journal holds, hold the ones that ended until
+        Nexus knows, and hand every zone nobody owns to the reaper (``_readopt``).
+        Synchronous: when it returns, every journaled VMM answers reads."""
+        found = readopt_plan(journaled, zones, host_rebooted=host_rebooted)
+        for vmm, zone in found.readopt:
+            self.manager.readopt(vmm, zone)
+        for vmm, zone in found.ended:
+            self.manager.restore_ended(vmm, zone)
+        for zone in found.unexpected:
             self.reaper.submit(DefunctZone(zone, ZoneBundleCause.UNEXPECTED_ZONE, utcnow()))
-            orphans += 1
         log.info(
-            "startup_sweep", partial_files=partial, snapshots=snapshots, unexpected_zones=orphans
+            "reconciled",
+            readopting=len(found.readopt),
+            ended=len(found.ended),
+            unexpected_zones=len(found.unexpected),
+            host_rebooted=host_rebooted,
         )
 
+    async def recover_snapshots(self, leftovers: list[Snapshot]) -> None:
+        """Archive the snapshots a crash left: their bundles would otherwise be lost (the
+        zone may be torn down already). At most the phase-1 limiter's worth exist,
+        archived concurrently under the phase-2 limiter, while the agent serves; the
+        reaper holds each meanwhile (``GET /zones/cleanup``)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for snapshot in leftovers:
+                    nursery.start_soon(self.reaper.recover, snapshot)
+        finally:
+            self.recovered.set()
+
     async def drain(self) -> None:
-        """Wait until the reaper holds no zone and the notifier has nothing pending."""
+        """Wait until the start's leftover snapshots are archived, the reaper holds no
+        zone and the notifier has nothing pending."""
+        await self.recovered.wait()
         await self.reaper.wait_idle()
         await self.notifier.wait_idle()
 
 
 @asynccontextmanager
 async def open_sled_agent(
-    config: AgentConfig, host: Host, *, sled_id: uuid.UUID | None = None
+    config: AgentConfig,
+    host: Host,
+    *,
+    sled_id: uuid.UUID | None = None,
+    host_rebooted: bool = False,
 ) -> AsyncIterator[SledAgent]:
-    """Run a sled agent for the duration of the ``async with`` block."""
+    """Run a sled agent for the duration of the ``async with`` block. ``host_rebooted``:
+    the host booted since the journal was written (no guest survived)."""
     agent = SledAgent(config, host, sled_id=sled_id)
     async with trio.open_nursery() as nursery:
-        await agent.startup_sweep()  # before any bundle can take a snapshot
         journal = host.journal
-        replay = await journal.load() if journal is not None else {}
+        journaled = await journal.load() if journal is not None else {}
+        leftovers, zones = await agent.startup_scan()  # before any snapshot is taken
         if journal is not None:
             await nursery.start(journal.run)
         await nursery.start(agent.notifier.run)
-        for propolis_id, state in replay.items():  # never acknowledged before a crash
-            agent.notifier.publish(propolis_id, state)
-        await nursery.start(agent.reaper.run)
         await nursery.start(agent.manager.run)
+        agent.reconcile(journaled, zones, host_rebooted=host_rebooted)
+        await nursery.start(agent.reaper.run)
+        nursery.start_soon(agent.recover_snapshots, leftovers)
         await nursery.start(agent.jobs.run)
         await nursery.start(agent.store.run_periodic_cleanup)
         log.info(

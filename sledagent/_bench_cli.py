@@ -19,11 +19,13 @@ from .bench._api import run_api_bench
 from .bench._bundle import BundleBenchParams, run_bundle_bench
 from .bench._crash import CrashParams, run_crash_point
 from .bench._crash import leaks as crash_leaks
+from .bench._crash_mixed import MixedParams, mixed_leaks, run_mixed_point
 from .bench._faults import FaultParams, nexus_outage, propolis_faults
 from .bench._faults import problems as fault_problems
 from .bench._load import LoadParams, run_load_bench
 from .bench._load import problems as load_problems
 from .bench._mass_stop import MassStopParams, run_mass_stop
+from .bench._restart import run_restart_bench
 from .bench._scale import run_scale_bench
 from .bench._sweep import SweepParams, run_sweep
 from .bench._wire import WireParams, run_wire_bench
@@ -242,9 +244,13 @@ async def crash_bench(
     max_delay_s: float = 1.5,
     signal: str = "SIGKILL",
     drain_s: float = 60.0,
+    workload: Literal["mass-halt", "mixed"] = "mass-halt",
 ) -> int:
     """Kill -9 the daemon at seeded points of a mass stop's cleanup, restart it, and check
     that nothing leaked: no partial bundle, no snapshot, no zone; every bundle valid.
+    ``--workload mixed``: registrations, runs, stops and a mass halt at once; after each
+    kill and restart, no running guest lost, every terminal state delivered, generations
+    never going back at Nexus (``bench/_crash_mixed.py``).
 
     Prints one JSON line per point, then the totals; exits 1 if any point leaked.
 
@@ -264,8 +270,13 @@ async def crash_bench(
         SIGKILL (a crash) or SIGTERM (a shutdown: drain, exit 0, the next start finishes).
     drain_s
         The daemon's ``shutdown_drain_s``: how long a SIGTERM lets the reaper work on.
+    workload
+        ``mass-halt`` (every guest halts, then the kill) or ``mixed`` (``vmms`` per group:
+        running guests left alone, halts, stops and new registrations at once).
     """
     configure_logging(json=True, level="error")
+    if workload == "mixed":
+        return await _mixed_crash(points, seed, vmms, log_mb, max_delay_s)
     params = CrashParams(
         vmms=vmms, log_mb=log_mb, max_delay_s=max_delay_s, signal=signal, drain_s=drain_s
     )
@@ -282,6 +293,49 @@ async def crash_bench(
         totals["bundles"] += int(str(result["bundles"]))
     print(jsonlib.dumps({"command": command_line(), "totals": totals}))
     return 1 if totals["leaky_points"] else 0
+
+
+async def _mixed_crash(
+    points: int, seed: int, per_group: int, log_mb: float, max_delay_s: float
+) -> int:
+    params = MixedParams(per_group=per_group, log_mb=log_mb, max_delay_s=max_delay_s)
+    totals = {"points": 0, "leaky_points": 0, "vmms": 0, "running_guests_lost": 0,
+              "terminal_states_lost": 0, "registrations_lost": 0, "generation_regressions": 0,
+              "generation_repeats": 0, "bundles": 0}  # fmt: skip
+    for i in range(points):
+        result = await run_mixed_point(seed + i, params)
+        found = mixed_leaks(result)
+        print(jsonlib.dumps({**result, "leaks": found}), flush=True)
+        totals["points"] += 1
+        totals["leaky_points"] += bool(found)
+        totals["vmms"] += int(str(result["vmms"]))
+        for key in ("running_guests_lost", "registrations_lost", "generation_regressions"):
+            totals[key] += len(result[key])  # type: ignore[arg-type]
+        for key in ("terminal_states_lost", "generation_repeats", "bundles"):
+            totals[key] += int(str(result[key]))
+    print(jsonlib.dumps({"command": command_line(), "totals": totals}))
+    return 1 if totals["leaky_points"] else 0
+
+
+@bench.command(name="restart")
+async def restart_bench(*, vmms: int = 1000, reads_per_s: float = 400.0) -> int:
+    """Kill -9 the daemon with VMMS running VMMs and start it again: time to the first
+    answered read and to every VMM re-adopted, reads meanwhile, ``failed`` published;
+    beside the same start with an empty journal (the floor). Exits 1 if a guest was lost.
+
+    Parameters
+    ----------
+    vmms
+        Running VMMs at the kill (each with its simulated Propolis in the sim process).
+    reads_per_s
+        ``GET /vmms/{id}/state`` per second over all VMMs while the daemon restarts.
+    """
+    configure_logging(json=True, level="error")
+    result = await run_restart_bench(vmms=vmms, reads_per_s=reads_per_s)
+    print(jsonlib.dumps({"command": command_line(), **result}))
+    restart: dict[str, object] = result["restart"]  # type: ignore[assignment]
+    lost = restart["failed_published"] or restart["running_after"] != vmms
+    return 1 if lost else 0
 
 
 @bench.command(name="faults")

@@ -17,7 +17,9 @@ from rich.console import Console
 from ._bench_cli import bench, policy_table
 from ._config import TerminationPolicy
 from ._daemon import ConfigError, DaemonConfig, load_config, run_daemon
+from ._datadir import StartupError
 from ._demo import demo_config, drive_scenario
+from ._journal import JournalError
 from ._log import configure_logging
 from ._zb_cli import zone_bundle
 from .bench._mass_stop import MassStopParams, run_mass_stop
@@ -178,15 +180,27 @@ async def run(
         overrides["nexus_url"] = nexus
     cfg = attrs.evolve(cfg, **overrides)  # type: ignore[arg-type]
     shutdown = trio.Event()
-    async with _shutdown_on_signals(shutdown), trio.open_nursery() as nursery:
-        info = await nursery.start(run_daemon, cfg, shutdown)
-        print(f"sledagent listening on {info.api_url} (Nexus: {info.nexus_url})", flush=True)
-        await shutdown.wait()
-    return 0
+    failures: list[str] = []
+    try:
+        async with _shutdown_on_signals(shutdown), trio.open_nursery() as nursery:
+            info = await nursery.start(run_daemon, cfg, shutdown)
+            print(f"sledagent listening on {info.api_url} (Nexus: {info.nexus_url})", flush=True)
+            await shutdown.wait()
+    except* (StartupError, JournalError) as group:
+        failures = [str(e) for e in _leaves(group)]
+    for line in failures:
+        print(f"sledagent: {line}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 @app.command
-async def sim(*, nexus_listen: str = "127.0.0.1:0", fleet_listen: str = "127.0.0.1:0") -> int:
+async def sim(
+    *,
+    nexus_listen: str = "127.0.0.1:0",
+    fleet_listen: str = "127.0.0.1:0",
+    state_file: Path | None = None,
+    idle_exit_s: float | None = None,
+) -> int:
     """Run the simulated peers in this process: a recording Nexus and a Propolis fleet.
 
     Prints ``nexus <url>`` and ``fleet <url>``; run an agent with ``--nexus <url>`` and,
@@ -199,6 +213,12 @@ async def sim(*, nexus_listen: str = "127.0.0.1:0", fleet_listen: str = "127.0.0
         Address of the recording Nexus.
     fleet_listen
         Address of the fleet controller.
+    state_file
+        Write ``{"pid", "nexus_url", "fleet_url"}`` here once serving (an agent's
+        embedded default finds its simulated host so; removed at exit).
+    idle_exit_s
+        Exit once no simulated Propolis has run and no agent renewed its lease for this
+        many seconds (default: run until a signal).
     """
     configure_logging(level="warning")
     shutdown = trio.Event()
@@ -206,12 +226,19 @@ async def sim(*, nexus_listen: str = "127.0.0.1:0", fleet_listen: str = "127.0.0
         nexus_url, fleet_url = await nursery.start(
             lambda task_status: run_sim_host(
                 nexus_listen=nexus_listen, fleet_listen=fleet_listen,
-                shutdown=shutdown, task_status=task_status,
+                shutdown=shutdown, state_file=state_file, idle_exit_s=idle_exit_s,
+                task_status=task_status,
             )
         )  # fmt: skip
         print(f"nexus {nexus_url}\nfleet {fleet_url}", flush=True)
-        await shutdown.wait()
     return 0
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for e in error.exceptions for leaf in _leaves(e)]
+    return [error]
 
 
 def main() -> None:

@@ -31,13 +31,19 @@ _JSON = (("content-type", "application/json"),)
 _REQUEST_TIMEOUT_S = 30.0
 
 
-def _error_code(response: H1Response) -> str | None:
+def error_fields(response: H1Response) -> tuple[str | None, str | None]:
+    """The ``error_code`` and ``message`` of an error body (dropshot's shape), if any."""
     try:
         body = json.loads(response.body)
     except ValueError:
-        return None
-    code = body.get("error_code") if isinstance(body, dict) else None
-    return code if isinstance(code, str) else None
+        return None, None
+    if not isinstance(body, dict):
+        return None, None
+    code, message = body.get("error_code"), body.get("message")
+    return (
+        code if isinstance(code, str) else None,
+        message if isinstance(message, str) else None,
+    )
 
 
 async def _send(
@@ -59,12 +65,12 @@ async def _send(
         raise PeerError(f"{method} {pool.base_url}{target}: {exc}") from exc
     if response.status in expect:
         return response
-    code = _error_code(response)
+    code, peer_message = error_fields(response)
     text = response.body[:200].decode("utf-8", "replace")
     message = f"{method} {pool.base_url}{target}: {response.status} {text}"
     if gone_on_410 and (response.status == 410 or code == "NoInstance"):
-        raise PropolisGone(message, status=response.status, code=code)
-    raise PeerError(message, status=response.status, code=code)
+        raise PropolisGone(message, status=response.status, code=code, peer_message=peer_message)
+    raise PeerError(message, status=response.status, code=code, peer_message=peer_message)
 
 
 class HttpPropolisClient:

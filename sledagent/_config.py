@@ -93,6 +93,13 @@ class AgentConfig:
     #: without one answer is taken for dead: the VMM fails and is reaped. Shorter
     #: outages are ridden out.
     propolis_unreachable_s: float = attrs.field(default=60.0, validator=_positive)
+    #: After an agent restart, how long a re-adopted VMM's Propolis has to answer its
+    #: first state-monitor question before the VMM is re-adopted anyway (the monitor
+    #: then keeps asking, up to ``propolis_unreachable_s``).
+    readopt_probe_s: float = attrs.field(default=5.0, validator=_positive)
+    #: After an agent restart, how long a state change for a VMM still being re-adopted
+    #: waits for it before the caller gets 503 (retry).
+    readopt_wait_s: float = attrs.field(default=10.0, validator=_positive)
     #: Bundles holding their zone (commands + snapshot) at once.
     bundle_collect_concurrency: int = attrs.field(default=8, validator=_at_least(1))
     #: Bundles archiving at once (phase 2); default: the number of cores.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import os
 import tomllib
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ from ._archive_procs import ProcessArchiver
 from ._bundle_store import DiskBundleStore
 from ._clients import HttpNexusClient, HttpPropolisConnector
 from ._config import AgentConfig, BackoffPolicy
+from ._datadir import StartupError, hold_data_dir, host_rebooted, sled_id_of
 from ._h1client import H1Pool
 from ._host import ZoneBackend
 from ._illumos import IllumosConfig, IllumosZoneBackend, require_tools
@@ -39,10 +41,19 @@ from ._server import DEFAULT_LISTEN, serve_api
 from .sim._fleet import SimPropolisFleet
 from .sim._host import RemoteFleetLauncher
 from .sim._nexus import recording_nexus_app
+from .sim._spawn import (
+    RemoteNexusView,
+    SimHost,
+    SimHostError,
+    attach_sim_host,
+    renew_lease,
+)
 from .testing._nexus import FakeNexus
 
 log = structlog.get_logger("sledagent.daemon")
 TOKEN_ENV = "SLEDAGENT_TOKEN"
+#: The write-ahead journal in the data directory (SQLite).
+JOURNAL_NAME = "journal.sqlite3"
 
 
 class ConfigError(ValueError):
@@ -57,10 +68,12 @@ class DaemonConfig:
     nexus_url: str | None = None
     #: Bearer token required by every route but /metrics (also from $SLEDAGENT_TOKEN).
     token: str | None = None
-    #: ``sim``: a simulated Propolis per zone, in this process; ``remote``: launched by the
-    #: ``sledagent sim`` process at ``sim_fleet_url``; ``external``: already listening at
-    #: the address each VMM is registered with.
-    propolis: Literal["sim", "remote", "external"] = "sim"
+    #: ``sim``: a simulated Propolis per zone, in a ``sledagent sim`` process of its own
+    #: that outlives the agent (found again at the next start; it also runs the recording
+    #: Nexus when ``nexus_url`` is unset); ``sim-inprocess``: the same in this process (they
+    #: die with it; benchmarks); ``remote``: launched by the ``sledagent sim`` process at
+    #: ``sim_fleet_url``; ``external``: already listening at each VMM's registered address.
+    propolis: Literal["sim", "sim-inprocess", "remote", "external"] = "sim"
     #: ``local``: zones as directory trees under data_dir (any host); ``illumos``: real
     #: zones, SMF and ZFS (needs zoneadm, zonecfg, zlogin, zfs; Propolis is external).
     backend: Literal["local", "illumos"] = "local"
@@ -168,8 +181,12 @@ class DaemonInfo:
     api_url: str
     nexus_url: str
     agent: SledAgent
+    #: The in-process simulated fleet (``propolis = "sim-inprocess"``).
     fleet: SimPropolisFleet | None
-    recording_nexus: FakeNexus | None
+    #: What the recording Nexus received: in this process, or in the sim host.
+    recording_nexus: FakeNexus | RemoteNexusView | None
+    #: The ``sledagent sim`` process that runs the simulated guests (``propolis = "sim"``).
+    sim_host: SimHost | None = None
 
 
 async def run_daemon(
@@ -179,6 +196,7 @@ async def run_daemon(
     task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until ``shutdown`` is set; reports where it listens."""
+    log.info("daemon_starting", pid=os.getpid(), data_dir=str(config.data_dir))
     token = config.token or os.environ.get(TOKEN_ENV) or None
     if config.backend == "illumos":
         try:
@@ -187,102 +205,162 @@ async def run_daemon(
             raise ConfigError(str(exc)) from None
     async with trio.open_nursery() as nursery:
         servers_stop = trio.Event()
-        recording: FakeNexus | None = None
-        nexus_url = config.nexus_url
-        if nexus_url is None:
-            recording = FakeNexus()
-            binds = await nursery.start(
-                lambda task_status: serve_api(
-                    recording_nexus_app(recording),
-                    listen="127.0.0.1:0",
-                    shutdown=servers_stop,
-                    task_status=task_status,
-                )
+        async with hold_data_dir(config.data_dir):
+            sled_id = await trio.to_thread.run_sync(sled_id_of, config.data_dir)
+            rebooted = await trio.to_thread.run_sync(host_rebooted, config.data_dir)
+            peers = await _peers(config, nursery, servers_stop)
+            await _serve_agent(
+                config, nursery, peers, sled_id, rebooted, token, shutdown, task_status
             )
-            nexus_url = str(binds[0])
-        fleet = SimPropolisFleet() if config.propolis == "sim" else None
-        if fleet is not None:
-            await nursery.start(fleet.run)
-        launcher: PropolisLauncher | None = fleet
-        if config.propolis == "remote":
-            if not config.sim_fleet_url:
-                raise ConfigError('propolis = "remote" needs sim_fleet_url')
-            try:
-                remote = RemoteFleetLauncher(config.sim_fleet_url)
-            except ValueError as exc:
-                raise ConfigError(f"sim_fleet_url: {exc}") from None
-            await nursery.start(remote.run)
-            launcher = remote
-        connector = HttpPropolisConnector()
-        await nursery.start(connector.run)
-        # As many connections, kept alive, as deliveries the notifier may have in flight.
-        deliveries = config.agent.nexus_concurrency
-        try:
-            nexus_pool = H1Pool(nexus_url, max_connections=deliveries, max_idle=deliveries)
-        except ValueError as exc:
-            raise ConfigError(f"nexus_url: {exc}") from None
-        dirs = config.bundle_dirs()
-        archiver = archiver_for(config, dirs)
-        if isinstance(archiver, ProcessArchiver):
-            nursery.start_soon(archiver.warm_up)
-        try:
-            zones: ZoneBackend
-            quota = config.bundle_quota_bytes
-            if config.backend == "illumos":
-                illumos = IllumosZoneBackend(
-                    IllumosConfig(zone_root=config.zone_root, zone_dataset=config.zone_dataset)
-                )
-                if quota is None and config.debug_dataset:
-                    zfs_quota, avail = await illumos.quota(config.debug_dataset)
-                    quota = zfs_quota or avail  # no quota set: what is free now
-                zones = illumos
-            else:
-                zones = LocalZoneBackend(
-                    LocalZonesConfig(
-                        root=config.data_dir,
-                        log_rate_bps=config.log_rate_bps,
-                        seed_log_bytes=int(config.seed_log_mb * (1 << 20)),
-                        seed_cache=config.seed_cache,
-                    ),
-                    launcher=launcher,
-                )
-            host = Host(
-                backend=zones,
-                connector=connector,
-                nexus=HttpNexusClient(nexus_pool),
-                archiver=archiver,
-                store=DiskBundleStore(
-                    dirs,
-                    context_path=config.data_dir / "bundle-cleanup-context.toml",
-                    quota_bytes=quota,
-                ),
-                journal=StateJournal(config.data_dir / "terminal-states.jsonl"),
-            )
-            async with open_sled_agent(config.agent, host) as agent:
-                api_stop = trio.Event()
-                binds = await nursery.start(
-                    lambda task_status: serve_api(
-                        build_app(agent, token=token),
-                        listen=config.listen,
-                        shutdown=api_stop,
-                        task_status=task_status,
-                    )
-                )
-                api_url = str(binds[0])
-                log.info(
-                    "daemon_listening", api=api_url, nexus=nexus_url, data_dir=str(config.data_dir)
-                )
-                _freeze_startup_heap()
-                task_status.started(DaemonInfo(api_url, nexus_url, agent, fleet, recording))
-                await shutdown.wait()
-                log.info("daemon_stopping")
-                api_stop.set()
-            # Leaving the agent drained its reaper and notifier (shielded, bounded).
-        finally:
-            with trio.CancelScope(shield=True):
-                await nexus_pool.aclose()
-                if isinstance(archiver, ProcessArchiver):
-                    await archiver.aclose()
         servers_stop.set()
         nursery.cancel_scope.cancel()
     log.info("daemon_stopped")
+
+
+@attrs.frozen
+class _Peers:
+    nexus_url: str
+    recording: FakeNexus | RemoteNexusView | None
+    fleet: SimPropolisFleet | None
+    launcher: PropolisLauncher | None
+    sim_host: SimHost | None
+
+
+async def _peers(config: DaemonConfig, nursery: trio.Nursery, stop: trio.Event) -> _Peers:
+    """Nexus and the Propolis launcher, simulated where the config says so.
+
+    ``sim`` (the default): the simulated fleet, and with no ``nexus_url`` the recording
+    Nexus, run in a ``sledagent sim`` process that outlives this one (``sim/_spawn.py``),
+    found again at the next start: a restart of the agent costs no simulated guest.
+    ``sim-inprocess``: the same peers inside this process (benchmarks that read the
+    guests' clock directly); they die with it."""
+    recording: FakeNexus | RemoteNexusView | None = None
+    nexus_url = config.nexus_url
+    fleet: SimPropolisFleet | None = None
+    launcher: PropolisLauncher | None = None
+    sim_host: SimHost | None = None
+    if config.propolis == "sim":
+        try:
+            sim_host = await attach_sim_host(config.data_dir)
+        except SimHostError as exc:
+            raise StartupError(str(exc)) from None
+        nursery.start_soon(renew_lease, sim_host)
+        if nexus_url is None:
+            nexus_url = sim_host.nexus_url
+            recording = RemoteNexusView(nexus_url)
+        remote = RemoteFleetLauncher(sim_host.fleet_url)
+        await nursery.start(remote.run)
+        launcher = remote
+    elif config.propolis == "sim-inprocess":
+        fleet = SimPropolisFleet()
+        await nursery.start(fleet.run)
+        launcher = fleet
+    elif config.propolis == "remote":
+        if not config.sim_fleet_url:
+            raise ConfigError('propolis = "remote" needs sim_fleet_url')
+        try:
+            remote = RemoteFleetLauncher(config.sim_fleet_url)
+        except ValueError as exc:
+            raise ConfigError(f"sim_fleet_url: {exc}") from None
+        await nursery.start(remote.run)
+        launcher = remote
+    if nexus_url is None:
+        in_process = FakeNexus()
+        binds = await nursery.start(
+            lambda task_status: serve_api(
+                recording_nexus_app(in_process),
+                listen="127.0.0.1:0",
+                shutdown=stop,
+                task_status=task_status,
+            )
+        )
+        nexus_url, recording = str(binds[0]), in_process
+    return _Peers(nexus_url, recording, fleet, launcher, sim_host)
+
+
+async def _serve_agent(
+    config: DaemonConfig,
+    nursery: trio.Nursery,
+    peers: _Peers,
+    sled_id: uuid.UUID,
+    rebooted: bool,
+    token: str | None,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[DaemonInfo],
+) -> None:
+    """The agent on ``peers``, served over HTTP until ``shutdown``."""
+    nexus_url, launcher = peers.nexus_url, peers.launcher
+    connector = HttpPropolisConnector()
+    await nursery.start(connector.run)
+    # As many connections, kept alive, as deliveries the notifier may have in flight.
+    deliveries = config.agent.nexus_concurrency
+    try:
+        nexus_pool = H1Pool(nexus_url, max_connections=deliveries, max_idle=deliveries)
+    except ValueError as exc:
+        raise ConfigError(f"nexus_url: {exc}") from None
+    dirs = config.bundle_dirs()
+    archiver = archiver_for(config, dirs)
+    if isinstance(archiver, ProcessArchiver):
+        nursery.start_soon(archiver.warm_up)
+    try:
+        zones: ZoneBackend
+        quota = config.bundle_quota_bytes
+        if config.backend == "illumos":
+            illumos = IllumosZoneBackend(
+                IllumosConfig(zone_root=config.zone_root, zone_dataset=config.zone_dataset)
+            )
+            if quota is None and config.debug_dataset:
+                zfs_quota, avail = await illumos.quota(config.debug_dataset)
+                quota = zfs_quota or avail  # no quota set: what is free now
+            zones = illumos
+        else:
+            zones = LocalZoneBackend(
+                LocalZonesConfig(
+                    root=config.data_dir,
+                    log_rate_bps=config.log_rate_bps,
+                    seed_log_bytes=int(config.seed_log_mb * (1 << 20)),
+                    seed_cache=config.seed_cache,
+                ),
+                launcher=launcher,
+            )
+        host = Host(
+            backend=zones,
+            connector=connector,
+            nexus=HttpNexusClient(nexus_pool),
+            archiver=archiver,
+            store=DiskBundleStore(
+                dirs,
+                context_path=config.data_dir / "bundle-cleanup-context.toml",
+                quota_bytes=quota,
+            ),
+            journal=StateJournal(config.data_dir / JOURNAL_NAME),
+        )
+        async with open_sled_agent(
+            config.agent, host, sled_id=sled_id, host_rebooted=rebooted
+        ) as agent:
+            api_stop = trio.Event()
+            binds = await nursery.start(
+                lambda task_status: serve_api(
+                    build_app(agent, token=token),
+                    listen=config.listen,
+                    shutdown=api_stop,
+                    task_status=task_status,
+                )
+            )
+            api_url = str(binds[0])
+            log.info(
+                "daemon_listening", api=api_url, nexus=nexus_url, data_dir=str(config.data_dir)
+            )
+            _freeze_startup_heap()
+            task_status.started(
+                DaemonInfo(api_url, nexus_url, agent, peers.fleet, peers.recording, peers.sim_host)
+            )
+            await shutdown.wait()
+            log.info("daemon_stopping")
+            api_stop.set()
+        # Leaving the agent drained its reaper and notifier (shielded, bounded).
+    finally:
+        with trio.CancelScope(shield=True):
+            await nexus_pool.aclose()
+            if isinstance(archiver, ProcessArchiver):
+                await archiver.aclose()

@@ -40,13 +40,16 @@ class NoSuchVmm(AgentError, LookupError):
 
 
 class Terminating(AgentError):
-    """The VMM has halted; it takes no more state changes (410 ``NO_SUCH_INSTANCE``)."""
+    """The VMM has halted; it takes no more state changes (410 ``NO_SUCH_INSTANCE``).
+
+    Also the answer to a state change that found Propolis without the VM it had run
+    (``NoInstance``): the VMM has failed at once (omicron #6726)."""
 
     status = 410
     error_code = "NO_SUCH_INSTANCE"
 
-    def __init__(self, propolis_id: uuid.UUID) -> None:
-        super().__init__(f"VMM {propolis_id} is terminating")
+    def __init__(self, propolis_id: uuid.UUID, why: str = "is terminating") -> None:
+        super().__init__(f"VMM {propolis_id} {why}")
         self.propolis_id = propolis_id
 
 
@@ -95,6 +98,13 @@ class VmNotRunning(AgentError):
         self.propolis_id = propolis_id
 
 
+class GenerationExhausted(AgentError):
+    """A generation would pass the u64 maximum of the contracts (409); never sent."""
+
+    status = 409
+    error_code = "GENERATION_EXHAUSTED"
+
+
 class Unavailable(AgentError):
     """A resource the request needs is busy or the host is full; retry later (503)."""
 
@@ -118,6 +128,19 @@ class ShuttingDown(Unavailable):
     """The agent is stopping and accepts no new work (503)."""
 
     error_code = "SHUTTING_DOWN"
+
+
+class PropolisRefused(AgentError):
+    """Propolis refused a state change for good (its 4xx, passed on with its message).
+
+    Nexus retries a 503 and takes a 4xx as final; a permanent refusal reported as 503
+    would be retried forever (omicron #3238, #3334). ``error_code`` is Propolis's own
+    when it gave one."""
+
+    def __init__(self, message: str, *, status: int, code: str | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_code = code or "PROPOLIS_REFUSED"
 
 
 # --- HTTP-level refusals of the API -------------------------------------------------
@@ -149,15 +172,24 @@ class NotFound(AgentError):
 class PeerError(Exception):
     """A request to Propolis or Nexus failed."""
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        peer_message: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
+        #: The ``message`` of the peer's error body, when it sent one.
+        self.peer_message = peer_message
 
     @property
     def transient(self) -> bool:
-        """Worth retrying: no answer at all, or a 5xx."""
-        return self.status is None or self.status >= 500
+        """Worth retrying: no answer at all, a 5xx, or 408/429 (the peer asks for later)."""
+        return self.status is None or self.status >= 500 or self.status in (408, 429)
 
 
 class PropolisGone(PeerError):

@@ -54,12 +54,15 @@ class ZoneSpec:
 
 @attrs.frozen
 class Zone:
-    """An installed zone; ``propolis_addr`` is where its Propolis serves."""
+    """An installed zone; ``propolis_addr`` is where its Propolis serves. ``running``:
+    whether the zone is booted, when the backend's listing says (illumos: ``zoneadm
+    list``'s state); ``None``: not known."""
 
     name: str
     propolis_id: uuid.UUID | None
     propolis_addr: str
     nic_ids: frozenset[uuid.UUID] = frozenset()
+    running: bool | None = None
 
 
 @attrs.frozen

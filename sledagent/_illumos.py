@@ -206,7 +206,8 @@ class IllumosZoneBackend:
                     pid = uuid.UUID(listing.name.removeprefix(ZONE_PREFIX))
                 except ValueError:
                     pid = None
-                zones.append(Zone(listing.name, pid, ""))
+                # Where its Propolis listens is the registration's (the journal's).
+                zones.append(Zone(listing.name, pid, "", running=listing.state == "running"))
         return zones
 
     async def halt_and_remove(self, zone: Zone) -> None:

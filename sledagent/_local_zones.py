@@ -98,9 +98,16 @@ class PropolisLauncher(Protocol):
 
     With ``logs``, the Propolis writes its log into the zone as a real one would."""
 
-    async def launch(self, zone_name: str, logs: LogSpec | None = None) -> str: ...
+    async def launch(
+        self, zone_name: str, logs: LogSpec | None = None, *, addr: str | None = None
+    ) -> str:
+        """Start the zone's Propolis, at ``addr`` if it can listen there; its address."""
+        ...
 
-    def retire(self, zone_name: str) -> None: ...
+    async def retire(self, zone_name: str) -> None:
+        """Stop the zone's Propolis (idempotent); returns once it is stopped (or its
+        host is gone)."""
+        ...
 
 
 class LocalZoneBackend:
@@ -123,8 +130,12 @@ class LocalZoneBackend:
             await self._thread(self._create_tree, zone)
             if self.launcher is not None:
                 # The launched Propolis is the zone's VMM process: it writes the log.
-                addr = await self.launcher.launch(zone.name, self._log_spec(zone.name))
+                addr = await self.launcher.launch(
+                    zone.name, self._log_spec(zone.name), addr=spec.propolis_addr
+                )
                 zone = attrs.evolve(zone, propolis_addr=addr)
+                # Where it listens is what a restarted agent reads back (list_zones).
+                await self._thread(self._update_meta, zone.name, {"propolis_addr": addr})
             elif self.config.log_rate_bps > 0:
                 # No Propolis of ours here: a stand-in process writes the zone's log.
                 started = await trio.run_process(
@@ -186,10 +197,15 @@ class LocalZoneBackend:
             seed_logs(zdir / LOG_SUBDIR, c.root / "archive" / zone.name, c.seed_log_bytes)
 
     def _record_pids(self, name: str, pids: list[int]) -> None:
+        self._update_meta(name, {"pids": pids})
+
+    def _update_meta(self, name: str, fields: dict[str, object]) -> None:
         path = _zone_dir(self.config, name) / "zone.json"
         meta = json.loads(path.read_text())
-        meta["pids"] = pids
-        path.write_text(json.dumps(meta))
+        meta.update(fields)
+        tmp = path.with_name(".zone.json.tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, path)  # a crash leaves the old record or the new, whole
 
     def _pids(self, name: str) -> list[int]:
         try:
@@ -229,7 +245,7 @@ class LocalZoneBackend:
         """SIGTERM the zone's processes, SIGKILL after a deadline, remove the tree."""
         name = zone.name
         if self.launcher is not None:
-            self.launcher.retire(name)
+            await self.launcher.retire(name)
         pids = await self._thread(self._pids, name)
         for pid in pids:
             _signal_group(pid, signal.SIGTERM)

@@ -17,11 +17,20 @@ import uuid
 import structlog
 import trio
 
-from ._errors import BadRequest, HostFull, PropolisAlreadyRegistered, ShuttingDown, Terminating
-from ._host import ZONE_PREFIX, Zone
+from ._errors import (
+    BadRequest,
+    GenerationExhausted,
+    HostFull,
+    PropolisAlreadyRegistered,
+    ShuttingDown,
+    Terminating,
+    Unavailable,
+)
+from ._host import ZONE_PREFIX, DefunctZone, Zone
+from ._journal import JournaledVmm
 from ._registry import Registry, VmmEntry, VmmPhase
-from ._runner import InstanceRunner, PutState, ReadState, RunnerContext
-from ._vmm_state import initial_state
+from ._runner import Adoption, InstanceRunner, PutState, ReadState, RunnerContext
+from ._vmm_state import initial_state, transition
 from ._wire import (
     InstanceEnsureBody,
     SledVmmState,
@@ -29,6 +38,7 @@ from ._wire import (
     VmmState,
     VmmStateRequested,
     VmmUnregisterResponse,
+    ZoneBundleCause,
     utcnow,
 )
 
@@ -91,8 +101,9 @@ class InstanceManager:
                 "retry once defunct zones have been torn down"
             )
         state = initial_state(body.vmm_runtime, body.migration_id, utcnow())
+        self._ctx.notifier.record_registration(propolis_id, body, state)
         entry = VmmEntry(propolis_id=propolis_id, body=body, state=state)
-        entry.runner = InstanceRunner(entry, self._ctx)
+        entry.runner = InstanceRunner(entry, self._ctx, on_abandoned=self._abandon)
         self.registry.add(entry)
         self._runners.start_soon(entry.runner.run)
         log.info("vmm_registered", propolis_id=str(propolis_id), instance_id=str(body.instance_id))
@@ -104,7 +115,7 @@ class InstanceManager:
         """``register``, answered once the VMM is journaled: one registered just before
         a crash is known to the next start (which tells Nexus it failed)."""
         state = self.register(propolis_id, body)
-        await self._ctx.notifier.record_registered(propolis_id, state)
+        await self._ctx.notifier.journaled(propolis_id)
         return state
 
     async def get_state(self, propolis_id: uuid.UUID) -> SledVmmState:
@@ -123,10 +134,18 @@ class InstanceManager:
         Raises ``NoSuchVmm``, ``Terminating`` (halted), ``ChannelFull`` (queue full)."""
         _require(requested, VmmStateRequested, "requested")
         entry = self.registry.get(propolis_id)
+        runner: InstanceRunner = entry.runner
+        if entry.phase is VmmPhase.ACTIVE and not runner.adopted.is_set():
+            # Taken back after a restart: its Propolis has not answered yet.
+            with trio.move_on_after(self._ctx.config.readopt_wait_s):
+                await runner.adopted.wait()
+            if not runner.adopted.is_set():
+                raise Unavailable(
+                    f"VMM {propolis_id} is being re-adopted after an agent restart; retry"
+                )
         if entry.phase is not VmmPhase.ACTIVE:
             raise Terminating(propolis_id)
         request = PutState(requested)
-        runner: InstanceRunner = entry.runner
         runner.submit(request)
         return VmmPutStateResponse(updated_runtime=await request.reply.wait())
 
@@ -169,6 +188,70 @@ class InstanceManager:
                 await request.reply.wait()
                 return
         await runner.finished.wait()
+
+    # --- after a restart (``_readopt``) ---------------------------------------------------
+
+    def readopt(self, vmm: JournaledVmm, zone: Zone | None) -> None:
+        """Take back a live VMM the journal remembers: its entry answers reads at once
+        (the journaled state); its runner asks Propolis before serving requests."""
+        assert vmm.registration is not None and self._runners is not None
+        entry = VmmEntry(propolis_id=vmm.propolis_id, body=vmm.registration, state=vmm.state)
+        entry.runner = InstanceRunner(
+            entry, self._ctx, on_abandoned=self._abandon, adoption=Adoption(vmm, zone)
+        )
+        self.registry.add(entry)
+        self._runners.start_soon(entry.runner.run)
+        if vmm.unacknowledged:  # Nexus may have missed it: the same content again
+            self._ctx.notifier.publish(vmm.propolis_id, vmm.state)
+
+    def restore_ended(self, vmm: JournaledVmm, zone: Zone | None) -> None:
+        """A VMM that ended before the restart, or one an older journal knew only by its
+        state (it cannot be taken back: ``failed``, one generation on). Its zone is
+        reaped; it is held as halted until Nexus answers its terminal state."""
+        pid, state = vmm.propolis_id, vmm.state
+        if zone is not None:
+            self._ctx.reaper.submit(
+                DefunctZone(zone, ZoneBundleCause.TERMINATED_INSTANCE, utcnow())
+            )
+        journal = self._ctx.notifier.journal
+        try:
+            if not state.vmm_state.state.is_halted:
+                state = transition(state, VmmState.FAILED, utcnow())
+        except GenerationExhausted:
+            state = vmm.state  # cannot be told: forgotten below
+        acknowledged = state is vmm.state and not vmm.unacknowledged
+        if acknowledged or not state.vmm_state.state.is_halted:
+            if journal is not None:
+                journal.close(pid)  # Nexus has it already (or can never be told)
+            return
+        entry = VmmEntry(propolis_id=pid, body=vmm.registration, state=state)
+        entry.runner = InstanceRunner(entry, self._ctx, ended=True)
+        entry.phase = VmmPhase.HALTED
+        self.registry.add(entry)
+        self._ctx.notifier.publish(pid, state)
+        log.info(
+            "vmm_ended_before_restart",
+            propolis_id=str(pid),
+            state=state.vmm_state.state.value,
+            gen=state.gen,
+        )
+
+    def readopting(self) -> int:
+        """VMMs taken back from the journal whose Propolis has not answered yet."""
+        return sum(
+            1
+            for e in self.registry
+            if e.phase is VmmPhase.ACTIVE and e.runner is not None and not e.runner.adopted.is_set()
+        )
+
+    def _abandon(self, propolis_id: uuid.UUID) -> None:
+        """A VMM ended with no generation left to publish it with: drop it now."""
+        self.registry.remove(propolis_id)
+        self._ctx.notifier.forget(propolis_id)
+        journal = self._ctx.notifier.journal
+        if journal is not None:
+            journal.close(propolis_id)
+        log.error("vmm_abandoned", propolis_id=str(propolis_id), reason="generation exhausted")
 
     # --- from the notifier --------------------------------------------------------------
 

@@ -34,6 +34,11 @@ class AgentCollector(Collector):
         for phase in VmmPhase:
             vmms.add_metric([phase.value], agent.manager.registry.count(phase))
         yield vmms
+        yield GaugeMetricFamily(
+            "sledagent_vmms_readopting",
+            "VMMs taken back after a restart whose Propolis has not answered yet.",
+            value=agent.manager.readopting(),
+        )
 
         b = agent.bundler.statistics()
         slots = GaugeMetricFamily(

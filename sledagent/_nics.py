@@ -44,6 +44,12 @@ class NicReservations:
             f"after {timeout_s:g} s; retry once that zone has been torn down"
         )
 
+    def claim(self, nic_ids: Iterable[uuid.UUID], zone_name: str) -> None:
+        """Record that ``zone_name`` holds ``nic_ids`` now (a zone re-adopted after a
+        restart holds its ports already; nothing to wait for)."""
+        for nic in nic_ids:
+            self._owner[nic] = zone_name
+
     def release(self, zone_name: str) -> None:
         """Release every NIC held by ``zone_name`` and wake whoever waits; idempotent."""
         freed = [n for n, owner in self._owner.items() if owner == zone_name]

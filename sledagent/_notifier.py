@@ -30,7 +30,7 @@ from ._config import BackoffPolicy
 from ._errors import PeerError
 from ._host import NexusClient
 from ._journal import StateJournal
-from ._wire import SledVmmState
+from ._wire import InstanceEnsureBody, SledVmmState
 
 log = structlog.get_logger("sledagent.notifier")
 
@@ -147,6 +147,8 @@ class NexusNotifier:
                 state, acknowledged = await self._send_until_done(propolis_id, slot, state, seq)
                 if self.journal is not None and state.vmm_state.state.is_halted:
                     self.journal.delivered(propolis_id, state.gen)  # answered: 2xx or final 4xx
+                elif self.journal is not None and acknowledged:
+                    self.journal.acknowledged(propolis_id, state.gen)
                 if self.on_delivered is not None:
                     self.on_delivered(propolis_id, state, acknowledged)
         finally:
@@ -155,11 +157,20 @@ class NexusNotifier:
             if not any(s.sending for s in self._slots.values()):
                 self._idle.set()
 
-    async def record_registered(self, propolis_id: uuid.UUID, state: SledVmmState) -> None:
-        """Journal a new VMM's first state and wait until it is on disk, so that one
-        registered just before a crash is still known (and published failed) after it."""
+    def record_registration(
+        self, propolis_id: uuid.UUID, body: InstanceEnsureBody, state: SledVmmState
+    ) -> None:
+        """Journal a new VMM whole (``journaled`` waits until it is on disk), so that one
+        registered just before a crash is still known (and re-adopted) after it."""
         if self.journal is not None:
-            await self.journal.durable(self.journal.record(propolis_id, state))
+            slot = self._slots.setdefault(propolis_id, _Slot())
+            slot.pending_seq = self.journal.record_registration(propolis_id, body, state)
+
+    async def journaled(self, propolis_id: uuid.UUID) -> None:
+        """Return once everything journaled for this VMM so far is on disk."""
+        slot = self._slots.get(propolis_id)
+        if self.journal is not None and slot is not None:
+            await self.journal.durable(slot.pending_seq)
 
     def forget(self, propolis_id: uuid.UUID) -> None:
         """Drop a VMM's slot once the VMM has left the registry."""

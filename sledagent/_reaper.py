@@ -30,9 +30,9 @@ import trio
 from ._backoff import retry
 from ._bundler import ZoneBundler
 from ._config import BackoffPolicy
-from ._host import DefunctZone, ZoneBackend
+from ._host import DefunctZone, Snapshot, Zone, ZoneBackend
 from ._nics import NicReservations
-from ._wire import utcnow
+from ._wire import ZoneBundleCause, utcnow
 
 log = structlog.get_logger("sledagent.reaper")
 
@@ -131,6 +131,25 @@ class Reaper:
         """Return once every zone received so far has been torn down."""
         while not self._idle.is_set():
             await self._idle.wait()
+
+    async def recover(self, snapshot: Snapshot) -> None:
+        """Finish a bundle a crash cut short, from its snapshot (``ZoneBundler.recover``).
+
+        Held like a zone meanwhile (``GET /zones/cleanup`` shows it archiving, and
+        ``wait_idle`` waits for it): the start's recovery runs while the agent serves."""
+        key = f"snapshot:{snapshot.bundle_id}"
+        zone = Zone(snapshot.zone_name, None, "")
+        self._held[key] = ReaperItem(
+            DefunctZone(zone, ZoneBundleCause.OTHER, utcnow()),
+            step=ReaperStep.ARCHIVING,
+            archiving=True,
+        )
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        try:
+            await self._bundler.recover(snapshot)
+        finally:
+            del self._held[key]
+            self._check_idle()
 
     # --- the service -----------------------------------------------------------------
 

@@ -33,7 +33,9 @@ class VmmEntry:
     """One registered VMM. Only its runner (and the manager) write to it."""
 
     propolis_id: uuid.UUID
-    body: InstanceEnsureBody
+    #: The registration; ``None`` only for a VMM taken over from a journal of an older
+    #: version, which held states only (it is held until its end is published).
+    body: InstanceEnsureBody | None
     _state: SledVmmState
     _phase: VmmPhase = VmmPhase.ACTIVE
     #: trio clock time at which the terminal state was recorded.
@@ -43,8 +45,8 @@ class VmmEntry:
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     @property
-    def instance_id(self) -> uuid.UUID:
-        return self.body.instance_id
+    def instance_id(self) -> uuid.UUID | None:
+        return None if self.body is None else self.body.instance_id
 
     @property
     def state(self) -> SledVmmState:

@@ -20,7 +20,9 @@ the zone itself after terminating, and publishes only then, as omicron does.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import attrs
@@ -28,9 +30,20 @@ import structlog
 import trio
 
 from ._config import AgentConfig
-from ._errors import AgentError, ChannelFull, PeerError, Terminating, Unavailable, VmNotRunning
+from ._errors import (
+    AgentError,
+    ChannelFull,
+    GenerationExhausted,
+    PeerError,
+    PropolisGone,
+    PropolisRefused,
+    Terminating,
+    Unavailable,
+    VmNotRunning,
+)
 from ._host import DefunctZone, PropolisClient, PropolisConnector, Zone, ZoneBackend, ZoneSpec
 from ._inline import InlineTeardown
+from ._journal import JournaledVmm
 from ._monitor import follow_propolis
 from ._nics import NicReservations
 from ._notifier import NexusNotifier
@@ -38,6 +51,8 @@ from ._reaper import Reaper
 from ._registry import VmmEntry, VmmPhase
 from ._vmm_state import Observation, apply_observation, transition
 from ._wire import (
+    U64_MAX,
+    InstanceEnsureBody,
     InstanceEnsureRequest,
     InstanceMigrationTargetParams,
     InstanceProperties,
@@ -101,6 +116,15 @@ Request = PutState | ReadState
 
 
 @attrs.frozen
+class Adoption:
+    """A VMM taken back after an agent restart: what the journal holds of it, and its
+    zone as found on the host (``None``: no zone)."""
+
+    vmm: JournaledVmm
+    zone: Zone | None
+
+
+@attrs.frozen
 class RunnerContext:
     """What every runner shares; built once by the agent."""
 
@@ -115,9 +139,27 @@ class RunnerContext:
 
 
 class InstanceRunner:
-    def __init__(self, entry: VmmEntry, ctx: RunnerContext) -> None:
+    def __init__(
+        self,
+        entry: VmmEntry,
+        ctx: RunnerContext,
+        *,
+        on_abandoned: Callable[[uuid.UUID], None] | None = None,
+        adoption: Adoption | None = None,
+        ended: bool = False,
+    ) -> None:
+        """``adoption``: a VMM taken back after a restart (``run`` re-adopts it first).
+        ``ended``: a VMM that ended before a restart, held only until Nexus answers its
+        terminal state; it has no task (``run`` is not called)."""
         self.entry = entry
         self._ctx = ctx
+        #: Set once the runner serves requests: at once for a new VMM; for one taken
+        #: back after an agent restart, once its Propolis has answered (or failed to).
+        self.adopted = trio.Event()
+        self._adoption = adoption
+        #: Called when the VMM ends with no state left to publish (its generation is
+        #: the u64 maximum): the manager drops it, as Nexus can never acknowledge it.
+        self.on_abandoned = on_abandoned
         self._send, self._recv = trio.open_memory_channel[Request](ctx.config.runner_queue_size)
         # What terminate() interrupts: only work that is actually waiting on something.
         # (An idle runner just sees its queue close; no Cancelled is thrown through it.)
@@ -125,17 +167,27 @@ class InstanceRunner:
         self._monitor_scope = trio.CancelScope()
         self._grace_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
-        self._zone: Zone | None = None
+        # A re-adopted VMM's zone is its own from the start: a terminate() during the
+        # adoption hands it to the reaper like any other.
+        self._zone: Zone | None = None if adoption is None else adoption.zone
         self._inline_zone: Zone | None = None
         self._deferred: list[Request] = []
         self._client: PropolisClient | None = None
         self._stop_timer = False
         self._observing = False
         self._halted = False
+        #: Propolis has answered the state monitor about this VM: from then on its
+        #: ``NoInstance`` means the VM is gone (before, Propolis may still be creating it).
+        self.seen_live = False
         self.finished = trio.Event()
         self._log = structlog.get_logger("sledagent.runner").bind(
             propolis_id=str(entry.propolis_id)
         )
+        if ended:
+            self._halted = True
+            self._send.close()
+            self.adopted.set()
+            self.finished.set()
 
     @property
     def propolis_id(self) -> uuid.UUID:
@@ -145,6 +197,31 @@ class InstanceRunner:
     def zone(self) -> Zone | None:
         """The VMM's live zone, until it is handed off."""
         return self._zone
+
+    @property
+    def _body(self) -> InstanceEnsureBody:
+        # Only a VMM an older journal knew by its state alone has none; it never runs.
+        assert self.entry.body is not None, "a running VMM always has its registration"
+        return self.entry.body
+
+    @property
+    def context(self) -> RunnerContext:
+        return self._ctx
+
+    @property
+    def halted(self) -> bool:
+        return self._halted
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[trio.CancelScope]:
+        """A scope that ``terminate`` cancels (work on behalf of the VMM, not a request
+        of a caller: re-adoption's question to Propolis)."""
+        with trio.CancelScope() as scope:
+            self._request_scope = scope
+            try:
+                yield scope
+            finally:
+                self._request_scope = None
 
     # --- called by the manager -------------------------------------------------------
 
@@ -169,8 +246,15 @@ class InstanceRunner:
         entry = self.entry
         if self._halted:
             return entry.state
+        publishable = True
         if force is not None:
-            entry.state = transition(entry.state, force, utcnow())
+            try:
+                entry.state = transition(entry.state, force, utcnow())
+            except GenerationExhausted as exc:
+                # No generation is left to tell Nexus with: the VMM still ends here (its
+                # zone is reaped) but nothing is sent; it leaves the registry at once.
+                self._log.error("generation_exhausted", error=str(exc), forced=force.value)
+                publishable = False
         self._halted = True
         entry.phase = VmmPhase.HALTED
         entry.halted_at = trio.current_time()
@@ -178,7 +262,10 @@ class InstanceRunner:
         self._log.info("vmm_halted", state=entry.state.vmm_state.state.value, gen=entry.state.gen)
         if zone is not None:
             self._hand_off(zone)
-        if self._ctx.inline is None:
+        if not publishable:
+            if self.on_abandoned is not None:
+                self.on_abandoned(self.propolis_id)
+        elif self._ctx.inline is None:
             self._ctx.notifier.publish(self.propolis_id, entry.state)
         self._send.close()  # the serve loop answers what is queued, then ends
         if self._request_scope is not None:
@@ -205,6 +292,11 @@ class InstanceRunner:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self._adoption is not None:
+                    from ._readopt import readopt  # the restart path lives in its own room
+
+                    await readopt(self, self._adoption)
+                self.adopted.set()
                 nursery.start_soon(self._serve)
             if self._halted and self._ctx.inline is not None:
                 if self._inline_zone is not None:
@@ -212,6 +304,7 @@ class InstanceRunner:
                     await self._ctx.inline.teardown(zone, self._log)
                 self._ctx.notifier.publish(self.propolis_id, self.entry.state)
         finally:
+            self.adopted.set()
             self._send.close()
             for request in self._deferred:
                 self._answer_halted(request)
@@ -261,7 +354,7 @@ class InstanceRunner:
             except AgentError as exc:
                 request.reply.fail(exc)
             except PeerError as exc:
-                request.reply.fail(Unavailable(f"Propolis request failed: {exc}"))
+                request.reply.fail(self._propolis_error(exc))
             except Exception as exc:  # a bug must not take the runner (and its VMM) down
                 self._log.exception("put_state_error")
                 request.reply.fail(AgentError(f"internal error: {exc!r}"))
@@ -270,7 +363,31 @@ class InstanceRunner:
         if scope.cancelled_caught:  # terminated while waiting on Propolis
             self._answer_halted(request)
 
+    def _propolis_error(self, exc: PeerError) -> AgentError:
+        """What the caller (Nexus) is answered when Propolis did not do what we asked
+        (the table in docs/design.md, "Propolis errors")."""
+        if isinstance(exc, PropolisGone) and self.seen_live:
+            # Propolis restarted under a VM it had run: the VM is gone for good.
+            self._log.error("propolis_lost_vm", error=str(exc))
+            self.terminate(force=VmmState.FAILED)
+            return Terminating(self.propolis_id, "has failed: Propolis no longer has its VM")
+        if isinstance(exc, PropolisGone):
+            # Propolis answers NoInstance while it is still creating the VM.
+            return Unavailable(f"Propolis has no VM yet (still initializing?); retry: {exc}")
+        if exc.status is not None and 400 <= exc.status < 500 and not exc.transient:
+            return PropolisRefused(
+                f"Propolis refused the request: {exc.peer_message or exc}",
+                status=exc.status,
+                code=exc.code,
+            )
+        return Unavailable(f"Propolis request failed: {exc}")
+
     async def _put_state(self, requested: VmmStateRequested) -> SledVmmState:
+        if self.entry.state.gen >= U64_MAX:
+            raise GenerationExhausted(
+                f"VMM {self.propolis_id} is at generation {self.entry.state.gen}, the u64 "
+                "maximum: no state change can be published"
+            )
         kind = requested.type
         if kind is VmmStateRequestedType.MIGRATION_TARGET:
             await self._ensure(requested.value)
@@ -295,7 +412,22 @@ class InstanceRunner:
         """Install the zone and create the VM in Propolis, once."""
         if self._client is not None:
             return self._client
-        ctx, body = self._ctx, self.entry.body
+        ctx = self._ctx
+        # A zone re-adopted without a VM (the agent died between install and ensure)
+        # is used as it is; otherwise the zone is installed now.
+        zone = self._zone if self._zone is not None else await self._install()
+        client = ctx.connector.client_for(zone)
+        try:
+            await client.ensure(self._ensure_request(migration))
+        except PeerError:
+            self.terminate(force=VmmState.FAILED)  # the zone goes to the reaper
+            raise
+        self._journal_mark(ensured=True)
+        self.start_monitor(client, zone)
+        return client
+
+    async def _install(self) -> Zone:
+        ctx, body = self._ctx, self._body
         spec = ZoneSpec(self.propolis_id, body.instance_id, body.propolis_addr, body.nic_ids)
         await ctx.nics.acquire(spec.nic_ids, spec.zone_name, ctx.config.nic_release_timeout_s)
         try:
@@ -312,21 +444,23 @@ class InstanceRunner:
             self._hand_off(zone)
             raise Terminating(self.propolis_id)
         self._zone = zone
-        client = ctx.connector.client_for(zone)
-        try:
-            await client.ensure(self._ensure_request(migration))
-        except PeerError:
-            self.terminate(force=VmmState.FAILED)  # the zone goes to the reaper
-            raise
+        return zone
+
+    def start_monitor(self, client: PropolisClient, zone: Zone, *, gen: int = 0) -> None:
+        """Follow Propolis from generation ``gen``: the VMM now has a VM there."""
         self._client = client
         assert self._nursery is not None
-        self._nursery.start_soon(self._monitor, client, zone)
-        return client
+        self._nursery.start_soon(self._monitor, client, zone, gen)
+
+    def _journal_mark(self, **facts: Any) -> None:
+        journal = self._ctx.notifier.journal
+        if journal is not None:
+            journal.mark(self.propolis_id, **facts)
 
     def _ensure_request(
         self, migration: InstanceMigrationTargetParams | None
     ) -> InstanceEnsureRequest:
-        body = self.entry.body
+        body = self._body
         init: dict[str, Any]
         if migration is None:
             init = {"method": "Spec", "value": {"spec": body.vmm_spec}}
@@ -356,23 +490,35 @@ class InstanceRunner:
             ),
         )
 
-    async def _monitor(self, client: PropolisClient, zone: Zone) -> None:
+    async def _monitor(self, client: PropolisClient, zone: Zone, gen: int) -> None:
         with self._monitor_scope:
             await follow_propolis(
                 client,
+                gen=gen,
                 backoff=self._ctx.config.monitor_backoff,
                 unreachable_s=self._ctx.config.propolis_unreachable_s,
-                on_observation=self._observe,
+                on_observation=self.observe,
                 on_gone=self._gone,
                 zone_exists=lambda: self._ctx.backend.zone_exists(zone),
+                seen_live=lambda: self.seen_live,
                 log=self._log,
             )
 
-    def _observe(self, response: InstanceStateMonitorResponse) -> bool:
-        """Apply one Propolis observation; True once the VMM has halted."""
+    def observe(self, response: InstanceStateMonitorResponse) -> bool:
+        """Apply one Propolis observation; True once the VMM has halted. An observation
+        that changes nothing Nexus is told is not published (nor a new generation)."""
         if self._halted:
             return True
-        new = apply_observation(self.entry.state, Observation.from_monitor(response, utcnow()))
+        if not self.seen_live:
+            self.seen_live = True
+            self._journal_mark(seen_live=True)
+        try:
+            new = apply_observation(self.entry.state, Observation.from_monitor(response, utcnow()))
+        except GenerationExhausted as exc:
+            self._log.error("generation_exhausted", error=str(exc))
+            return False
+        if new is self.entry.state:
+            return False
         self.entry.state = new
         if new.vmm_state.state.is_halted:
             self._observing = True
@@ -380,6 +526,10 @@ class InstanceRunner:
             return True
         self._ctx.notifier.publish(self.propolis_id, new)
         return False
+
+    def gone(self, why: str) -> None:
+        """Propolis no longer has the VM (or cannot be reached): the VMM failed."""
+        self._gone(why)
 
     def _gone(self, why: str) -> None:
         self._log.warning("propolis_gone", reason=why)
@@ -395,13 +545,20 @@ class InstanceRunner:
 
     def _start_stop_timer(self) -> None:
         # Started by the first stop only: repeated stops do not reset the clock.
+        if not self._stop_timer:
+            self._journal_mark(stop_requested_at=utcnow())
+        self.resume_stop_grace(self._ctx.config.stop_grace_s)
+
+    def resume_stop_grace(self, remaining_s: float) -> None:
+        """Run the stop grace timer for ``remaining_s`` (a re-adopted VMM whose stop was
+        asked for before the restart resumes it where it was)."""
         if self._stop_timer:
             return
         self._stop_timer = True
 
         async def grace() -> None:
             with self._grace_scope:
-                await trio.sleep(self._ctx.config.stop_grace_s)
+                await trio.sleep(max(0.0, remaining_s))
                 self._log.warning("stop_grace_expired", grace_s=self._ctx.config.stop_grace_s)
                 # destroyed, not failed: a failed VMM might be restarted by Nexus although
                 # the user asked for it to stop (omicron's reasoning).

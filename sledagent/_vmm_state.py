@@ -2,9 +2,14 @@
 
 No I/O and no clock of its own (callers pass ``now``), so every rule here is tested
 directly (``tests/test_vmm_state.py``). The rules are omicron's
-(``sled-agent/src/common/instance.rs``): every observation bumps the VMM generation; a
-halted VMM fails any migration still in flight; a stop or reboot the agent asks for is
-published at once as ``stopping``/``rebooting``.
+(``sled-agent/src/common/instance.rs``): a halted VMM fails any migration still in
+flight; a stop or reboot the agent asks for is published at once as
+``stopping``/``rebooting``. One departure: omicron bumps the generation on every
+observation; here an observation that changes nothing Nexus is told (the VMM state and
+both migrations) returns the current state unchanged, so it is not published (a Propolis
+that answers the long poll without waiting made 195 PUTs in 10 s for a VMM whose state
+never moved; issue "Propolis and Nexus semantics at the edges"). Generations are u64 on
+the wire: an increment past 2^64 - 1 raises ``GenerationExhausted``, it is never sent.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import uuid
 
 import attrs
 
+from ._errors import GenerationExhausted
 from ._wire import (
+    U64_MAX,
     InstanceMigrationStatus,
     InstanceState,
     InstanceStateMonitorResponse,
@@ -46,6 +53,13 @@ _PROPOLIS_TO_VMM: dict[InstanceState, VmmState] = {
 def vmm_state_of(state: InstanceState) -> VmmState:
     """Map a Propolis instance state to the VMM state Nexus is told."""
     return _PROPOLIS_TO_VMM[state]
+
+
+def next_gen(gen: int) -> int:
+    """``gen + 1``; ``GenerationExhausted`` past the u64 range (never wraps, never sent)."""
+    if gen >= U64_MAX:
+        raise GenerationExhausted(f"generation {gen} cannot be advanced: it is the u64 maximum")
+    return gen + 1
 
 
 def migration_state_of(state: PropolisMigrationState) -> MigrationState:
@@ -89,7 +103,7 @@ def _transition_migration(
         return MigrationRuntimeState(gen=2, migration_id=mig_id, state=state, time_updated=now)
     if current.migration_id == mig_id and current.state is state:
         return current  # no spurious update
-    gen = current.gen + 1 if current.migration_id == mig_id else 2
+    gen = next_gen(current.gen) if current.migration_id == mig_id else 2
     return MigrationRuntimeState(gen=gen, migration_id=mig_id, state=state, time_updated=now)
 
 
@@ -98,7 +112,7 @@ def _fail_if_active(
 ) -> MigrationRuntimeState | None:
     if m is None or m.state.is_terminal:
         return m
-    return attrs.evolve(m, gen=m.gen + 1, state=MigrationState.FAILED, time_updated=now)
+    return attrs.evolve(m, gen=next_gen(m.gen), state=MigrationState.FAILED, time_updated=now)
 
 
 def initial_state(
@@ -116,21 +130,29 @@ def initial_state(
 
 
 def apply_observation(current: SledVmmState, obs: Observation) -> SledVmmState:
-    """The state after an observation: generation + 1, migrations tracked."""
-    vmm = VmmRuntimeState(gen=current.gen + 1, state=obs.vmm_state, time_updated=obs.time)
+    """The state after an observation: generation + 1 and migrations tracked, or
+    ``current`` itself when the observation changes nothing Nexus is told."""
     mig_in, mig_out = current.migration_in, current.migration_out
     if obs.migration_in is not None:
         mig_in = _transition_migration(mig_in, obs.migration_in, obs.time)
     if obs.migration_out is not None:
         mig_out = _transition_migration(mig_out, obs.migration_out, obs.time)
-    if vmm.state.is_halted:
+    if obs.vmm_state.is_halted:
         # A VMM that vanished mid-migration failed that migration.
         mig_in = _fail_if_active(mig_in, obs.time)
         mig_out = _fail_if_active(mig_out, obs.time)
+    if (
+        obs.vmm_state is current.vmm_state.state
+        and mig_in == current.migration_in
+        and mig_out == current.migration_out
+    ):
+        return current
+    vmm = VmmRuntimeState(gen=next_gen(current.gen), state=obs.vmm_state, time_updated=obs.time)
     return SledVmmState(vmm_state=vmm, migration_in=mig_in, migration_out=mig_out)
 
 
 def transition(current: SledVmmState, state: VmmState, now: dt.datetime) -> SledVmmState:
     """Force the VMM into ``state`` (a stop or reboot the agent asked for, or a forced
-    terminal state); migrations are untouched unless the state is terminal."""
+    terminal state); migrations are untouched unless the state is terminal. Forcing the
+    state it is already in changes nothing (``current`` is returned)."""
     return apply_observation(current, Observation(vmm_state=state, time=now))

@@ -21,11 +21,24 @@ from typing import Annotated, Any
 import attrs
 import msgspec
 
-#: A u64 generation number (``Generation`` in the contracts).
-Generation = Annotated[int, msgspec.Meta(ge=0)]
+#: The largest u64: generations and sizes are ``format: uint64`` in the contracts.
+U64_MAX = 2**64 - 1
 U8 = Annotated[int, msgspec.Meta(ge=0, le=255)]
 U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
-U64 = Annotated[int, msgspec.Meta(ge=0)]  # msgspec bounds stop at int64; u64 fits
+#: msgspec's bounds stop at int64 and it decodes any JSON integer, so the upper bound of
+#: a u64 is an attrs validator on each field (``u64``), which msgspec runs on decode: a
+#: generation of 2^64 is a 400 naming the field, never echoed or sent on to Nexus.
+U64 = Annotated[int, msgspec.Meta(ge=0, extra_json_schema={"format": "uint64"})]
+#: A u64 generation number (``Generation`` in the contracts).
+Generation = U64
+
+
+def u64(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    """attrs validator of a u64 field: the upper bound (checked on construction and decode)."""
+    if value > U64_MAX:
+        raise ValueError(f"`{attribute.name}` must be a u64 (at most {U64_MAX}), got {value}")
+
+
 #: An RFC 3339 timestamp with its offset (chrono's ``DateTime<Utc>`` in the contracts):
 #: ``tz=True`` refuses a naive one and makes the schema say ``format: date-time``.
 Timestamp = Annotated[dt.datetime, msgspec.Meta(tz=True)]
@@ -73,7 +86,7 @@ class MigrationState(enum.StrEnum):
 class VmmRuntimeState:
     """The dynamic runtime properties of an individual VMM process."""
 
-    gen: Generation
+    gen: Generation = attrs.field(validator=u64)
     state: VmmState
     time_updated: Timestamp
 
@@ -82,7 +95,7 @@ class VmmRuntimeState:
 class MigrationRuntimeState:
     """A sled's view of one migration, from the role of the VMM it is about."""
 
-    gen: Generation
+    gen: Generation = attrs.field(validator=u64)
     migration_id: uuid.UUID
     state: MigrationState
     time_updated: Timestamp
@@ -260,14 +273,14 @@ class InstanceMigrateStatusResponse:
 
 @attrs.frozen
 class InstanceStateMonitorRequest:
-    gen: U64
+    gen: U64 = attrs.field(validator=u64)
 
 
 @attrs.frozen
 class InstanceStateMonitorResponse:
     """One answer of the long-poll ``GET /instance/state-monitor``."""
 
-    gen: U64
+    gen: U64 = attrs.field(validator=u64)
     state: InstanceState
     migration: InstanceMigrateStatusResponse = attrs.field(factory=InstanceMigrateStatusResponse)
 
@@ -341,7 +354,7 @@ class PriorityDimension(enum.StrEnum):
 
 @attrs.frozen
 class Duration:
-    secs: U64
+    secs: U64 = attrs.field(validator=u64)
     nanos: U32
 
     @property
@@ -367,15 +380,15 @@ class CleanupContextUpdate:
 
 @attrs.frozen
 class CleanupCount:
-    bundles: U64
-    bytes: U64
+    bundles: U64 = attrs.field(validator=u64)
+    bytes: U64 = attrs.field(validator=u64)
 
 
 @attrs.frozen
 class BundleUtilization:
-    bytes_available: U64
-    bytes_used: U64
-    dataset_quota: U64
+    bytes_available: U64 = attrs.field(validator=u64)
+    bytes_used: U64 = attrs.field(validator=u64)
+    dataset_quota: U64 = attrs.field(validator=u64)
 
 
 # --- ours, beyond omicron (documented in the served spec) ---------------------------

@@ -78,6 +78,23 @@ def propolis_contract() -> Contract:
     return Contract("propolis-server.json")
 
 
+@pytest.fixture(autouse=True)
+def _stop_sim_hosts(request: pytest.FixtureRequest) -> Any:
+    """The daemon's simulated guests outlive it by design (``sim/_spawn.py``): once a
+    test is over, stop every sim host it left under its ``tmp_path``."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    root = request.getfixturevalue("tmp_path")  # set up first: torn down after us
+    yield
+    from sledagent.sim._spawn import read_state
+
+    for state in Path(root).rglob("sim-host.json"):
+        host = read_state(state.parent)
+        if host is not None:
+            host.kill()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Kill zone processes a failed test left running (they are detached daemons)."""
     import os
@@ -91,7 +108,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"_logwriter" in cmdline and b"pytest-of-" in cmdline:
+        ours = b"_logwriter" in cmdline or (b"sledagent._cli" in cmdline and b"sim-host" in cmdline)
+        if ours and b"pytest-of-" in cmdline:
             try:
                 os.killpg(int(proc.name), signal.SIGKILL)
             except OSError:

@@ -138,9 +138,9 @@ async def test_the_startup_sweep_handles_every_leftover(tmp_path: Path) -> None:
         partial.parent.mkdir(parents=True)
         partial.write_bytes(b"half")
         async with open_fake_agent(fast_config(), local) as h:
-            assert not Path(leftover_snap.name).exists()
             assert not partial.exists()
             await h.agent.drain()
+            assert not Path(leftover_snap.name).exists()
             bundles = {b.metadata.cause: b for b in await h.agent.store.list_all()}
     assert set(bundles) == {ZoneBundleCause.UNEXPECTED_ZONE, ZoneBundleCause.OTHER}
     check_bundle(bundles[ZoneBundleCause.UNEXPECTED_ZONE].paths[0], orphan.name,

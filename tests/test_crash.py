@@ -23,3 +23,14 @@ async def test_sigterm_mid_cleanup_drains_exits_0_and_the_next_start_finishes_th
     assert result["exit_status"] == 0
     assert result["exit_after_signal_s"] < 15  # the drain deadline (0.1 s) bounds the stop
     assert leaks(result) == []  # what the drain left, the next start finished
+
+
+async def test_a_kill_during_mixed_work_loses_no_running_guest_and_no_state() -> None:
+    """Registrations, runs, stops and a mass halt at once, then kill -9 and a restart:
+    running guests untouched, every end told, generations never back at Nexus."""
+    from sledagent.bench._crash_mixed import MixedParams, mixed_leaks, run_mixed_point
+
+    with trio.fail_after(240):
+        result = await run_mixed_point(2, MixedParams(per_group=3, log_mb=2.0, max_delay_s=0.5))
+    assert mixed_leaks(result) == []
+    assert result["running_guests_lost"] == [] and result["terminal_states_lost"] == 0

@@ -194,3 +194,55 @@ async def test_a_host_without_zones_refuses_the_illumos_backend_with_a_clear_err
     config = DaemonConfig(backend="illumos", propolis="external", data_dir=tmp_path)
     with pytest.raises(ConfigError, match="needs zoneadm"):
         await run_daemon(config, trio.Event())
+
+
+async def test_a_restart_on_illumos_takes_back_a_running_propolis_zone_from_zoneadm_and_the_journal(
+    tmp_path: Path,
+) -> None:
+    """``zoneadm list -cp`` (recorded) shows the VMM's zone running; the journal holds its
+    registration (where its Propolis listens) and state; its Propolis answers Running.
+    The zone is taken back: no halt, no uninstall, nothing new told to Nexus. The zone
+    listed ``installed`` (not booted) belonged to a VMM whose guest is gone: it fails."""
+    import attrs
+
+    from sledagent import VmmState
+    from sledagent._agent import open_sled_agent
+    from sledagent._journal import StateJournal
+    from sledagent._vmm_state import initial_state
+    from sledagent._wire import InstanceState, VmmRuntimeState, utcnow
+    from sledagent.testing import FakeHost, ensure_body, fast_config
+
+    running_id = uuid.UUID(RUNNING.rsplit("_", 1)[1])
+    installed_id = uuid.UUID(INSTALLED.rsplit("_", 1)[1])
+    journal = StateJournal(tmp_path / "journal.sqlite3")
+    await journal.load()
+    state = initial_state(
+        VmmRuntimeState(gen=4, state=VmmState.RUNNING, time_updated=utcnow()), None, utcnow()
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        for pid in (running_id, installed_id):
+            journal.record_registration(pid, ensure_body(propolis_addr="[fd00::5]:12400"), state)
+            journal.acknowledged(pid, 4)
+            await journal.durable(journal.mark(pid, ensured=True, seen_live=True))
+        nursery.cancel_scope.cancel()
+
+    runner = RecordedRunner({LIST: fixture("zoneadm-list-cp.txt")})
+    fakes = FakeHost()
+    vm = fakes.propolis.client_for(Zone(RUNNING, running_id, ""))
+    vm.ensured = object()  # type: ignore[assignment]  # its VM exists, running
+    vm.push(InstanceState.RUNNING)
+    host = attrs.evolve(
+        fakes.host(), backend=backend(runner), journal=StateJournal(tmp_path / "journal.sqlite3")
+    )
+    with trio.fail_after(30):
+        async with open_sled_agent(fast_config(shutdown_drain_s=0.5), host) as agent:
+            entry = agent.manager.registry.get(running_id)
+            await entry.runner.adopted.wait()
+            assert entry.state == state  # same generation, same state
+            assert entry.runner.zone.propolis_addr == "[fd00::5]:12400"
+            await fakes.nexus.wait_for(installed_id, VmmState.FAILED)
+            await agent.notifier.wait_idle()
+    assert fakes.nexus.states_for(running_id) == []  # nothing changed: nothing told
+    touched = [c for c in runner.calls if RUNNING in c]
+    assert touched == []  # never halted, uninstalled or deleted

@@ -1,123 +1,212 @@
-"""Terminal states Nexus never acknowledged survive a crash and are delivered after it."""
+"""The write-ahead journal: what is promised is on disk before anyone is told, and read
+back whole after a crash (registrations, states, acknowledgements, closes)."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import threading
 import uuid
 from pathlib import Path
 
 import attrs
+import pytest
 import trio
-import trio.lowlevel
 
 from sledagent import VmmPhase, VmmState
 from sledagent._agent import open_sled_agent
-from sledagent._journal import StateJournal
+from sledagent._journal import LEGACY_NAME, JournalError, StateJournal
 from sledagent._vmm_state import initial_state
 from sledagent._wire import VmmRuntimeState, utcnow
 from sledagent.testing import AgentHarness, FakeHost, ensure_body, fast_config
 
 
+def _rows(path: Path) -> dict[str, dict[str, object]]:
+    """The journal as another process would read it (what is on disk now)."""
+    db = sqlite3.connect(path)
+    try:
+        db.row_factory = sqlite3.Row
+        return {r["propolis_id"]: dict(r) for r in db.execute("SELECT * FROM vmm")}
+    finally:
+        db.close()
+
+
+def _state(gen: int, state: VmmState = VmmState.RUNNING):  # type: ignore[no-untyped-def]
+    return initial_state(
+        VmmRuntimeState(gen=gen, state=state, time_updated=utcnow()), None, utcnow()
+    )
+
+
+async def test_a_registration_is_answered_only_once_it_is_on_disk_whole(tmp_path: Path) -> None:
+    fakes = FakeHost(journal_path=tmp_path / "journal.sqlite3")
+    pid, body = uuid.uuid4(), ensure_body()
+    with trio.fail_after(30):
+        async with open_sled_agent(fast_config(shutdown_drain_s=0.2), fakes.host()) as agent:
+            await agent.manager.register_durably(pid, body)
+            # On disk before the answer: a crash right now still leaves the whole VMM.
+            row = _rows(tmp_path / "journal.sqlite3")[str(pid)]
+    registration = json.loads(str(row["registration"]))
+    assert registration["instance_id"] == str(body.instance_id)
+    assert registration["propolis_addr"] == body.propolis_addr
+    assert registration["vmm_spec"] == body.vmm_spec
+    loaded = await StateJournal(tmp_path / "journal.sqlite3").load()
+    assert loaded[pid].registration == body
+    assert loaded[pid].state.vmm_state.state is VmmState.STARTING
+
+
+async def test_a_state_reaches_nexus_only_after_it_is_on_disk(tmp_path: Path) -> None:
+    fakes = FakeHost(journal_path=tmp_path / "journal.sqlite3")
+    with trio.fail_after(30):
+        async with open_sled_agent(fast_config(shutdown_drain_s=0.5), fakes.host()) as agent:
+            pid = await AgentHarness(agent, fakes).start_vmm()
+            await fakes.nexus.wait_for(pid, VmmState.RUNNING)
+            journal = agent.notifier.journal
+            assert journal is not None
+            # Hold the disk: the writer's next batch blocks in its thread.
+            entered, release = threading.Event(), threading.Event()
+            write = journal._write
+
+            def slow_write(*args: object) -> None:
+                entered.set()
+                release.wait(30)
+                write(*args)  # type: ignore[arg-type]
+
+            journal._write = slow_write  # type: ignore[method-assign]
+            fakes.propolis[pid].halt()
+            await trio.to_thread.run_sync(entered.wait, 30)
+            await trio.testing.wait_all_tasks_blocked()
+            assert fakes.nexus.first_time(pid, VmmState.DESTROYED) is None
+            assert '"destroyed"' not in str(_rows(tmp_path / "journal.sqlite3")[str(pid)]["state"])
+            release.set()
+            await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
+            await agent.drain()
+    assert str(pid) not in _rows(tmp_path / "journal.sqlite3")  # Nexus answered: closed
+
+
+async def test_a_journal_on_a_failing_disk_is_logged_and_publishing_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fakes = FakeHost(journal_path=tmp_path / "journal.sqlite3")
+    with trio.fail_after(30):
+        async with open_sled_agent(fast_config(shutdown_drain_s=0.5), fakes.host()) as agent:
+            journal = agent.notifier.journal
+            assert journal is not None
+
+            def broken_disk(*args: object) -> None:
+                raise sqlite3.OperationalError("disk I/O error")
+
+            journal._write = broken_disk  # type: ignore[method-assign]
+            pid = await AgentHarness(agent, fakes).start_vmm()
+            fakes.propolis[pid].halt()
+            await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
+            await agent.drain()
+    out = capsys.readouterr().out
+    assert "journal_write_failed" in out and "disk I/O error" in out
+
+
 async def test_a_terminal_state_nexus_never_acknowledged_is_delivered_after_a_restart(
     tmp_path: Path,
 ) -> None:
-    journal_path = tmp_path / "terminal-states.jsonl"
-    fakes = FakeHost()
-    host = attrs.evolve(fakes.host(), journal=StateJournal(journal_path))
+    fakes = FakeHost(journal_path=tmp_path / "journal.sqlite3")
     with trio.fail_after(30):
-        async with open_sled_agent(fast_config(shutdown_drain_s=0.2), host) as agent:
+        async with open_sled_agent(fast_config(shutdown_drain_s=0.2), fakes.host()) as agent:
             h = AgentHarness(agent, fakes)
             pid = await h.start_vmm()
             fakes.nexus.fail_for(3600.0)  # Nexus is down: the halt is never acknowledged
             fakes.propolis[pid].halt()
             entry = agent.manager.registry.get(pid)
             await entry.wait_until(lambda e: e.phase is not VmmPhase.ACTIVE)
-            while b'"destroyed"' not in (await trio.Path(journal_path).read_bytes()):  # noqa: ASYNC110
+            while agent.notifier.statistics().retries < 1:  # noqa: ASYNC110 (tried: on disk)
                 await trio.sleep(0.01)
+            halted = entry.state
         # The agent is gone (a crash, as far as Nexus knows). Nexus comes back; a new
         # agent starts on the same host and journal.
         assert fakes.nexus.first_time(pid, VmmState.DESTROYED) is None
         fakes.nexus.fail_for(0.0)
-        host = attrs.evolve(fakes.host(), journal=StateJournal(journal_path))
-        async with open_sled_agent(fast_config(), host) as agent:
+        async with open_sled_agent(fast_config(), fakes.host()) as agent:
+            # Held until Nexus answers: a read is never a 404 meanwhile.
+            assert (await agent.manager.get_state(pid)) == halted
             await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
             await agent.notifier.wait_idle()  # Nexus's answer reached the agent
             await agent.drain()
-    assert await StateJournal(journal_path).load() == {}  # delivered: nothing left
+    assert fakes.nexus.latest(pid) == halted  # the same state, the same generation
+    assert await StateJournal(tmp_path / "journal.sqlite3").load() == {}
 
 
-async def test_a_vmm_live_when_the_agent_died_is_published_failed_one_generation_on(
+async def test_closed_vmms_leave_nothing_behind_however_many_pass_through(
     tmp_path: Path,
 ) -> None:
-    journal_path = tmp_path / "terminal-states.jsonl"
-    fakes = FakeHost()
-    host = attrs.evolve(fakes.host(), journal=StateJournal(journal_path))
-    with trio.fail_after(30):
-        async with open_sled_agent(fast_config(shutdown_drain_s=0.2), host) as agent:
-            pid = await AgentHarness(agent, fakes).start_vmm()
-            running = await fakes.nexus.wait_for(pid, VmmState.RUNNING)
-            last = fakes.nexus.latest(pid)
-            assert running is not None and last is not None
-        # The agent died with the VMM running. The next start sweeps its zone away, so
-        # the VMM is gone: Nexus must hear it, newer than anything it heard before.
-        host = attrs.evolve(fakes.host(), journal=StateJournal(journal_path))
-        async with open_sled_agent(fast_config(), host) as agent:
-            await fakes.nexus.wait_for(pid, VmmState.FAILED)
-            await agent.notifier.wait_idle()
-            await agent.drain()
-    final = fakes.nexus.latest(pid)
-    assert final is not None and final.vmm_state.state is VmmState.FAILED
-    assert final.gen == last.gen + 1
-    assert fakes.zones.zones == {}  # bundled as unexpected and torn down
-    assert await StateJournal(journal_path).load() == {}
-
-
-async def test_the_api_answers_a_registration_only_once_it_is_journaled(tmp_path: Path) -> None:
-    journal_path = tmp_path / "terminal-states.jsonl"
-    fakes = FakeHost()
-    host = attrs.evolve(fakes.host(), journal=StateJournal(journal_path))
-    pid = uuid.uuid4()
-    with trio.fail_after(30):
-        async with open_sled_agent(fast_config(shutdown_drain_s=0.2), host) as agent:
-            await agent.manager.register_durably(pid, ensure_body())
-            # On disk before the answer: a crash right now still leaves a trace.
-            assert str(pid).encode() in await trio.Path(journal_path).read_bytes()
-    replay = await StateJournal(journal_path).load()
-    assert replay[pid].vmm_state.state is VmmState.FAILED
-
-
-async def test_the_journal_stays_small_however_many_states_pass_through(tmp_path: Path) -> None:
-    journal = StateJournal(tmp_path / "j.jsonl")
-    live = initial_state(
-        VmmRuntimeState(gen=1, state=VmmState.RUNNING, time_updated=utcnow()), None, utcnow()
-    )
+    journal = StateJournal(tmp_path / "journal.sqlite3")
+    await journal.load()
     async with trio.open_nursery() as nursery:
         await nursery.start(journal.run)
         keep = uuid.uuid4()
-        await journal.durable(journal.record(keep, live))
+        await journal.durable(journal.record_registration(keep, ensure_body(), _state(1)))
         for _ in range(3000):  # VMMs that come and go
             pid = uuid.uuid4()
-            journal.record(pid, live)
-            journal.delivered(pid, live.gen)
+            journal.record_registration(pid, ensure_body(), _state(1))
+            journal.record(pid, _state(2, VmmState.DESTROYED))
+            journal.delivered(pid, 2)
             await trio.lowlevel.checkpoint()
-        await journal.durable(journal.record(keep, live))
+        await journal.durable(journal.record(keep, _state(2)))
         nursery.cancel_scope.cancel()
-    lines = (tmp_path / "j.jsonl").read_bytes().count(b"\n")
-    assert lines <= 2 + 2 * 1 + 1000 + 100  # compacted: not 6000 lines
-    assert set(await StateJournal(tmp_path / "j.jsonl").load()) == {keep}
+    assert list(_rows(tmp_path / "journal.sqlite3")) == [str(keep)]
+    loaded = await StateJournal(tmp_path / "journal.sqlite3").load()
+    assert set(loaded) == {keep} and loaded[keep].state.gen == 2
 
 
-async def test_a_torn_or_damaged_line_is_skipped_and_the_rest_replayed(tmp_path: Path) -> None:
-    journal = StateJournal(tmp_path / "j.jsonl")
-    a, b = uuid.uuid4(), uuid.uuid4()
-    state = initial_state(
-        VmmRuntimeState(gen=5, state=VmmState.DESTROYED, time_updated=utcnow()), None, utcnow()
-    )
-    journal.record(a, state)
-    journal.record(b, state)
-    journal.delivered(b, 5)
+async def test_an_older_state_never_overwrites_a_newer_one(tmp_path: Path) -> None:
+    journal = StateJournal(tmp_path / "journal.sqlite3")
+    await journal.load()
+    pid = uuid.uuid4()
     async with trio.open_nursery() as nursery:
         await nursery.start(journal.run)
-        nursery.cancel_scope.cancel()  # the last flush is shielded
-    with open(tmp_path / "j.jsonl", "ab") as f:
-        f.write(b'{"op":"halt","propolis_id":"')  # a crash mid-append
-    assert await StateJournal(tmp_path / "j.jsonl").load() == {a: state}
+        journal.record_registration(pid, ensure_body(), _state(1))
+        journal.record(pid, _state(5))
+        await journal.durable(journal.record(pid, _state(3, VmmState.STOPPING)))
+        journal.acknowledged(pid, 5)
+        await journal.durable(journal.mark(pid, ensured=True, seen_live=True))
+        nursery.cancel_scope.cancel()
+    vmm = (await StateJournal(tmp_path / "journal.sqlite3").load())[pid]
+    assert (vmm.state.gen, vmm.state.vmm_state.state) == (5, VmmState.RUNNING)
+    assert (vmm.acked_gen, vmm.ensured, vmm.seen_live) == (5, True, True)
+    assert not vmm.unacknowledged
+
+
+async def test_a_journal_of_the_json_lines_format_is_imported_once_torn_line_and_all(
+    tmp_path: Path,
+) -> None:
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+
+    def line(op: str, pid: uuid.UUID, **fields: object) -> str:
+        return json.dumps({"op": op, "propolis_id": str(pid), **fields})
+
+    destroyed = json.loads(json.dumps(attrs.asdict(_state(5, VmmState.DESTROYED)), default=str))
+    running = json.loads(json.dumps(attrs.asdict(_state(3)), default=str))
+    legacy = tmp_path / LEGACY_NAME
+    legacy.write_text(
+        "\n".join(
+            [
+                line("state", a, state=destroyed),
+                line("state", b, state=destroyed),
+                line("done", b, gen=5),
+                line("state", c, state=running),
+            ]
+        )
+        + '\n{"op":"state","propolis_id":"'  # a crash mid-append
+    )
+    loaded = await StateJournal(tmp_path / "journal.sqlite3").load()
+    assert set(loaded) == {a, c}
+    assert loaded[a].state.vmm_state.state is VmmState.DESTROYED and loaded[a].registration is None
+    assert loaded[c].state.gen == 3
+    assert not legacy.exists()
+    assert set(await StateJournal(tmp_path / "journal.sqlite3").load()) == {a, c}
+
+
+async def test_a_journal_that_cannot_be_opened_stops_the_start_with_its_path(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(JournalError, match=r"journal\.sqlite3"):
+        await StateJournal(path).load()

@@ -135,6 +135,7 @@ async def test_shutdown_stops_at_its_deadline_and_leaves_the_rest_on_the_host(
     assert fakes.zones.zones == {} and len(fakes.zones.live_snapshots) == 3
     fakes.zones.copy_s = 0.1
     async with open_fake_agent(fast_config(), fakes) as h:
+        await h.agent.recovered.wait()  # archived while the agent already serves
         assert len(await h.agent.store.list_all()) == 3
     assert fakes.zones.live_snapshots == set()
 
@@ -180,7 +181,8 @@ async def test_a_bundle_cut_short_by_a_crash_is_finished_from_its_snapshot_at_th
     snapshot = await fakes.zones.snapshot(zone, uuid.uuid4())
     await fakes.zones.halt_and_remove(zone)
     async with open_fake_agent(fast_config(), fakes) as h:
-        (info,) = await h.agent.store.list_all()  # before the agent serves anything
+        await h.agent.recovered.wait()  # archived while the agent already serves
+        (info,) = await h.agent.store.list_all()
     assert info.bundle_id == snapshot.bundle_id and info.zone_name == zone.name
     assert info.metadata.cause is ZoneBundleCause.OTHER
     assert fakes.zones.live_snapshots == set()

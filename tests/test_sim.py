@@ -28,7 +28,7 @@ async def test_the_simulated_propolis_writes_and_rotates_its_zones_log(tmp_path:
         with trio.fail_after(10):
             while not list((tmp_path / "archive").glob(f"{SERVICE_LOG}.*")):  # noqa: ASYNC110
                 await trio.sleep(0.02)
-        fleet.retire("oxz_propolis-server_a")
+        await fleet.retire("oxz_propolis-server_a")
         await trio.sleep(0.1)  # a write already handed to the thread may still land
         written = fleet.logs.written_bytes
         await trio.sleep(0.1)
@@ -85,7 +85,7 @@ async def test_a_thousand_simulated_propolis_servers_run_in_one_process() -> Non
                     starting.start_soon(start, addr)
         assert all(fleet.vm(z).state.value == "Running" for z in zones)  # type: ignore[union-attr]
         for zone in zones:
-            fleet.retire(zone)
+            await fleet.retire(zone)
         assert len(fleet) == 0
         nursery.cancel_scope.cancel()
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sledagent._errors import GenerationExhausted
 from sledagent._vmm_state import (
     Observation,
     apply_observation,
@@ -57,16 +58,39 @@ def registered(gen: int = 1, migration_id: uuid.UUID | None = None):  # type: ig
 
 
 @given(st.lists(st.sampled_from(list(InstanceState)), max_size=30), st.integers(0, 2**40))
-def test_every_observation_bumps_the_generation_by_one(
+def test_an_observation_bumps_the_generation_by_one_exactly_when_the_vmm_state_changes(
     states: list[InstanceState], gen0: int
 ) -> None:
     state = registered(gen0)
     for i, s in enumerate(states):
         resp = InstanceStateMonitorResponse(gen=i + 1, state=s)
         new = apply_observation(state, Observation.from_monitor(resp, T0))
-        assert new.gen == state.gen + 1
         assert new.vmm_state.state is vmm_state_of(s)
+        if vmm_state_of(s) is state.vmm_state.state:
+            assert new is state  # nothing Nexus is told moved: nothing to publish
+        else:
+            assert new.gen == state.gen + 1
         state = new
+
+
+def test_an_answer_repeating_the_current_state_is_not_a_new_generation() -> None:
+    running = apply_observation(
+        registered(7),
+        Observation.from_monitor(
+            InstanceStateMonitorResponse(gen=3, state=InstanceState.RUNNING), T0
+        ),
+    )
+    assert running.gen == 8
+    for gen in (3, 3, 2, 0):  # a Propolis answering the long poll without waiting
+        resp = InstanceStateMonitorResponse(gen=gen, state=InstanceState.RUNNING)
+        assert apply_observation(running, Observation.from_monitor(resp, T0)) is running
+
+
+def test_a_generation_at_the_u64_maximum_is_never_advanced() -> None:
+    top = registered(2**64 - 1)
+    with pytest.raises(GenerationExhausted, match="u64 maximum"):
+        transition(top, VmmState.RUNNING, T0)
+    assert transition(registered(2**64 - 2), VmmState.RUNNING, T0).gen == 2**64 - 1
 
 
 def test_a_migration_target_starts_pending_and_tracks_propolis_progress() -> None:

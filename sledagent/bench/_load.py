@@ -29,7 +29,7 @@ import attrs
 import httpx
 import trio
 
-from .._clients import _error_code as error_code
+from .._clients import error_fields
 from .._h1client import ConnectionFailed, H1Pool
 from .._host import zone_name_for
 from .._stats import summary
@@ -129,7 +129,7 @@ async def _run(
                     dropped[type(exc).__name__] += 1
                     return
                 latency[method].append(trio.current_time() - started)
-                code = None if r.status == 200 else error_code(r)
+                code = None if r.status == 200 else error_fields(r)[0]
                 key = f"{r.status} {code or ''}".strip()
                 if (r.status, code) in ANSWERS:
                     answers[key] += 1

@@ -157,7 +157,7 @@ async def _run_wire(
             listen="127.0.0.1:0",
             data_dir=Path(tmp),
             nexus_url=nexus_url,
-            propolis="remote" if fleet_url else "sim",
+            propolis="remote" if fleet_url else "sim-inprocess",
             sim_fleet_url=fleet_url,
             log_rate_bps=0,
             seed_log_mb=0.0 if floor else p.log_mb,

@@ -44,16 +44,29 @@ class SimPropolisFleet:
     def __len__(self) -> int:
         return len(self._running)
 
-    async def launch(self, zone_name: str, logs: LogSpec | None = None) -> str:
+    async def launch(
+        self, zone_name: str, logs: LogSpec | None = None, *, addr: str | None = None
+    ) -> str:
         """Start the zone's Propolis; returns its ``host:port``. Idempotent.
 
-        With ``logs`` it writes the zone's Propolis log until retired."""
+        It listens at ``addr`` (the ``propolis_addr`` Nexus registered, as a real
+        Propolis does in its zone) when that can be bound here, else on an ephemeral
+        loopback port. With ``logs`` it writes the zone's Propolis log until retired."""
         if zone_name in self._running:
             return self._running[zone_name].addr
         if self._nursery is None:
             raise RuntimeError("SimPropolisFleet.launch() before run() started")
-        vm, stop, scope = FakePropolis(None), trio.Event(), trio.CancelScope()
-        binds = await self._nursery.start(self._serve, vm, stop, scope)
+        vm = FakePropolis(None)
+        binds: list[str] | None = None
+        if addr:
+            try:
+                stop, scope = trio.Event(), trio.CancelScope()
+                binds = await self._nursery.start(self._serve, vm, stop, scope, addr)
+            except (OSError, ValueError):
+                binds = None  # taken, or not an address of this host
+        if binds is None:
+            stop, scope = trio.Event(), trio.CancelScope()
+            binds = await self._nursery.start(self._serve, vm, stop, scope, "127.0.0.1:0")
         addr = str(binds[0]).removeprefix("http://")
         running = _Running(vm, addr, stop, scope)
         self._running[zone_name] = running
@@ -63,8 +76,13 @@ class SimPropolisFleet:
                 self.logs.remove(zone_name)
         return addr
 
-    def retire(self, zone_name: str) -> None:
+    async def retire(self, zone_name: str) -> None:
         """Stop the zone's Propolis; idempotent."""
+        await trio.lowlevel.checkpoint()
+        self.retire_now(zone_name)
+
+    def retire_now(self, zone_name: str) -> None:
+        """``retire``, synchronously."""
         running = self._running.pop(zone_name, None)
         self.logs.remove(zone_name)
         if running is not None:
@@ -84,12 +102,13 @@ class SimPropolisFleet:
         vm: FakePropolis,
         stop: trio.Event,
         scope: trio.CancelScope,
+        listen: str,
         *,
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         with scope:
             await serve_api(
-                sim_propolis_app(vm), listen="127.0.0.1:0", shutdown=stop, task_status=task_status
+                sim_propolis_app(vm), listen=listen, shutdown=stop, task_status=task_status
             )
 
     def vm(self, zone_name: str) -> FakePropolis | None:

@@ -3,21 +3,34 @@
 Serves a recording Nexus and a fleet controller from which an agent (``propolis =
 "remote"``) launches one simulated Propolis server per zone:
 
-- ``POST /fleet/zones/{zone_name}`` -> ``{"addr": "127.0.0.1:port"}`` (idempotent); an
+- ``POST /fleet/zones/{zone_name}[?addr=host:port]`` -> ``{"addr": "host:port"}``
+  (idempotent): that zone's Propolis, listening at ``addr`` when it can be bound here
+  (the ``propolis_addr`` Nexus registered), else on an ephemeral loopback port; an
   optional body ``{"log_dir", "archive_dir", "rate_bps", "rotate_bytes", "keep"}`` makes
   that Propolis write its log into the zone (paths on this machine);
 - ``DELETE /fleet/zones/{zone_name}``: stop that zone's Propolis (``?kill=true``: its
   process dies, connections cut unanswered, the zone left in place);
 - ``POST /fleet/halt`` with ``["zone", ...]``: those guests power off at the same instant;
   answers ``{zone: halted_at}`` on this process's clock, the clock of the Nexus's
-  ``GET /sim/updates``, so a benchmark can measure halt -> publish across processes.
+  ``GET /sim/updates``, so a benchmark can measure halt -> publish across processes;
+- ``POST /fleet/lease``: an agent using this host says it is alive (see below).
 
-Running the peers apart keeps their CPU off the agent's trio thread.
+Running the peers apart keeps their CPU off the agent's trio thread, and lets the
+guests outlive the agent: the daemon's embedded default (``propolis = "sim"``) runs
+its simulated Propolis fleet (and, with no ``nexus_url``, its recording Nexus) in such
+a process, spawned on first need and found again at the next start through a state file
+in the data directory (``sim/_spawn.py``), as a real sled's Propolis zones outlive a
+restart of its sled agent. With ``idle_exit_s`` the host exits by itself once it serves
+no Propolis and no agent has renewed its lease for that long, so a demo leaves nothing
+running once its guests are gone.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -38,20 +51,25 @@ from ._nexus import recording_nexus_app
 _TIMEOUT_S = 30.0
 
 
-def fleet_app(fleet: SimPropolisFleet) -> Starlette:
+def fleet_app(fleet: SimPropolisFleet, *, on_lease: Callable[[], None] = lambda: None) -> Starlette:
     async def launch(request: Request) -> Response:
         raw = await request.body()
         try:
             logs = LogSpec(**json.loads(raw)) if raw else None
         except (ValueError, TypeError) as exc:
             return JSONResponse({"message": f"bad log spec: {exc}"}, 400)
-        return JSONResponse({"addr": await fleet.launch(request.path_params["zone_name"], logs)})
+        zone, addr = request.path_params["zone_name"], request.query_params.get("addr")
+        return JSONResponse({"addr": await fleet.launch(zone, logs, addr=addr)})
+
+    async def lease(request: Request) -> Response:
+        on_lease()
+        return JSONResponse({"pid": os.getpid(), "propolis": len(fleet)})
 
     async def retire(request: Request) -> Response:
         if request.query_params.get("kill") == "true":
             fleet.kill(request.path_params["zone_name"])
         else:
-            fleet.retire(request.path_params["zone_name"])
+            fleet.retire_now(request.path_params["zone_name"])
         return Response(status_code=204)
 
     async def halt(request: Request) -> Response:
@@ -72,6 +90,7 @@ def fleet_app(fleet: SimPropolisFleet) -> Starlette:
             Route("/fleet/zones/{zone_name}", launch, methods=["POST"]),
             Route("/fleet/zones/{zone_name}", retire, methods=["DELETE"]),
             Route("/fleet/halt", halt, methods=["POST"]),
+            Route("/fleet/lease", lease, methods=["POST"]),
         ]
     )
 
@@ -81,9 +100,21 @@ async def run_sim_host(
     nexus_listen: str = "127.0.0.1:0",
     fleet_listen: str = "127.0.0.1:0",
     shutdown: trio.Event,
+    state_file: Path | None = None,
+    idle_exit_s: float | None = None,
     task_status: trio.TaskStatus[tuple[str, str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the recording Nexus and the fleet until ``shutdown``; reports both URLs."""
+    """Serve the recording Nexus and the fleet until ``shutdown``; reports both URLs.
+
+    ``state_file``: where to write ``{"pid", "nexus_url", "fleet_url"}`` once serving
+    (atomically; removed at exit), for an agent to find this host again. ``idle_exit_s``:
+    exit once no Propolis has run and no lease was renewed for that long."""
+    last_lease = trio.current_time()
+
+    def renewed() -> None:
+        nonlocal last_lease
+        last_lease = trio.current_time()
+
     async with trio.open_nursery() as nursery:
         fleet = SimPropolisFleet()
         await nursery.start(fleet.run)
@@ -100,22 +131,55 @@ async def run_sim_host(
         fleet_url = (
             await nursery.start(
                 lambda task_status: serve_api(
-                    fleet_app(fleet),
+                    fleet_app(fleet, on_lease=renewed),
                     listen=fleet_listen,
                     shutdown=shutdown,
                     task_status=task_status,
                 )
             )
         )[0]
+        if state_file is not None:
+            state = {"pid": os.getpid(), "nexus_url": str(nexus_url), "fleet_url": str(fleet_url)}
+            await trio.to_thread.run_sync(_write_state, state_file, state)
         task_status.started((str(nexus_url), str(fleet_url)))
-        await shutdown.wait()
-        nursery.cancel_scope.cancel()
+        try:
+            if idle_exit_s is None:
+                await shutdown.wait()
+            else:
+                while not shutdown.is_set():
+                    with trio.move_on_after(min(1.0, idle_exit_s)):
+                        await shutdown.wait()
+                    if len(fleet):
+                        renewed()  # guests run: never idle
+                    elif trio.current_time() - last_lease >= idle_exit_s:
+                        break
+        finally:
+            nursery.cancel_scope.cancel()
+            if state_file is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_remove_state, state_file)
+
+
+def _write_state(path: Path, state: dict[str, object]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)
+
+
+def _remove_state(path: Path) -> None:
+    """Remove the state file if it still names this process (a new host may have
+    replaced it)."""
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 class RemoteFleetLauncher:
     """A ``PropolisLauncher`` backed by a ``sledagent sim`` process's fleet controller.
 
-    Who starts it: the daemon (``run``), so that ``retire`` never blocks a caller. It
+    Who starts it: the daemon (``run``), which closes its pool at the end. It
     speaks through an ``H1Pool``, not httpx: it runs on the agent's trio thread, and at
     1000 VMMs its launches and retires cost as much CPU there as the agent's own work.
     """
@@ -135,7 +199,9 @@ class RemoteFleetLauncher:
             with trio.CancelScope(shield=True):
                 await self._pool.aclose()
 
-    async def launch(self, zone_name: str, logs: LogSpec | None = None) -> str:
+    async def launch(
+        self, zone_name: str, logs: LogSpec | None = None, *, addr: str | None = None
+    ) -> str:
         body = b""
         headers: list[tuple[str, str]] = []
         if logs is not None:
@@ -143,6 +209,8 @@ class RemoteFleetLauncher:
             body = json.dumps(spec).encode()
             headers.append(("content-type", "application/json"))
         target = f"/fleet/zones/{zone_name}"
+        if addr:
+            target += f"?addr={urllib.parse.quote(addr)}"
         response = await self._pool.request(
             "POST", target, body, headers=headers, timeout_s=_TIMEOUT_S
         )
@@ -152,11 +220,7 @@ class RemoteFleetLauncher:
             )
         return str(json.loads(response.body)["addr"])
 
-    def retire(self, zone_name: str) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(self._retire, zone_name)
-
-    async def _retire(self, zone_name: str) -> None:
+    async def retire(self, zone_name: str) -> None:
         try:
             await self._pool.request("DELETE", f"/fleet/zones/{zone_name}", timeout_s=_TIMEOUT_S)
         except ConnectionFailed:

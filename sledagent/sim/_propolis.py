@@ -5,7 +5,8 @@ Reboot walks); this module is only its HTTP face. Requests are decoded strictly 
 the contract models, so an agent that sends a malformed request gets a 400 and the test
 that drives it fails. A small control surface of our own (``/sim/...``) lets a test or
 an operator act as the guest: halt, fail, hang the state monitor, drop requests (503),
-or vanish.
+vanish, refuse the next state requests (``refuse?status=&code=&message=&times=``), or
+answer the state monitor without waiting (``eager``).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def sim_propolis_app(vm: FakePropolis) -> Starlette:
                 return await fn(request)
             except BadRequest as exc:
                 return _error(400, str(exc), "InvalidRequest")
-            except PropolisGone as exc:
-                return _error(410, str(exc), "NoInstance")
+            except PropolisGone as exc:  # 424 before a VM exists, 410 once it is gone
+                return _error(exc.status or 410, str(exc), "NoInstance")
             except PeerError as exc:  # injected: the connection "drops"
                 return _error(503, str(exc), "Unavailable")
 
@@ -68,18 +69,35 @@ def sim_propolis_app(vm: FakePropolis) -> Starlette:
         return Response(encode(await vm.state_monitor(wanted.gen)), media_type="application/json")
 
     async def control(request: Request) -> Response:
-        action = request.path_params["action"]
-        on = request.query_params.get("on", "true") != "false"
+        action, q = request.path_params["action"], request.query_params
+        on = q.get("on", "true") != "false"
+
+        def refuse() -> None:
+            vm.refuse_requests(
+                int(q.get("status", "409")),
+                q.get("code"),
+                message=q.get("message", "refused (injected)"),
+                times=int(q.get("times", "1")),
+            )
+
+        def eager() -> None:
+            vm.eager = on
+
         actions: dict[str, Callable[[], None]] = {
             "halt": vm.halt,
             "fail": vm.fail,
             "vanish": vm.vanish,
             "hang": lambda: vm.hang(on),
             "drop": lambda: vm.disconnect(on),
+            "refuse": refuse,
+            "eager": eager,
         }
         if action not in actions:
             return _error(404, f"no control {action!r}", "NotFound")
-        actions[action]()
+        try:
+            actions[action]()
+        except ValueError as exc:
+            return _error(400, f"bad control {action!r}: {exc}", "InvalidRequest")
         return Response(status_code=204)
 
     return Starlette(

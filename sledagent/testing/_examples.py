@@ -74,11 +74,16 @@ def ensure_body(
     nic_ids: Iterable[uuid.UUID] = (),
     propolis_addr: str = "127.0.0.1:12400",
     migration_id: uuid.UUID | None = None,
+    gen: int = 1,
 ) -> InstanceEnsureBody:
     """A complete ``InstanceEnsureBody`` model."""
     return convert(
         ensure_body_json(
-            instance_id, nic_ids=nic_ids, propolis_addr=propolis_addr, migration_id=migration_id
+            instance_id,
+            nic_ids=nic_ids,
+            propolis_addr=propolis_addr,
+            migration_id=migration_id,
+            gen=gen,
         ),
         InstanceEnsureBody,
     )

@@ -14,6 +14,7 @@ from .._agent import Host, SledAgent, open_sled_agent
 from .._archive import TarArchiver
 from .._bundle_store import DiskBundleStore
 from .._config import AgentConfig, BackoffPolicy
+from .._journal import StateJournal
 from .._local_zones import LocalZoneBackend, LocalZonesConfig
 from .._registry import VmmPhase
 from .._store import MemoryBundleStore
@@ -37,10 +38,15 @@ def fast_config(**overrides: object) -> AgentConfig:
 
 @attrs.define
 class FakeHost:
+    """Fake zones, Propolis fleet, Nexus and store. They outlive an agent: open a second
+    agent on the same ``FakeHost`` to restart it. With ``journal_path`` each agent gets a
+    write-ahead journal there (SQLite), so a restart takes its VMMs back."""
+
     zones: FakeZones = attrs.field(factory=FakeZones)
     propolis: FakePropolisFleet = attrs.field(factory=FakePropolisFleet)
     nexus: FakeNexus = attrs.field(factory=FakeNexus)
     store: MemoryBundleStore = attrs.field(factory=MemoryBundleStore)
+    journal_path: Path | None = None
 
     def host(self) -> Host:
         return Host(
@@ -49,6 +55,7 @@ class FakeHost:
             nexus=self.nexus,
             archiver=self.zones.archiver(),
             store=self.store,
+            journal=None if self.journal_path is None else StateJournal(self.journal_path),
         )
 
 

@@ -47,6 +47,12 @@ class FakePropolis:
         self._hung = False
         self._gone = False
         self._errors: list[PeerError] = []
+        self._request_errors: list[PeerError] = []
+        #: Answer the state monitor at once whatever generation is asked for (a mock, a
+        #: buggy or restarted Propolis): the agent must not publish or spin on it.
+        self.eager = False
+        #: State-monitor answers given (to see that an eager one is polled with backoff).
+        self.monitor_answers = 0
 
     # --- scripting ----------------------------------------------------------------------
 
@@ -81,6 +87,17 @@ class FakePropolis:
             cls = PropolisGone if status == 410 or code == "NoInstance" else PeerError
             self._errors.append(cls(f"injected {status}", status=status, code=code))
         self._wake()
+
+    def refuse_requests(
+        self, status: int, code: str | None = None, *, message: str = "refused", times: int = 1
+    ) -> None:
+        """The next ``times`` state requests (``PUT /instance/state``) answer ``status``
+        with Propolis's error body (``NoInstance``: the VM is not there)."""
+        for _ in range(times):
+            cls = PropolisGone if status == 410 or code == "NoInstance" else PeerError
+            self._request_errors.append(
+                cls(f"injected {status}", status=status, code=code, peer_message=message)
+            )
 
     def hang(self, on: bool = True) -> None:
         """While on, monitor calls never answer."""
@@ -117,7 +134,11 @@ class FakePropolis:
             await trio.sleep(self.request_delay_s)
         self._check()
         if self.ensured is None:
-            raise PropolisGone("no instance", status=404, code="NoInstance")
+            raise PropolisGone(
+                "Server not initialized (no instance)", status=424, code="NoInstance"
+            )
+        if self._request_errors:
+            raise self._request_errors.pop(0)
         self.requests.append(requested)
         if not self.auto:
             return
@@ -138,11 +159,17 @@ class FakePropolis:
             self._check()
             if self._errors:
                 raise self._errors.pop(0)
-            if not self._hung and self.ensured is not None and self.gen >= gen:
+            if not self._hung and self.ensured is None:
+                # Propolis's answer before a VM is created (424 FAILED_DEPENDENCY).
+                raise PropolisGone(
+                    "Server not initialized (no instance)", status=424, code="NoInstance"
+                )
+            if not self._hung and (self.gen >= gen or self.eager):
                 break
             await self._changed.wait()
         if self.monitor_delay_s:
             await trio.sleep(self.monitor_delay_s)
+        self.monitor_answers += 1
         return InstanceStateMonitorResponse(
             gen=self.gen, state=self.state, migration=self.migration
         )

@@ -1,0 +1,162 @@
+"""``sledagent bench restart``: kill -9 the agent with N running VMMs, start it again.
+
+A ``sledagent sim`` process (recording Nexus, simulated Propolis per zone) outlives the
+agent, as a sled's Propolis zones outlive its sled agent. The daemon, a process of its
+own on a fixed port, registers and runs N VMMs; it is killed (SIGKILL) and started again
+on the same data directory. From the new process's spawn the bench measures:
+
+- ``first_read_s``: to the first answered ``GET /vmms/{id}/state`` of a known VMM;
+- ``all_readopted_s``: to ``sledagent_vmms_readopting`` = 0 with all N known (scraped
+  every 50 ms): every VMM's Propolis has answered its first question;
+- reads during the restart: readers in a process of their own (``_probe.py``) read every
+  VMM at ``reads_per_s`` in all, from the moment the daemon listens until every VMM is
+  re-adopted and ``settle_s`` more; their p50/p99, timeouts and statuses;
+- ``failed_published``: ``failed`` states Nexus received for these VMMs (must be 0), and
+  every state Nexus received after the kill (nothing changed: ideally none);
+- ``running_after``: VMMs that answer ``running`` at the end.
+
+Beside it, the floor: the same start on an empty data directory (no journal, no zones),
+with the same readers asking for the same ids (answered 404): what a start costs with
+nothing to take back.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from .._stats import summary
+from .._wire import VmmState
+from ..testing import ensure_body_json
+from ._procs import daemon_config, nexus_first_times, sim_process, start_daemon, stop_process
+from ._wire import reader_process
+
+_READOPTING = re.compile(rb"^sledagent_vmms_readopting (\S+)$", re.MULTILINE)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def run_restart_bench(
+    *, vmms: int = 1000, reads_per_s: float = 400.0, settle_s: float = 3.0
+) -> dict[str, object]:
+    if vmms < 1:
+        raise ValueError("vmms must be >= 1")
+    interval = max(0.05, vmms / reads_per_s)
+    pids = [uuid.uuid4() for _ in range(vmms)]
+    async with sim_process() as (nexus_url, fleet_url), httpx.AsyncClient(timeout=120) as client:
+        with tempfile.TemporaryDirectory(prefix="sledagent-restart-") as tmp:
+            root = Path(tmp)
+            agent = f"max_zones = {max(1024, 2 * vmms)}\nshutdown_drain_s = 600.0\n"
+            floor_root = root / "floor"
+            floor_root.mkdir()
+            config = await _config(floor_root, nexus_url, fleet_url, agent)
+            floor = await _measure(
+                client, config, floor_root / "daemon.log", pids, interval, settle_s
+            )
+            config, log = await _config(root, nexus_url, fleet_url, agent), root / "daemon.log"
+            proc, url = await start_daemon(config, log)
+            try:
+                gate = trio.CapacityLimiter(16)
+
+                async def start(pid: uuid.UUID) -> None:
+                    async with gate:
+                        r = await client.put(f"{url}/vmms/{pid}", json=ensure_body_json())
+                        r.raise_for_status()
+                        body = {"state": {"type": "running"}}
+                        (await client.put(f"{url}/vmms/{pid}/state", json=body)).raise_for_status()
+
+                async with trio.open_nursery() as nursery:
+                    for pid in pids:
+                        nursery.start_soon(start, pid)
+                await nexus_first_times(client, nexus_url, pids, VmmState.RUNNING)
+                before = len((await client.get(f"{nexus_url}/sim/updates")).json())
+            finally:
+                await stop_process(proc, signal.SIGKILL)
+            restart = await _measure(client, config, log, pids, interval, settle_s)
+            updates = (await client.get(f"{nexus_url}/sim/updates")).json()
+    ids = {str(p) for p in pids}
+    after = [u for u in updates[before:] if u["propolis_id"] in ids]
+    restart["failed_published"] = sum(
+        1
+        for u in updates
+        if u["propolis_id"] in ids and u["state"]["vmm_state"]["state"] == "failed"
+    )
+    restart["states_published_after_kill"] = len(after)
+    return {"vmms": vmms, "reads_per_s": reads_per_s, "restart": restart, "floor": floor}
+
+
+async def _config(root: Path, nexus_url: str, fleet_url: str, agent: str) -> Path:
+    """The daemon's config under ``root``, on a fixed port (the same across a restart)."""
+    text = daemon_config(root, nexus_url, fleet_url, log_mb=0.0, agent=agent)
+    config = root / "sledagent.toml"
+    await trio.Path(config).write_text(text.replace("127.0.0.1:0", f"127.0.0.1:{_free_port()}"))
+    return config
+
+
+async def _measure(
+    client: httpx.AsyncClient,
+    config: Path,
+    log: Path,
+    pids: list[uuid.UUID],
+    interval: float,
+    settle_s: float,
+) -> dict[str, object]:
+    t0 = trio.current_time()
+    proc, url = await start_daemon(config, log)
+    listening_s = trio.current_time() - t0
+    marks: dict[str, float] = {}
+
+    async def first_read() -> None:
+        while True:
+            r = await client.get(f"{url}/vmms/{pids[0]}/state")
+            if r.status_code in (200, 404):
+                marks["first_read"] = trio.current_time() - t0
+                return
+
+    async def all_readopted() -> None:
+        while True:
+            m = _READOPTING.search((await client.get(f"{url}/metrics")).content)
+            if m is not None and float(m.group(1)) == 0:
+                marks["all_readopted"] = trio.current_time() - t0
+                return
+            await trio.sleep(0.05)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first_read)
+            nursery.start_soon(all_readopted)
+            async with reader_process(url, pids, interval_s=interval, timeout_s=5.0) as readers:
+                await readers.go()
+                with trio.move_on_after(120):
+                    while "all_readopted" not in marks:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                await trio.sleep(settle_s)
+                reads = await readers.stop()
+            nursery.cancel_scope.cancel()
+        running = 0
+        for pid in pids:
+            r = await client.get(f"{url}/vmms/{pid}/state")
+            running += r.status_code == 200 and r.json()["vmm_state"]["state"] == "running"
+    finally:
+        await stop_process(proc, signal.SIGTERM)
+    latencies: list[float] = reads.pop("latencies_s")  # type: ignore[assignment]
+    result: dict[str, Any] = {
+        "listening_s": round(listening_s, 3),
+        "first_read_s": round(marks.get("first_read", -1), 3),
+        "all_readopted_s": round(marks["all_readopted"], 3) if "all_readopted" in marks else None,
+        "reads": {**summary(latencies), **reads},
+        "running_after": running,
+    }
+    return result

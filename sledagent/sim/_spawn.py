@@ -1,0 +1,177 @@
+"""The embedded default's simulated world, in a process that outlives the agent.
+
+A real sled's Propolis zones keep running when its sled agent restarts; so must the
+simulated ones, or the embedded default could not show a restart that costs no guest.
+``attach_sim_host`` finds the ``sledagent sim`` process serving this data directory
+(through ``<data_dir>/sim-host.json``: its pid and URLs) or spawns one, detached in a
+session of its own so that neither a kill -9 of the agent nor a Ctrl-C at its terminal
+reaches it. While attached, the agent renews a lease every ``LEASE_PERIOD_S``; the host
+exits by itself once it serves no Propolis and no lease was renewed for
+``IDLE_EXIT_S``, so nothing is left running once the guests are gone.
+
+``RemoteNexusView`` reads what the host's recording Nexus received (``/sim/updates``,
+``/sim/wait``), for tests, the demo and benchmarks that used the in-process one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import attrs
+import structlog
+import trio
+
+from .._h1client import ConnectionFailed, H1Pool
+from .._wire import VmmState
+
+log = structlog.get_logger("sledagent.sim")
+
+STATE_NAME = "sim-host.json"
+LOG_NAME = "sim-host.log"
+LEASE_PERIOD_S = 2.0
+#: Exit once idle (no Propolis, no lease) this long: well past a lease period, short
+#: enough that a demo's host is gone soon after it.
+IDLE_EXIT_S = 15.0
+_START_TIMEOUT_S = 30.0
+
+
+class SimHostError(RuntimeError):
+    """The simulated host could not be found or started (one line, names the log)."""
+
+
+@attrs.frozen
+class SimHost:
+    """A running ``sledagent sim`` process serving one data directory."""
+
+    pid: int
+    nexus_url: str
+    fleet_url: str
+    state_file: Path
+
+    def kill(self) -> None:
+        """Stop it at once, guests and all (tests; an operator's ``sledagent sim-stop``)."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.state_file.unlink()
+        except OSError:
+            pass
+
+
+def read_state(data_dir: Path) -> SimHost | None:
+    """The host recorded for ``data_dir``, if its process still lives."""
+    path = Path(data_dir) / STATE_NAME
+    try:
+        state = json.loads(path.read_text())
+        host = SimHost(int(state["pid"]), str(state["nexus_url"]), str(state["fleet_url"]), path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return host if _alive(host.pid) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+async def _answers(host: SimHost) -> bool:
+    pool = H1Pool(host.fleet_url, max_connections=1, max_idle=0)
+    try:
+        response = await pool.request("POST", "/fleet/lease", timeout_s=5.0)
+        return response.status == 200
+    except ConnectionFailed:
+        return False
+    finally:
+        with trio.CancelScope(shield=True):
+            await pool.aclose()
+
+
+async def attach_sim_host(data_dir: Path) -> SimHost:
+    """The host serving ``data_dir``: the one already running, or a new one."""
+    data_dir = Path(data_dir)
+    found = read_state(data_dir)
+    if found is not None and await _answers(found):
+        log.info("sim_host_found", pid=found.pid, fleet=found.fleet_url)
+        return found
+    await trio.to_thread.run_sync(lambda: data_dir.mkdir(parents=True, exist_ok=True))
+    state_file = data_dir / STATE_NAME
+    argv = [
+        sys.executable, "-c", "from sledagent._cli import main; main()",
+        "sim", "--state-file", str(state_file), "--idle-exit-s", str(IDLE_EXIT_S),
+    ]  # fmt: skip
+    log_path = data_dir / LOG_NAME
+    out = await trio.to_thread.run_sync(open, log_path, "ab")
+    try:
+        # A session of its own: a kill of the agent's process group (Ctrl-C at its
+        # terminal, a service manager) does not reach the guests.
+        proc = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
+    finally:
+        out.close()
+    with trio.move_on_after(_START_TIMEOUT_S):
+        while proc.poll() is None:
+            host = read_state(data_dir)
+            if host is not None and host.pid == proc.pid and await _answers(host):
+                log.info("sim_host_started", pid=host.pid, fleet=host.fleet_url)
+                return host
+            await trio.sleep(0.05)
+    if proc.poll() is None:
+        proc.kill()
+    raise SimHostError(f"the simulated host did not start (its log: {log_path})")
+
+
+async def renew_lease(host: SimHost) -> None:
+    """Tell the host the agent is alive, every ``LEASE_PERIOD_S``, until cancelled."""
+    pool = H1Pool(host.fleet_url, max_connections=1, max_idle=1)
+    try:
+        while True:
+            try:
+                await pool.request("POST", "/fleet/lease", timeout_s=5.0)
+            except ConnectionFailed as exc:
+                log.warning("sim_host_lease_failed", error=str(exc))
+            await trio.sleep(LEASE_PERIOD_S)
+    finally:
+        with trio.CancelScope(shield=True):
+            await pool.aclose()
+
+
+class RemoteNexusView:
+    """What the sim host's recording Nexus received, over its ``/sim/...`` routes."""
+
+    def __init__(self, nexus_url: str) -> None:
+        self.url = nexus_url
+        self._pool = H1Pool(nexus_url, max_connections=4, max_idle=4)
+
+    async def wait_for(
+        self, propolis_id: uuid.UUID, state: VmmState, *, timeout_s: float = 600.0
+    ) -> float:
+        """When (the host's clock) this VMM was first reported in ``state``; waits."""
+        body = json.dumps({"ids": [str(propolis_id)], "state": state.value, "timeout_s": timeout_s})
+        response = await self._pool.request(
+            "POST", "/sim/wait", body.encode(), timeout_s=timeout_s + 5
+        )
+        if response.status != 200:
+            raise TimeoutError(f"{propolis_id} never reached {state.value}: {response.body!r}")
+        return float(json.loads(response.body)[str(propolis_id)])
+
+    async def updates(self) -> list[dict[str, Any]]:
+        """Every update received: ``{"time", "propolis_id", "state"}``, in arrival order."""
+        response = await self._pool.request("GET", "/sim/updates", timeout_s=30.0)
+        rows: list[dict[str, Any]] = json.loads(response.body)
+        return rows
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
