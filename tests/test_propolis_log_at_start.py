@@ -69,7 +69,7 @@ async def test_the_simulated_propolis_log_exists_as_soon_as_it_is_launched(tmp_p
             await nursery.start(fleet.run)
             await fleet.launch("oxz_propolis-server_a", logs)
             lines = (logs.log_dir / SERVICE_LOG).read_bytes().splitlines()
-            fleet.retire("oxz_propolis-server_a")
+            await fleet.retire("oxz_propolis-server_a")
             nursery.cancel_scope.cancel()
     assert len(lines) == 1
     line = json.loads(lines[0])
