@@ -196,7 +196,6 @@ async def run_daemon(
     task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until ``shutdown`` is set; reports where it listens."""
-    log.info("daemon_starting", pid=os.getpid(), data_dir=str(config.data_dir))
     token = config.token or os.environ.get(TOKEN_ENV) or None
     if config.backend == "illumos":
         try:
@@ -206,12 +205,18 @@ async def run_daemon(
     async with trio.open_nursery() as nursery:
         servers_stop = trio.Event()
         async with hold_data_dir(config.data_dir):
+            log.info("daemon_starting", pid=os.getpid(), data_dir=str(config.data_dir))
             sled_id = await trio.to_thread.run_sync(sled_id_of, config.data_dir)
             rebooted = await trio.to_thread.run_sync(host_rebooted, config.data_dir)
             peers = await _peers(config, nursery, servers_stop)
-            await _serve_agent(
-                config, nursery, peers, sled_id, rebooted, token, shutdown, task_status
-            )
+            try:
+                await _serve_agent(
+                    config, nursery, peers, sled_id, rebooted, token, shutdown, task_status
+                )
+            finally:
+                if isinstance(peers.recording, RemoteNexusView):
+                    with trio.CancelScope(shield=True):
+                        await peers.recording.aclose()
         servers_stop.set()
         nursery.cancel_scope.cancel()
     log.info("daemon_stopped")

@@ -15,10 +15,10 @@ exits by itself once it serves no Propolis and no lease was renewed for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -40,6 +40,14 @@ LEASE_PERIOD_S = 2.0
 #: enough that a demo's host is gone soon after it.
 IDLE_EXIT_S = 15.0
 _START_TIMEOUT_S = 30.0
+#: Starts argv[2:] detached, its output appended to argv[1]; prints its pid and exits.
+_LAUNCH = (
+    "import subprocess, sys\n"
+    "out = open(sys.argv[1], 'ab')\n"
+    "p = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=out, stderr=out,"
+    " start_new_session=True)\n"
+    "print(p.pid)\n"
+)
 
 
 class SimHostError(RuntimeError):
@@ -112,24 +120,31 @@ async def attach_sim_host(data_dir: Path) -> SimHost:
         "sim", "--state-file", str(state_file), "--idle-exit-s", str(IDLE_EXIT_S),
     ]  # fmt: skip
     log_path = data_dir / LOG_NAME
-    out = await trio.to_thread.run_sync(open, log_path, "ab")
-    try:
-        # A session of its own: a kill of the agent's process group (Ctrl-C at its
-        # terminal, a service manager) does not reach the guests.
-        proc = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+    # Through a launcher that exits at once: the host is nobody's child (no zombie for
+    # the agent to reap, nothing the agent's process holds), and in a session of its own
+    # (a Ctrl-C at the agent's terminal, a service manager's kill of the agent's process
+    # group, do not reach the guests).
+    launched = await trio.run_process(
+        [sys.executable, "-c", _LAUNCH, str(log_path), *argv],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    if launched.returncode != 0:
+        raise SimHostError(
+            f"the simulated host could not be launched: {launched.stderr.decode().strip()}"
         )
-    finally:
-        out.close()
+    pid = int(launched.stdout)
     with trio.move_on_after(_START_TIMEOUT_S):
-        while proc.poll() is None:
+        while _alive(pid):
             host = read_state(data_dir)
-            if host is not None and host.pid == proc.pid and await _answers(host):
+            if host is not None and host.pid == pid and await _answers(host):
                 log.info("sim_host_started", pid=host.pid, fleet=host.fleet_url)
                 return host
             await trio.sleep(0.05)
-    if proc.poll() is None:
-        proc.kill()
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     raise SimHostError(f"the simulated host did not start (its log: {log_path})")
 
 
