@@ -21,6 +21,7 @@ from ._h1client import ConnectionFailed, H1Pool, H1Response
 from ._host import Zone
 from ._wire import (
     InstanceEnsureRequest,
+    InstanceGetResponse,
     InstanceStateMonitorRequest,
     InstanceStateMonitorResponse,
     InstanceStateRequested,
@@ -88,6 +89,13 @@ class HttpPropolisClient:
             self._pool, "PUT", "/instance", encode(request),
             expect=(200, 201), timeout_s=_REQUEST_TIMEOUT_S,
         )  # fmt: skip
+
+    async def instance(self) -> InstanceGetResponse:
+        response = await _send(
+            self._pool, "GET", "/instance", b"",
+            expect=(200,), timeout_s=_REQUEST_TIMEOUT_S, gone_on_410=True,
+        )  # fmt: skip
+        return decode(response.body, InstanceGetResponse)
 
     async def put_state(self, requested: InstanceStateRequested) -> None:
         await _send(

@@ -22,6 +22,7 @@ from ._wire import (
     CleanupContextUpdate,
     CleanupCount,
     InstanceEnsureRequest,
+    InstanceGetResponse,
     InstanceStateMonitorResponse,
     InstanceStateRequested,
     QuarantinedFile,
@@ -200,6 +201,10 @@ class PropolisClient(Protocol):
     """Drives one Propolis. Errors are ``PeerError``; ``PropolisGone`` when it has no VM."""
 
     async def ensure(self, request: InstanceEnsureRequest) -> None: ...
+
+    async def instance(self) -> InstanceGetResponse:
+        """``GET /instance``: the VM this Propolis runs (``PropolisGone`` if none)."""
+        ...
 
     async def put_state(self, requested: InstanceStateRequested) -> None: ...
 

@@ -6,7 +6,9 @@ next start reconciles three sources and takes back what still runs:
 
 - the journal (``_journal``): what the agent promised Nexus, registrations included;
 - the zones on the host (``ZoneBackend.list_zones``): what exists;
-- each VMM's Propolis (``GET /instance/state-monitor`` from generation 0): what runs.
+- each VMM's Propolis: ``GET /instance`` (it must run this VMM's instance: another one
+  at that address counts as ``NoInstance``), then ``GET /instance/state-monitor`` from
+  generation 0: what runs.
 
 ``plan`` is the pure part: journal x zones -> what to do with each VMM and each zone.
 ``readopt`` is the per-VMM part, run by the VMM's own runner before it serves requests:
@@ -112,6 +114,15 @@ async def readopt(runner: InstanceRunner, adoption: Adoption) -> None:
     with runner.interruptible():
         try:
             with trio.fail_after(config.readopt_probe_s):
+                # The VM at that address must be ours: an address reused by another
+                # Propolis (a host rebuilt, a port taken by another zone) is not our guest.
+                vm = (await client.instance()).instance
+                if vm.properties.id != runner.entry.instance_id:
+                    raise PropolisGone(
+                        f"Propolis at {zone.propolis_addr} runs instance {vm.properties.id}, "
+                        f"not {runner.entry.instance_id}",
+                        code="NoInstance",
+                    )
                 response = await client.state_monitor(0)
         except PropolisGone as exc:
             if created:

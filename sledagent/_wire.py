@@ -304,6 +304,21 @@ class InstanceProperties:
 
 
 @attrs.frozen
+class PropolisInstance:
+    """Propolis's ``Instance``: the VM it runs and its state."""
+
+    properties: InstanceProperties
+    state: InstanceState
+
+
+@attrs.frozen
+class InstanceGetResponse:
+    """``GET /instance``."""
+
+    instance: PropolisInstance
+
+
+@attrs.frozen
 class InstanceEnsureRequest:
     """``PUT /instance``: ``init`` is ``{"method": "Spec"|"MigrationTarget", ...}``."""
 

@@ -209,7 +209,14 @@ async def test_a_restart_on_illumos_takes_back_a_running_propolis_zone_from_zone
     from sledagent._agent import open_sled_agent
     from sledagent._journal import StateJournal
     from sledagent._vmm_state import initial_state
-    from sledagent._wire import InstanceState, VmmRuntimeState, utcnow
+    from sledagent._wire import (
+        InstanceEnsureRequest,
+        InstanceProperties,
+        InstanceState,
+        PropolisInstanceMetadata,
+        VmmRuntimeState,
+        utcnow,
+    )
     from sledagent.testing import FakeHost, ensure_body, fast_config
 
     running_id = uuid.UUID(RUNNING.rsplit("_", 1)[1])
@@ -219,10 +226,11 @@ async def test_a_restart_on_illumos_takes_back_a_running_propolis_zone_from_zone
     state = initial_state(
         VmmRuntimeState(gen=4, state=VmmState.RUNNING, time_updated=utcnow()), None, utcnow()
     )
+    body = ensure_body(propolis_addr="[fd00::5]:12400")
     async with trio.open_nursery() as nursery:
         await nursery.start(journal.run)
         for pid in (running_id, installed_id):
-            journal.record_registration(pid, ensure_body(propolis_addr="[fd00::5]:12400"), state)
+            journal.record_registration(pid, body, state)
             journal.acknowledged(pid, 4)
             await journal.durable(journal.mark(pid, ensured=True, seen_live=True))
         nursery.cancel_scope.cancel()
@@ -230,8 +238,13 @@ async def test_a_restart_on_illumos_takes_back_a_running_propolis_zone_from_zone
     runner = RecordedRunner({LIST: fixture("zoneadm-list-cp.txt")})
     fakes = FakeHost()
     vm = fakes.propolis.client_for(Zone(RUNNING, running_id, ""))
-    vm.ensured = object()  # type: ignore[assignment]  # its VM exists, running
-    vm.push(InstanceState.RUNNING)
+    meta = PropolisInstanceMetadata(
+        project_id=body.metadata.project_id, silo_id=body.metadata.silo_id,
+        sled_id=uuid.uuid4(), sled_model="sledagent", sled_revision=0, sled_serial="s",
+    )  # fmt: skip
+    props = InstanceProperties(description="", id=body.instance_id, metadata=meta, name="g")
+    await vm.ensure(InstanceEnsureRequest(init={"method": "Spec"}, properties=props))
+    vm.push(InstanceState.RUNNING)  # its VM exists, running
     host = attrs.evolve(
         fakes.host(), backend=backend(runner), journal=StateJournal(tmp_path / "journal.sqlite3")
     )

@@ -307,3 +307,36 @@ def test_a_changed_boot_id_is_a_host_reboot(
     boot.write_text("bbbb\n")
     assert _datadir.host_rebooted(tmp_path)
     assert not _datadir.host_rebooted(tmp_path)
+
+
+async def test_a_readopted_vmm_holds_its_nics_again(tmp_path: Path) -> None:
+    """A new incarnation of the same instance still waits for the old zone's NICs."""
+    fakes = FakeHost(journal_path=tmp_path / "journal.sqlite3")
+    nic = uuid.uuid4()
+    with trio.fail_after(30):
+        async with agent_on(fakes) as agent:
+            pid = await AgentHarness(agent, fakes).start_vmm(nic_ids=[nic])
+        async with agent_on(fakes) as agent:
+            await agent.manager.registry.get(pid).runner.adopted.wait()
+            assert agent.nics.holder(nic) == zone_name_for(pid)
+
+
+async def test_a_propolis_at_the_address_running_another_instance_is_not_ours(
+    tmp_path: Path,
+) -> None:
+    """The address answers, but for another VM (the port was taken by another zone):
+    our guest is gone, so the VMM fails rather than adopt a stranger's VM."""
+    import attrs as _attrs
+
+    fakes = FakeHost(journal_path=tmp_path / "journal.sqlite3")
+    with trio.fail_after(30):
+        async with agent_on(fakes) as agent:
+            pid = await AgentHarness(agent, fakes).start_vmm()
+            await agent.notifier.wait_idle()
+        vm = fakes.propolis[pid]
+        assert vm.ensured is not None
+        stranger = _attrs.evolve(vm.ensured.properties, id=uuid.uuid4())
+        vm.ensured = _attrs.evolve(vm.ensured, properties=stranger)
+        async with agent_on(fakes) as agent:
+            await fakes.nexus.wait_for(pid, VmmState.FAILED)
+            await agent.drain()

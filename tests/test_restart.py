@@ -52,14 +52,22 @@ class Daemon:
         argv = [sys.executable, "-c", "from sledagent._cli import main; main()", "run",
                 "--config", str(self.config)]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = await trio.lowlevel.open_process(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
-        )
+        self.log = self.data_dir.parent / f"{self.data_dir.name}.log"
+        err = await trio.to_thread.run_sync(open, self.log, "ab")
+        try:
+            self.proc = await trio.lowlevel.open_process(
+                argv, stdout=subprocess.PIPE, stderr=err, env=env
+            )
+        finally:
+            err.close()
         assert self.proc.stdout is not None
         buf = b""
         while b"\n" not in buf:
             chunk = await self.proc.stdout.receive_some()
-            assert chunk, "the daemon exited before listening"
+            if not chunk:
+                await self.proc.wait()
+                tail = self.log.read_text()[-2000:]
+                raise AssertionError(f"the daemon exited before listening; its log:\n{tail}")
             buf += chunk
         words = buf.split(b"\n", 1)[0].decode().split()
         # "sledagent listening on <api> (Nexus: <nexus>)"

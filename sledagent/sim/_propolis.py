@@ -59,6 +59,10 @@ def sim_propolis_app(vm: FakePropolis) -> Starlette:
         return Response(b'{"migrate":null}', status_code=201, media_type="application/json")
 
     @handler
+    async def get_instance(request: Request) -> Response:
+        return Response(encode(await vm.instance()), media_type="application/json")
+
+    @handler
     async def put_state(request: Request) -> Response:
         await vm.put_state(decode(await request.body(), InstanceStateRequested))
         return Response(status_code=204)
@@ -103,6 +107,7 @@ def sim_propolis_app(vm: FakePropolis) -> Starlette:
     return Starlette(
         routes=[
             Route("/instance", ensure, methods=["PUT"]),
+            Route("/instance", get_instance, methods=["GET"]),
             Route("/instance/state", put_state, methods=["PUT"]),
             Route("/instance/state-monitor", state_monitor, methods=["GET"]),
             Route("/sim/{action}", control, methods=["POST"]),

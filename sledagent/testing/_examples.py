@@ -15,7 +15,7 @@ def ensure_body_json(
     instance_id: uuid.UUID | None = None,
     *,
     nic_ids: Iterable[uuid.UUID] = (),
-    propolis_addr: str = "127.0.0.1:12400",
+    propolis_addr: str = "127.0.0.1:0",
     migration_id: uuid.UUID | None = None,
     gen: int = 1,
 ) -> dict[str, Any]:
@@ -72,7 +72,7 @@ def ensure_body(
     instance_id: uuid.UUID | None = None,
     *,
     nic_ids: Iterable[uuid.UUID] = (),
-    propolis_addr: str = "127.0.0.1:12400",
+    propolis_addr: str = "127.0.0.1:0",
     migration_id: uuid.UUID | None = None,
     gen: int = 1,
 ) -> InstanceEnsureBody:

@@ -18,10 +18,12 @@ from .._errors import PeerError, PropolisGone
 from .._host import Zone
 from .._wire import (
     InstanceEnsureRequest,
+    InstanceGetResponse,
     InstanceMigrateStatusResponse,
     InstanceState,
     InstanceStateMonitorResponse,
     InstanceStateRequested,
+    PropolisInstance,
 )
 
 
@@ -128,6 +130,18 @@ class FakePropolis:
         if self.ensured is None:
             self.ensured = request
             self.push(InstanceState.CREATING)
+
+    async def instance(self) -> InstanceGetResponse:
+        if self.request_delay_s:
+            await trio.sleep(self.request_delay_s)
+        self._check()
+        if self._hung:
+            await trio.sleep_forever()
+        if self.ensured is None:
+            raise PropolisGone(
+                "Server not initialized (no instance)", status=424, code="NoInstance"
+            )
+        return InstanceGetResponse(PropolisInstance(self.ensured.properties, self.state))
 
     async def put_state(self, requested: InstanceStateRequested) -> None:
         if self.request_delay_s:
