@@ -158,10 +158,32 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> _Api:
                             raise Unauthorized("missing or wrong bearer token")
                     response = await handler(request)
                 except AgentError as exc:
+                    # Every error answer is in the log under the id the client was given.
+                    (log.warning if exc.status >= 500 else log.info)(
+                        "api_refused",
+                        request_id=request_id,
+                        method=request.method,
+                        path=request.url.path,
+                        status=exc.status,
+                        error_code=exc.error_code,
+                        message=exc.message,
+                    )
                     return _error(exc, request_id)
                 except Exception:  # a bug: logged with its request id, never a traceback
-                    log.exception("api_error", request_id=request_id, path=request.url.path)
+                    log.exception(
+                        "api_error",
+                        request_id=request_id,
+                        method=request.method,
+                        path=request.url.path,
+                    )
                     return _error(AgentError("internal error"), request_id)
+                log.debug(  # a no-op unless --log-level debug; scope lookups only
+                    "api_request",
+                    request_id=request_id,
+                    method=request.scope["method"],
+                    path=request.scope["path"],
+                    status=response.status_code,
+                )
                 response.headers["x-request-id"] = request_id
                 return response
 

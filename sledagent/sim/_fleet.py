@@ -4,15 +4,21 @@ Who starts it: the daemon, in its nursery, before the agent. The local zone back
 calls ``launch`` when it installs a zone (the zone's ``propolis_addr`` becomes the bound
 loopback address) and ``retire`` when it halts the zone, which stops that server (the VM
 is gone: a state monitor still waiting sees the connection close). Each server listens
-on 127.0.0.1:0 with its own ``FakePropolis`` state machine and, when the zone asks for
-it, writes the zone's Propolis log (one ``SimLogWriter`` for the whole fleet).
+on ``listen`` (default 127.0.0.1:0, any free port; with a port P, the first free port
+from P up, for hosts where only a range is open) with its own ``FakePropolis`` state
+machine and, when the zone asks for it, writes the zone's Propolis log (one
+``SimLogWriter`` for the whole fleet).
 """
 
 from __future__ import annotations
 
+import errno
+from typing import Any
+
 import attrs
 import trio
 
+from .._addr import parse_listen
 from .._local_zones import LogSpec
 from .._server import serve_api
 from ..testing._propolis import FakePropolis
@@ -29,7 +35,10 @@ class _Running:
 
 
 class SimPropolisFleet:
-    def __init__(self, *, log_interval_s: float = 0.5) -> None:
+    def __init__(self, *, log_interval_s: float = 0.5, listen: str = "127.0.0.1:0") -> None:
+        host, self._first_port = parse_listen(listen)
+        self._next_port = self._first_port
+        self._host = "" if host is None else f"[{host}]" if ":" in host else host
         self._nursery: trio.Nursery | None = None
         self._running: dict[str, _Running] = {}
         self.logs = SimLogWriter(interval_s=log_interval_s)
@@ -53,7 +62,7 @@ class SimPropolisFleet:
         if self._nursery is None:
             raise RuntimeError("SimPropolisFleet.launch() before run() started")
         vm, stop, scope = FakePropolis(None), trio.Event(), trio.CancelScope()
-        binds = await self._nursery.start(self._serve, vm, stop, scope)
+        binds = await self._start(vm, stop, scope)
         addr = str(binds[0]).removeprefix("http://")
         self._running[zone_name] = _Running(vm, addr, stop, scope)
         if logs is not None:
@@ -76,17 +85,37 @@ class SimPropolisFleet:
         if running is not None:
             running.scope.cancel()
 
+    async def _start(self, vm: FakePropolis, stop: trio.Event, scope: trio.CancelScope) -> Any:
+        assert self._nursery is not None
+        if self._first_port == 0:
+            return await self._nursery.start(self._serve, vm, stop, scope, f"{self._host}:0")
+        # The first free port from P up, starting after the last one taken (retired
+        # zones' ports come round again), so N launches do not try N ports each.
+        start = self._next_port
+        for port in [*range(start, 65536), *range(self._first_port, start)]:
+            listen = f"{self._host}:{port}"
+            try:
+                binds = await self._nursery.start(self._serve, vm, stop, scope, listen)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            self._next_port = port + 1 if port < 65535 else self._first_port
+            return binds
+        raise OSError(errno.EADDRINUSE, f"no free port from {self._first_port} up")
+
     async def _serve(
         self,
         vm: FakePropolis,
         stop: trio.Event,
         scope: trio.CancelScope,
+        listen: str,
         *,
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         with scope:
             await serve_api(
-                sim_propolis_app(vm), listen="127.0.0.1:0", shutdown=stop, task_status=task_status
+                sim_propolis_app(vm), listen=listen, shutdown=stop, task_status=task_status
             )
 
     def vm(self, zone_name: str) -> FakePropolis | None:

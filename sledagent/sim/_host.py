@@ -80,12 +80,13 @@ async def run_sim_host(
     *,
     nexus_listen: str = "127.0.0.1:0",
     fleet_listen: str = "127.0.0.1:0",
+    propolis_listen: str = "127.0.0.1:0",
     shutdown: trio.Event,
     task_status: trio.TaskStatus[tuple[str, str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the recording Nexus and the fleet until ``shutdown``; reports both URLs."""
     async with trio.open_nursery() as nursery:
-        fleet = SimPropolisFleet()
+        fleet = SimPropolisFleet(listen=propolis_listen)
         await nursery.start(fleet.run)
         nexus_url = (
             await nursery.start(
