@@ -9,6 +9,7 @@ lookup's traceback.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from urllib.parse import urlsplit
 
@@ -54,9 +55,9 @@ def parse_listen(listen: str) -> tuple[str | None, int]:
     host, sep, port_text = listen.rpartition(":")
     port = _port(port_text)
     if not sep or port is None or (host and not _host_ok(host)):
-        raise ValueError(f"expected {LISTEN_FORMAT}, got {listen!r}")
+        raise ValueError(f"expected {LISTEN_FORMAT}, got {json.dumps(listen)}")
     if host.count(":") and not host.startswith("["):
-        raise ValueError(f"expected {LISTEN_FORMAT}, got {listen!r}")
+        raise ValueError(f"expected {LISTEN_FORMAT}, got {json.dumps(listen)}")
     return (host.strip("[]") or None), port
 
 
@@ -66,9 +67,9 @@ def check_http_url(url: str) -> str:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError when out of range or not a number
     except ValueError:
-        raise ValueError(f"expected {URL_FORMAT}, got {url!r}") from None
+        raise ValueError(f"expected {URL_FORMAT}, got {json.dumps(url)}") from None
     host = parts.hostname or ""
     bracketed = f"[{host}]" if ":" in host else host
     if parts.scheme != "http" or not host or not _host_ok(bracketed) or port == 0:
-        raise ValueError(f"expected {URL_FORMAT}, got {url!r}")
+        raise ValueError(f"expected {URL_FORMAT}, got {json.dumps(url)}")
     return url

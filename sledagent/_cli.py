@@ -263,7 +263,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         status = result if isinstance(result, int) else 0
         sys.stdout.flush()
     except cyclopts.CycloptsError as exc:
-        message = " ".join(str(exc).split()).rstrip(".")
+        message = " ".join(str(exc).split())
+        if message.endswith(".") and not message.endswith("..."):
+            message = message[:-1]
         print(f"sledagent: {message} (see --help)", file=sys.stderr)
         status = EXIT_USAGE
     except BrokenPipeError:

@@ -99,7 +99,7 @@ def findings(report: dict[str, object], get_timeout_s: float) -> list[str]:
             else f"every read answered within {get_timeout_s:g} s"
         )
         lines.append(
-            f"{what}: halt->publish p99 {h['p99']:g} s; GET state p99 {g['p99']:g} s, {reads}."
+            f"{what}: halt->publish p99 {h['p99']:.3g} s; GET state p99 {g['p99']:.3g} s, {reads}."
         )
     return lines
 
@@ -151,7 +151,12 @@ async def run_demo(
         for b in bundles:
             console.print(f"  {b.zone}  {b.cause}  {b.bundle_id}", soft_wrap=True)
         # Plain print, one command per line: a terminal's wrapping never splits them.
-        print("Talk to it (Ctrl-C to stop):" if not exit_after else "Commands for a daemon:")
+        if exit_after:
+            listen_at = info.api_url.removeprefix("http://")
+            again = f"{_this_command()} run --data-dir {shlex.quote(str(data_dir))}"
+            print(f"Stopping (--exit-after). To look again: {again} --listen {listen_at}, then:")
+        else:
+            print("Talk to it (Ctrl-C to stop):")
         for line in paste_lines(info.api_url, bundles[0] if bundles else None):
             print(f"  {line}")
         if exit_after:

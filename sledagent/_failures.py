@@ -9,6 +9,8 @@ data directory cannot be created, the agent cannot be reached or refused the req
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import traceback
 from collections.abc import Iterator
@@ -73,9 +75,27 @@ def leaves(exc: BaseException) -> Iterator[BaseException]:
 
 
 def os_reason(exc: OSError) -> str:
-    """``[Errno 98] Address already in use`` -> ``address already in use``."""
-    text = exc.strerror or str(exc) or type(exc).__name__
+    """``[Errno 98] Address already in use`` -> ``address already in use`` (the errno's
+    own words: wrappers such as trio's put more in ``strerror``)."""
+    text = (os.strerror(exc.errno) if exc.errno else exc.strerror) or str(exc)
+    text = text or type(exc).__name__
     return text[:1].lower() + text[1:]
+
+
+def underlying_reason(exc: BaseException) -> str:
+    """The OS's reason under a library's wrapping (``connection refused``), if there is
+    one: trio's "all attempts to connect ... failed" keeps each attempt's error in an
+    exception group as its cause; httpx chains the transport's error."""
+    todo: list[BaseException] = [exc]
+    while todo:
+        seen = todo.pop(0)
+        if isinstance(seen, OSError) and seen.errno:
+            return os_reason(seen)
+        if isinstance(seen, BaseExceptionGroup):
+            todo.extend(seen.exceptions)
+        todo.extend(e for e in (seen.__cause__, seen.__context__) if e is not None)
+    text = str(exc) or type(exc).__name__
+    return re.sub(r"^\[Errno -?\d+\]\s*", "", text)
 
 
 def describe(exc: BaseException, *, debug: bool = False) -> tuple[list[str], int]:

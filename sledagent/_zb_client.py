@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +26,7 @@ import structlog
 import trio
 
 from ._addr import check_http_url
-from ._failures import CommandFailed, UsageError, os_reason
+from ._failures import CommandFailed, UsageError, underlying_reason
 
 log = structlog.get_logger("sledagent.zone_bundle")
 
@@ -88,17 +87,6 @@ async def resolve(target: Target) -> str:
         if await _answers(host, target.port):
             return _url_for(host, target.port)
     return _url_for(DEFAULT_HOSTS[0], target.port)  # the error will name it
-
-
-def _reason(exc: BaseException) -> str:
-    """The OS's reason under httpx's wrapping (``connection refused``), if there is one."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno:
-            return os_reason(seen)
-        seen = seen.__cause__ or seen.__context__
-    text = str(exc) or type(exc).__name__
-    return re.sub(r"^\[Errno -?\d+\]\s*", "", text)
 
 
 def _failure(response: httpx.Response, what: str) -> CommandFailed:
@@ -169,7 +157,7 @@ class AgentClient:
                 yield response
         except httpx.TransportError as exc:
             raise CommandFailed(
-                f"{what}: cannot reach the agent at {self.url}: {_reason(exc)}"
+                f"{what}: cannot reach the agent at {self.url}: {underlying_reason(exc)}"
             ) from None
 
     async def download(
@@ -213,8 +201,9 @@ class AgentClient:
                         written += len(chunk)
                         progress(written, total)
                 except httpx.TransportError as exc:
+                    reason = underlying_reason(exc)
                     raise CommandFailed(
-                        f"GET {path}: the transfer broke after {written} bytes: {_reason(exc)}"
+                        f"GET {path}: the transfer broke after {written} bytes: {reason}"
                     ) from None
                 except OSError as exc:
                     if isinstance(exc, BrokenPipeError):
