@@ -212,8 +212,8 @@ async def sim(
 ) -> int:
     """Run the simulated peers in this process: a recording Nexus and a Propolis fleet.
 
-    Prints ``nexus <url>`` and ``fleet <url>``; run an agent with ``--nexus <url>`` and,
-    in its config, ``propolis = "remote"`` and ``sim_fleet_url = "<url>"``. Stops on
+    Prints ``nexus URL`` and ``fleet URL``; run an agent with ``--nexus URL`` and, in its
+    config, ``propolis = "remote"`` and ``sim_fleet_url = "URL"`` (the fleet's). Stops on
     SIGINT/SIGTERM.
 
     Parameters

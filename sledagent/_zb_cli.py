@@ -165,9 +165,9 @@ async def get(
     zone_name
         The zone whose bundle to fetch.
     bundle_id
-        The bundle's ID, a UUID (also as the first argument after the zone, our form).
+        The bundle's ID, a UUID: --bundle-id ID (omicron's form), or after the zone name.
     output
-        The file to write (default <bundle-id>.tar.gz in this directory; - for stdout).
+        The file to write (default BUNDLE-ID.tar.gz in this directory; - for stdout).
         Written under a temporary name and renamed once complete.
     """
     check_uuid("bundle_id", bundle_id)
@@ -326,8 +326,8 @@ async def bundle_all(
     Parameters
     ----------
     output
-        The tarball to write: <zone>/<bundle-id>.tar.gz per zone (default
-        <hostname>-<local time>.tar.gz in this directory).
+        The tarball to write, with ZONE/BUNDLE-ID.tar.gz per zone (default
+        HOSTNAME-YYYY-MM-DDTHH-MM-SS.tar.gz in this directory, local time).
     verbose
         Print each bundle as it is added.
     """

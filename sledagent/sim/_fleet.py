@@ -61,8 +61,8 @@ class SimPropolisFleet:
             return self._running[zone_name].addr
         if self._nursery is None:
             raise RuntimeError("SimPropolisFleet.launch() before run() started")
-        vm, stop, scope = FakePropolis(None), trio.Event(), trio.CancelScope()
-        binds = await self._start(vm, stop, scope)
+        vm, stop = FakePropolis(None), trio.Event()
+        binds, scope = await self._start(vm, stop)
         addr = str(binds[0]).removeprefix("http://")
         self._running[zone_name] = _Running(vm, addr, stop, scope)
         if logs is not None:
@@ -85,15 +85,18 @@ class SimPropolisFleet:
         if running is not None:
             running.scope.cancel()
 
-    async def _start(self, vm: FakePropolis, stop: trio.Event, scope: trio.CancelScope) -> Any:
+    async def _start(self, vm: FakePropolis, stop: trio.Event) -> tuple[Any, trio.CancelScope]:
+        """Serve ``vm``; its bound URLs and the scope that kills its server."""
         assert self._nursery is not None
         if self._first_port == 0:
-            return await self._nursery.start(self._serve, vm, stop, scope, f"{self._host}:0")
+            scope = trio.CancelScope()
+            listen = f"{self._host}:0"
+            return await self._nursery.start(self._serve, vm, stop, scope, listen), scope
         # The first free port from P up, starting after the last one taken (retired
         # zones' ports come round again), so N launches do not try N ports each.
         start = self._next_port
         for port in [*range(start, 65536), *range(self._first_port, start)]:
-            listen = f"{self._host}:{port}"
+            listen, scope = f"{self._host}:{port}", trio.CancelScope()  # one per attempt
             try:
                 binds = await self._nursery.start(self._serve, vm, stop, scope, listen)
             except OSError as exc:
@@ -101,7 +104,7 @@ class SimPropolisFleet:
                     raise
                 continue
             self._next_port = port + 1 if port < 65535 else self._first_port
-            return binds
+            return binds, scope
         raise OSError(errno.EADDRINUSE, f"no free port from {self._first_port} up")
 
     async def _serve(
@@ -117,6 +120,10 @@ class SimPropolisFleet:
             await serve_api(
                 sim_propolis_app(vm), listen=listen, shutdown=stop, task_status=task_status
             )
+
+    def addresses(self) -> dict[str, str]:
+        """Each running zone's Propolis address (``host:port``)."""
+        return {name: running.addr for name, running in self._running.items()}
 
     def vm(self, zone_name: str) -> FakePropolis | None:
         """The state machine behind a zone's Propolis (to act as its guest)."""
