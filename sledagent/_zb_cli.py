@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import cyclopts
+import trio
 from rich.console import Console
 
-from ._bundle_all import bundle_all_zones, default_output
+from ._bundle_all import bundle_all_zones, bundle_zone, default_output, download_progress
 from ._failures import UsageError
 from ._log import configure_logging
 from ._zb_client import DEFAULT_PORT, AgentClient, Target, check_uuid, resolve
@@ -174,10 +175,10 @@ async def get(
     to_stdout = output == Path("-")
     target = None if to_stdout else (output or Path(f"{bundle_id}.tar.gz"))
     if target is not None:
-        _check_output(target)
+        await trio.to_thread.run_sync(_check_output, target)
     console = Console(stderr=True)
     async with _agent() as agent:
-        with _progress(console, f"{zone_name}/{bundle_id}") as progress:
+        with download_progress(console, f"{zone_name}/{bundle_id}") as progress:
             written = await agent.download(
                 f"/zones/bundles/{zone_name}/{bundle_id}", target, progress
             )
@@ -304,8 +305,6 @@ async def create(zone_name: str) -> None:
     zone_name
         A live zone (see list-zones).
     """
-    from ._bundle_all import bundle_zone
-
     async with _agent() as agent:
         meta = await bundle_zone(agent, zone_name, Console(stderr=True))
     print(f"{zone_name}  {meta['id']['bundle_id']}")
@@ -332,7 +331,7 @@ async def bundle_all(
         Print each bundle as it is added.
     """
     target = output or default_output()
-    _check_output(target)
+    await trio.to_thread.run_sync(_check_output, target)
     async with _agent() as agent:
         report = await bundle_all_zones(agent, target, Console(stderr=True), verbose=verbose)
     for zone, reason in report.skipped.items():
@@ -341,12 +340,6 @@ async def bundle_all(
         print(f"sledagent: {zone}: not bundled: {reason}", file=sys.stderr)
     print(f"{target}: {len(report.added)} bundles", file=sys.stderr)
     return 1 if report.failed else 0
-
-
-def _progress(console: Console, what: str) -> Any:
-    from ._bundle_all import download_progress
-
-    return download_progress(console, what)
 
 
 __all__ = ["zone_bundle"]
