@@ -19,6 +19,7 @@ from typing import Annotated, Literal, NoReturn
 import cyclopts
 import structlog
 import trio
+from rich.console import Console
 
 from ._addr import LISTEN_FORMAT, parse_listen
 from ._bench_cli import bench
@@ -253,12 +254,23 @@ def _quiet_stdout() -> None:
     os.close(devnull)
 
 
+class _Console(Console):
+    """rich's console exits 1 when stdout's reader leaves; we exit as a Unix tool does."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The ``sledagent`` entry point: exits with the command's status."""
     tokens = list(sys.argv[1:] if argv is None else argv)
     try:
         result = app.meta(
-            tokens, exit_on_error=False, print_error=False, result_action="return_value"
+            tokens,
+            console=_Console(),
+            exit_on_error=False,
+            print_error=False,
+            result_action="return_value",
         )
         status = result if isinstance(result, int) else 0
         sys.stdout.flush()

@@ -42,7 +42,7 @@ class ConfigError(OperatorError, ValueError):
         self.problems = list(problems)
 
 
-class UsageError(OperatorError):
+class UsageError(OperatorError, ValueError):
     """A command-line value the command cannot use (exit status 2)."""
 
     exit_status = EXIT_USAGE

@@ -67,6 +67,8 @@ CASES = [
     Case(("zone-bundle", "set-context", "--period", "10s"), 'sledagent: --period: expected a duration from 60 s to 86400 s (600, 10m, 1h), got "10s"', 2),
     Case(("zone-bundle", "set-context", "--priority", "time,time"), 'sledagent: --priority: expected time,cause or cause,time (each once, most important first), got "time,time"', 2),
     Case(("zone-bundle", "set-context", "--storage-limit", "90"), "sledagent: --storage-limit: expected a percentage of the quota from 1 to 50, got 90", 2),
+    Case(("bench", "mass-stop", "--vmms", "0"), "sledagent: --vmms must be >= 1", 2),
+    Case(("demo", "--vmms", "0"), "sledagent: demo: --vmms must be >= 1, --bundle-s > 0 and --log-mb >= 0", 2),
     Case(("zone-bundle", "frobnicate"), 'sledagent: Unknown command "frobnicate". Available commands: list-zones, list, ls, get, delete, del, rm, cleanup-context, ... (see --help)', 2),
 ]  # fmt: skip
 
@@ -119,7 +121,7 @@ def test_bad_flags_and_configs_exit_with_one_line_naming_the_problem(
 async def test_the_cli_process_prints_the_one_line_and_exits_with_its_status(
     tmp_path: Path,
 ) -> None:
-    picked = [0, 6, 8, 15, 22, 29, 33]  # flags, cyclopts, config file, host, zone-bundle
+    picked = [0, 6, 8, 15, 22, 29, 33]  # flags, cyclopts, config file, host, zone-bundle, bench
     seen: dict[int, tuple[int, str, str]] = {}
 
     async def one(i: int) -> None:
