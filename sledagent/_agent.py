@@ -200,6 +200,34 @@ class SledAgent:
         await self.notifier.wait_idle()
 
 
+_DRAIN_REPORT_S = 5.0
+
+
+async def _report_drain(agent: SledAgent, deadline_s: float) -> None:
+    """While shutdown drains, say what it waits for: at once, then every few seconds
+    (a Nexus that is down otherwise means ``shutdown_drain_s`` of silence)."""
+    start = trio.current_time()
+    while True:
+        zones, states = agent.reaper.backlog, agent.notifier.statistics().pending
+        if zones == 0 and states == 0:
+            return
+        left = round(deadline_s - (trio.current_time() - start), 1)
+        nexus_error = agent.notifier.last_error
+        if states and nexus_error is not None:
+            log.warning(
+                "shutdown_waiting_for_nexus",
+                states_pending=states,
+                zones_left=zones,
+                last_error=nexus_error,
+                gives_up_in_s=left,
+            )
+        else:
+            log.info(
+                "shutdown_draining", zones_left=zones, states_pending=states, gives_up_in_s=left
+            )
+        await trio.sleep(_DRAIN_REPORT_S)
+
+
 @asynccontextmanager
 async def open_sled_agent(
     config: AgentConfig,
@@ -232,7 +260,10 @@ async def open_sled_agent(
         finally:
             agent.manager.stop_accepting()
             with trio.move_on_after(config.shutdown_drain_s, shield=True) as scope:
-                await agent.drain()
+                async with trio.open_nursery() as reporting:
+                    reporting.start_soon(_report_drain, agent, config.shutdown_drain_s)
+                    await agent.drain()
+                    reporting.cancel_scope.cancel()
             if scope.cancelled_caught:
                 log.warning(
                     "shutdown_drain_timeout",

@@ -11,6 +11,7 @@ spec): explicit bundle jobs, the reaper's holdings, and the bundle quarantine.
 from __future__ import annotations
 
 import hmac
+import logging
 import random
 import re
 import uuid
@@ -139,6 +140,12 @@ def _confined(paths: tuple[str, ...], roots: list[Path]) -> Path | None:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+def _debug_enabled() -> bool:
+    bound = log.bind()
+    check = getattr(bound, "is_enabled_for", None)
+    return True if check is None else bool(check(logging.DEBUG))
+
+
 def build_app(agent: SledAgent, *, token: str | None = None) -> _Api:
     """The sled-agent API over ``agent``; with ``token``, every route but ``/metrics``
     requires ``Authorization: Bearer <token>`` (compared in constant time)."""
@@ -146,6 +153,10 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> _Api:
     expected = f"Bearer {token}".encode() if token else None
     metrics_registry = registry_for(agent)
     roots: list[Path] = list(getattr(agent.host.store, "debug_dirs", []))
+    # Decided once (logging is configured before the app is built): a filtered-out
+    # structlog call through the module's lazy proxy still costs microseconds, and this
+    # runs on every request of the agent's one trio thread.
+    debug_requests = _debug_enabled()
 
     def route(path: str, methods: list[str], *, public: bool = False) -> Callable[[Handler], Route]:
         def wrap(handler: Handler) -> Route:
@@ -158,10 +169,33 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> _Api:
                             raise Unauthorized("missing or wrong bearer token")
                     response = await handler(request)
                 except AgentError as exc:
+                    # Every error answer is in the log under the id the client was given.
+                    (log.warning if exc.status >= 500 else log.info)(
+                        "api_refused",
+                        request_id=request_id,
+                        method=request.method,
+                        path=request.url.path,
+                        status=exc.status,
+                        error_code=exc.error_code,
+                        message=exc.message,
+                    )
                     return _error(exc, request_id)
                 except Exception:  # a bug: logged with its request id, never a traceback
-                    log.exception("api_error", request_id=request_id, path=request.url.path)
+                    log.exception(
+                        "api_error",
+                        request_id=request_id,
+                        method=request.method,
+                        path=request.url.path,
+                    )
                     return _error(AgentError("internal error"), request_id)
+                if debug_requests:
+                    log.debug(
+                        "api_request",
+                        request_id=request_id,
+                        method=request.scope["method"],
+                        path=request.scope["path"],
+                        status=response.status_code,
+                    )
                 response.headers["x-request-id"] = request_id
                 return response
 

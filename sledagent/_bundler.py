@@ -35,6 +35,7 @@ from ._host import (
     ZoneBackend,
     ZoneCommand,
 )
+from ._stats import ZONE_HELD_BUCKETS, Histogram
 from ._wire import ZoneBundleCause, ZoneBundleId, ZoneBundleMetadata, utcnow
 
 _RECOVERED_NOTE = (
@@ -100,6 +101,8 @@ class ZoneBundler:
         self._created = 0
         self._failed = 0
         self._held: list[float] = []
+        #: Every phase 1's duration since start (``sledagent_zone_held_seconds``).
+        self.zone_held = Histogram(ZONE_HELD_BUCKETS)
         self._archive_busy_s = 0.0
         self._archive_input_bytes = 0
 
@@ -217,6 +220,7 @@ class ZoneBundler:
             snapshot = await self._backend.snapshot(zone, bundle_id)
             held = trio.current_time() - t0
         self._held.append(held)
+        self.zone_held.observe(held)
         if len(self._held) > self._HELD_SAMPLES:
             del self._held[: len(self._held) - self._HELD_SAMPLES]
         bound.info("zone_released", held_s=round(held, 4), files=len(snapshot.files))

@@ -1,41 +1,77 @@
-"""The ``sledagent`` command line (cyclopts, trio backend)."""
+"""The ``sledagent`` command line (cyclopts, trio backend).
+
+Failures reach the operator as one line each on stderr, ``sledagent: <what is wrong>``,
+with an exit status (``_failures``): 2 for a bad flag or config, 1 for a runtime
+failure; ``--debug`` (anywhere on the line) adds the traceback of an unexpected error.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, NoReturn
 
-import attrs
 import cyclopts
+import structlog
 import trio
 from rich.console import Console
 
-from ._bench_cli import bench, policy_table
-from ._config import TerminationPolicy
-from ._daemon import ConfigError, DaemonConfig, load_config, run_daemon
-from ._datadir import StartupError
-from ._demo import demo_config, drive_scenario
-from ._journal import JournalError
+from ._addr import LISTEN_FORMAT, parse_listen
+from ._bench_cli import bench
+from ._daemon import load_config, run_daemon
+from ._failures import EXIT_BROKEN_PIPE, EXIT_USAGE, UsageError, describe
 from ._log import configure_logging
 from ._zb_cli import zone_bundle
-from .bench._mass_stop import MassStopParams, run_mass_stop
 from .sim._host import run_sim_host
+
+log = structlog.get_logger("sledagent.cli")
 
 app = cyclopts.App(
     name="sledagent",
     help=(
         "A host agent that runs the lifecycle of the VMs on one sled and collects their "
         "diagnostics. It publishes a VMM's halt to Nexus at once and hands the VMM's zone "
-        "to a reaper that bundles and tears it down apart from the VMM's runner."
+        "to a reaper that bundles and tears it down apart from the VMM's runner.\n\n"
+        "Exit status: 0 done, 1 a runtime failure, 2 a bad flag or config."
     ),
     backend="trio",
 )
 app.command(bench)
-app.command(zone_bundle)
+app.command(zone_bundle.meta, name="zone-bundle")
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+_NO_NEGATIVE = cyclopts.Parameter(negative="", show_default=False)
+
+
+@app.meta.default
+async def _launcher(
+    *tokens: Annotated[str, cyclopts.Parameter(show=False, allow_leading_hyphen=True)],
+    debug: Annotated[bool, _NO_NEGATIVE] = False,
+) -> int:
+    """Run a command; turn what it raises into one line per problem and an exit status.
+
+    Parameters
+    ----------
+    debug
+        On an unexpected error, print its traceback as well.
+    """
+    try:
+        result = await app.run_async(
+            tokens, exit_on_error=False, print_error=False, result_action="return_value"
+        )
+    except cyclopts.CycloptsError:
+        raise  # a usage error: main() prints it
+    except Exception as exc:  # the operator's view of any failure
+        lines, status = describe(exc, debug=debug)
+        for line in lines:
+            print(f"sledagent: {line}", file=sys.stderr)
+        return status
+    return result if isinstance(result, int) else 0
 
 
 @asynccontextmanager
@@ -64,7 +100,7 @@ async def demo(
     data_dir: Path = Path("demo-data"),
     listen: str = "127.0.0.1:12345",
     log_mb: float = 2,
-    exit_after: Annotated[bool, cyclopts.Parameter(negative="")] = False,
+    exit_after: Annotated[bool, _NO_NEGATIVE] = False,
 ) -> int:
     """Show the agent at work, in two parts.
 
@@ -80,58 +116,34 @@ async def demo(
     Parameters
     ----------
     vmms
-        Number of VMMs to halt at once in part 1.
+        Number of VMMs to halt at once in part 1 (>= 1).
     bundle_s
-        Simulated duration of one bundle in part 1.
+        Simulated duration of one bundle in part 1, in seconds (> 0).
     data_dir
         Where the daemon keeps zones and bundles.
     listen
-        Address of the daemon's API (if taken, a free port is used).
+        Address of the daemon's API, host:port (if the port is taken, a free one is used).
     log_mb
-        MB of logs seeded in each zone of part 2.
+        MiB of logs seeded in each zone of part 2 (>= 0).
     exit_after
-        Stop the daemon after the scenario instead of waiting for Ctrl-C.
+        Stop the daemon once the scenario is done instead of serving until Ctrl-C.
     """
-    configure_logging(json=False, level="error")
-    console = Console()
-    params = MassStopParams(vmms=vmms, command_s=bundle_s / 2, copy_s=bundle_s / 2)
-    console.print(
-        f"[bold]1.[/] {vmms} VMMs on the fake host halt at once, bundles of {bundle_s:g} s "
-        "each; first with the reaper, then inline (omicron)..."
-    )
-    report = await run_mass_stop([TerminationPolicy.REAPER, TerminationPolicy.INLINE], params)
-    console.print(policy_table(report, f"{vmms} VMMs halting at once"))
-    console.print(f"inline / reaper, halt->publish p99: {report.get('ratios')}")
-    console.print(
-        "reaper: each halt reaches Nexus at once and reads never wait; zones are bundled "
-        "and torn down behind it.\ninline (omicron): each halt waits for its own bundle, "
-        "and every bundle waits for the host-wide lock, so reads time out.\n"
-    )
-    data_dir = Path(await trio.Path(data_dir).resolve())
+    from ._demo import run_demo  # the benchmark and the scenario: only for this command
+
+    if vmms < 1 or bundle_s <= 0 or log_mb < 0:
+        raise UsageError("demo: --vmms must be >= 1, --bundle-s > 0 and --log-mb >= 0")
+    _check_listen("--listen", listen)
     shutdown = trio.Event()
-    async with _shutdown_on_signals(shutdown), trio.open_nursery() as nursery:
-        try:
-            info = await nursery.start(run_daemon, demo_config(data_dir, listen, log_mb), shutdown)
-        except OSError:  # the default port is taken: any free one will do
-            info = await nursery.start(
-                run_daemon, demo_config(data_dir, "127.0.0.1:0", log_mb), shutdown
-            )
-        console.print(f"[bold]2.[/] The daemon listens on {info.api_url}; driving three VMMs...")
-        bundles = await drive_scenario(info, vmms=3)
-        console.print(f"bundles of the three VMMs (files under {data_dir}/debug/):")
-        for b in bundles:
-            console.print(f"  {b.zone}  {b.cause}  {b.bundle_id}", soft_wrap=True)
-        u = info.api_url
-        console.print(
-            "Talk to it (Ctrl-C to stop):\n"
-            f"  curl {u}/zones/bundles\n"
-            f"  curl -o b.tar.gz {u}/zones/bundles/<zone>/<bundle id> && tar -tzvf b.tar.gz\n"
-            f"  curl {u}/zones/bundle-cleanup/utilization\n"
-            f"  .venv/bin/sledagent --help"
+    async with _shutdown_on_signals(shutdown):
+        await run_demo(
+            vmms=vmms,
+            bundle_s=bundle_s,
+            data_dir=data_dir,
+            listen=listen,
+            log_mb=log_mb,
+            exit_after=exit_after,
+            shutdown=shutdown,
         )
-        if exit_after:
-            shutdown.set()
-        await shutdown.wait()
     return 0
 
 
@@ -142,55 +154,54 @@ async def run(
     listen: str | None = None,
     data_dir: Path | None = None,
     nexus: str | None = None,
+    log_level: LogLevel = "info",
 ) -> int:
     """Run the agent daemon until SIGINT/SIGTERM.
 
     With no ``--nexus``, a recording Nexus runs in this process (the embedded default);
     zones are local, each with a simulated Propolis. On a signal the API stops, the
     reaper drains within ``shutdown_drain_s`` and the process exits 0; what is left is
-    picked up by the next start.
+    picked up by the next start. A bad flag or config exits 2, one line per problem; a
+    failure to start (the port in use, a data directory that cannot be created) exits 1.
 
     Parameters
     ----------
     config
         TOML file (docs/operations.md lists every key); flags override it.
     listen
-        Address of the API (default 127.0.0.1:12345; port 0 picks a free one).
+        Address of the API, host:port (default 127.0.0.1:12345; port 0 picks a free one;
+        IPv6 as [::1]:12345).
     data_dir
-        Where zones, snapshots, bundles and the cleanup context live.
+        Where zones, snapshots, bundles and the cleanup context live (created if missing).
     nexus
-        Base URL of Nexus's internal API.
+        Base URL of Nexus's internal API, http://host:port (default: a recording Nexus
+        in this process).
+    log_level
+        Least severe log lines written to stderr (debug adds one line per API request).
     """
-    configure_logging()
-    try:
-        cfg = (
-            await trio.to_thread.run_sync(load_config, config)
-            if config is not None
-            else DaemonConfig()
-        )
-    except ConfigError as exc:
-        print(f"sledagent: {exc}", file=sys.stderr)
-        return 2
-    overrides: dict[str, object] = {}
-    if listen is not None:
-        overrides["listen"] = listen
-    if data_dir is not None:
-        overrides["data_dir"] = data_dir
-    if nexus is not None:
-        overrides["nexus_url"] = nexus
-    cfg = attrs.evolve(cfg, **overrides)  # type: ignore[arg-type]
+    configure_logging(level=log_level)
+    flags = {"listen": listen, "data_dir": data_dir, "nexus_url": nexus}
+    cfg = await trio.to_thread.run_sync(partial(load_config, config, flags=flags))
     shutdown = trio.Event()
-    failures: list[str] = []
+    serving = False
     try:
         async with _shutdown_on_signals(shutdown), trio.open_nursery() as nursery:
             info = await nursery.start(run_daemon, cfg, shutdown)
+            serving = True
             print(f"sledagent listening on {info.api_url} (Nexus: {info.nexus_url})", flush=True)
             await shutdown.wait()
-    except* (StartupError, JournalError) as group:
-        failures = [str(e) for e in _leaves(group)]
-    for line in failures:
-        print(f"sledagent: {line}", file=sys.stderr)
-    return 1 if failures else 0
+    except Exception:
+        if serving:  # a crash while serving: the traceback belongs in the log
+            log.exception("daemon_failed")
+        raise
+    return 0
+
+
+def _check_listen(flag: str, listen: str) -> None:
+    try:
+        parse_listen(listen)
+    except ValueError:
+        raise UsageError(f"{flag}: expected {LISTEN_FORMAT}, got {listen!r}") from None
 
 
 @app.command
@@ -198,21 +209,25 @@ async def sim(
     *,
     nexus_listen: str = "127.0.0.1:0",
     fleet_listen: str = "127.0.0.1:0",
+    propolis_listen: str = "127.0.0.1:0",
     state_file: Path | None = None,
     idle_exit_s: float | None = None,
 ) -> int:
     """Run the simulated peers in this process: a recording Nexus and a Propolis fleet.
 
-    Prints ``nexus <url>`` and ``fleet <url>``; run an agent with ``--nexus <url>`` and,
-    in its config, ``propolis = "remote"`` and ``sim_fleet_url = "<url>"``. Stops on
+    Prints ``nexus URL`` and ``fleet URL``; run an agent with ``--nexus URL`` and, in its
+    config, ``propolis = "remote"`` and ``sim_fleet_url = "URL"`` (the fleet's). Stops on
     SIGINT/SIGTERM.
 
     Parameters
     ----------
     nexus_listen
-        Address of the recording Nexus.
+        Address of the recording Nexus, host:port (port 0: any free one).
     fleet_listen
-        Address of the fleet controller.
+        Address of the fleet controller, host:port (port 0: any free one).
+    propolis_listen
+        Address of each simulated Propolis, host:port: port 0, any free one; another
+        port P, the first free one from P up (one per zone).
     state_file
         Write ``{"pid", "nexus_url", "fleet_url"}`` here once serving (an agent's
         embedded default finds its simulated host so; removed at exit).
@@ -220,26 +235,63 @@ async def sim(
         Exit once no simulated Propolis has run and no agent renewed its lease for this
         many seconds (default: run until a signal).
     """
+    for flag, value in (
+        ("--nexus-listen", nexus_listen),
+        ("--fleet-listen", fleet_listen),
+        ("--propolis-listen", propolis_listen),
+    ):
+        _check_listen(flag, value)
     configure_logging(level="warning")
     shutdown = trio.Event()
     async with _shutdown_on_signals(shutdown), trio.open_nursery() as nursery:
         nexus_url, fleet_url = await nursery.start(
             lambda task_status: run_sim_host(
                 nexus_listen=nexus_listen, fleet_listen=fleet_listen,
-                shutdown=shutdown, state_file=state_file, idle_exit_s=idle_exit_s,
-                task_status=task_status,
+                propolis_listen=propolis_listen, shutdown=shutdown,
+                state_file=state_file, idle_exit_s=idle_exit_s, task_status=task_status,
             )
         )  # fmt: skip
         print(f"nexus {nexus_url}\nfleet {fleet_url}", flush=True)
     return 0
 
 
-def _leaves(error: BaseException) -> list[BaseException]:
-    """The exceptions inside (nested) exception groups."""
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for e in error.exceptions for leaf in _leaves(e)]
-    return [error]
+def _quiet_stdout() -> None:
+    """stdout's reader left (``| head``): drop whatever is still buffered, silently."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
-def main() -> None:
-    app(result_action="sys_exit")
+class _Console(Console):
+    """rich's console exits 1 when stdout's reader leaves; we exit as a Unix tool does."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``sledagent`` entry point: exits with the command's status."""
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = app.meta(
+            tokens,
+            console=_Console(),
+            exit_on_error=False,
+            print_error=False,
+            result_action="return_value",
+        )
+        status = result if isinstance(result, int) else 0
+        sys.stdout.flush()
+    except cyclopts.CycloptsError as exc:
+        message = " ".join(str(exc).split())
+        if message.endswith(".") and not message.endswith("..."):
+            message = message[:-1]
+        print(f"sledagent: {message} (see --help)", file=sys.stderr)
+        status = EXIT_USAGE
+    except BrokenPipeError:
+        status = EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        status = 128 + signal.SIGINT
+    if status == EXIT_BROKEN_PIPE:
+        _quiet_stdout()
+    sys.exit(status)

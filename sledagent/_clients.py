@@ -62,8 +62,8 @@ async def _send(
         response = await pool.request(
             method, target, body, headers=_JSON, timeout_s=timeout_s, parse_gate=parse_gate
         )
-    except ConnectionFailed as exc:  # refused, reset, timed out: no answer
-        raise PeerError(f"{method} {pool.base_url}{target}: {exc}") from exc
+    except ConnectionFailed as exc:  # refused, reset, timed out: no answer (it names the request)
+        raise PeerError(str(exc)) from exc
     if response.status in expect:
         return response
     code, peer_message = error_fields(response)

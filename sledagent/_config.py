@@ -27,17 +27,13 @@ class TerminationPolicy(enum.StrEnum):
     INLINE = "inline"
 
 
-def _positive(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"config `{attribute.name}` must be > 0, got {value!r}")
+# attrs' number validators, not closures: the config schema reads their bounds to say
+# what a key accepts (``agent.max_zones: expected an integer >= 1, got 0``).
+_positive = v.gt(0.0)
 
 
 def _at_least(minimum: int) -> Any:
-    def check(_: Any, attribute: attrs.Attribute[Any], value: int) -> None:
-        if value < minimum:
-            raise ValueError(f"config `{attribute.name}` must be >= {minimum}, got {value!r}")
-
-    return check
+    return v.ge(minimum)
 
 
 @attrs.frozen(kw_only=True)
@@ -49,9 +45,7 @@ class BackoffPolicy:
 
     def __attrs_post_init__(self) -> None:
         if self.max_s < self.initial_s:
-            raise ValueError(
-                f"backoff `max_s` ({self.max_s}) must be >= `initial_s` ({self.initial_s})"
-            )
+            raise ValueError(f"max_s ({self.max_s:g}) must be >= initial_s ({self.initial_s:g})")
 
     def delays(self) -> Any:
         """An endless iterator of delays: initial, 2x, 4x, ... capped at max."""

@@ -1,24 +1,24 @@
 """The daemon: the agent on the embedded default, served over HTTP.
 
 Embedded default: local zones under ``data_dir``, each with a simulated Propolis served
-in this process (``propolis = "sim"``; ``"external"`` attaches to the address each VMM is
-registered with), tar.gz bundles in ``data_dir/debug``, and, with no ``nexus_url``, a
-recording Nexus in this process. Configuration is one TOML file, validated at start
-(unknown keys and bad values are refused with the key's name); flags override it.
+by a ``sledagent sim`` process that outlives the agent (``propolis = "sim"``; its
+recording Nexus too when there is no ``nexus_url``; ``"external"`` attaches to the
+address each VMM is registered with), tar.gz bundles in ``data_dir/debug``.
+Configuration is one TOML file, validated at start (``_daemon_config``); flags
+override it.
 
 Shutdown (``shutdown`` set, e.g. by SIGINT/SIGTERM): the API stops accepting, the agent
 drains its reaper and notifier within ``shutdown_drain_s`` under a shielded scope, then
-everything is cancelled; zones left behind are swept by the next start.
+everything is cancelled; live VMMs, their zones and Propolis stay as they are for the
+next start to take back (``_readopt``).
 """
 
 from __future__ import annotations
 
 import gc
 import os
-import tomllib
 import uuid
 from pathlib import Path
-from typing import Any, Literal
 
 import attrs
 import structlog
@@ -30,14 +30,20 @@ from ._archive import TarArchiver
 from ._archive_procs import ProcessArchiver
 from ._bundle_store import DiskBundleStore
 from ._clients import HttpNexusClient, HttpPropolisConnector
-from ._config import AgentConfig, BackoffPolicy
-from ._datadir import StartupError, hold_data_dir, host_rebooted, sled_id_of
+from ._daemon_config import ConfigError as ConfigError
+from ._daemon_config import DaemonConfig as DaemonConfig
+from ._daemon_config import config_from_toml as config_from_toml
+from ._daemon_config import load_config as load_config
+from ._datadir import hold_data_dir, host_rebooted, sled_id_of
+from ._failures import ListenError, StartupError
 from ._h1client import H1Pool
 from ._host import ZoneBackend
+from ._http import ASGIApp
 from ._illumos import IllumosConfig, IllumosZoneBackend, require_tools
 from ._journal import StateJournal
 from ._local_zones import LocalZoneBackend, LocalZonesConfig, PropolisLauncher
-from ._server import DEFAULT_LISTEN, serve_api
+from ._preflight import listen_reason, prepare_host
+from ._server import serve_api
 from .sim._fleet import SimPropolisFleet
 from .sim._host import RemoteFleetLauncher
 from .sim._nexus import recording_nexus_app
@@ -54,104 +60,6 @@ log = structlog.get_logger("sledagent.daemon")
 TOKEN_ENV = "SLEDAGENT_TOKEN"
 #: The write-ahead journal in the data directory (SQLite).
 JOURNAL_NAME = "journal.sqlite3"
-
-
-class ConfigError(ValueError):
-    """The configuration file or flags are invalid; the message names the key."""
-
-
-@attrs.frozen(kw_only=True)
-class DaemonConfig:
-    listen: str = DEFAULT_LISTEN
-    data_dir: Path = attrs.field(default=Path("sledagent-data"), converter=Path)
-    #: Nexus's base URL; unset: a recording Nexus runs in this process.
-    nexus_url: str | None = None
-    #: Bearer token required by every route but /metrics (also from $SLEDAGENT_TOKEN).
-    token: str | None = None
-    #: ``sim``: a simulated Propolis per zone, in a ``sledagent sim`` process of its own
-    #: that outlives the agent (found again at the next start; it also runs the recording
-    #: Nexus when ``nexus_url`` is unset); ``sim-inprocess``: the same in this process (they
-    #: die with it; benchmarks); ``remote``: launched by the ``sledagent sim`` process at
-    #: ``sim_fleet_url``; ``external``: already listening at each VMM's registered address.
-    propolis: Literal["sim", "sim-inprocess", "remote", "external"] = "sim"
-    #: ``local``: zones as directory trees under data_dir (any host); ``illumos``: real
-    #: zones, SMF and ZFS (needs zoneadm, zonecfg, zlogin, zfs; Propolis is external).
-    backend: Literal["local", "illumos"] = "local"
-    #: illumos: where zones live and their parent dataset.
-    zone_root: Path = attrs.field(default=Path("/zone"), converter=Path)
-    zone_dataset: str = "rpool/zone"
-    #: illumos: the dataset of the debug directories; its ZFS quota (``zfs list -Hpo
-    #: quota,avail``) is the bundle quota unless ``bundle_quota_bytes`` is set.
-    debug_dataset: str | None = None
-    sim_fleet_url: str | None = None
-    #: Debug directories for bundles (one per M.2 on a real sled); default data_dir/debug.
-    debug_dirs: tuple[Path, ...] = ()
-    bundle_quota_bytes: int | None = None
-    max_bundle_file_mb: int = 64
-    #: Where bundles are compressed: ``process`` (worker processes, one per phase-2 slot,
-    #: off the agent's GIL) or ``thread`` (worker threads of the agent's process).
-    archive_in: Literal["process", "thread"] = "process"
-    #: Each zone's log writer (bytes/s) and the log volume seeded at zone install.
-    log_rate_bps: int = 2048
-    seed_log_mb: float = 0.0
-    #: Where seeded logs are generated once and hard-linked from (benchmarks).
-    seed_cache: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
-    agent: AgentConfig = attrs.field(factory=AgentConfig)
-
-    def __attrs_post_init__(self) -> None:
-        if self.propolis == "remote" and not self.sim_fleet_url:
-            raise ConfigError('propolis = "remote" needs sim_fleet_url')
-        if self.archive_in not in ("process", "thread"):
-            raise ConfigError(f'archive_in must be "process" or "thread", not {self.archive_in!r}')
-        if self.backend not in ("local", "illumos"):
-            raise ConfigError(f'backend must be "local" or "illumos", not {self.backend!r}')
-        if self.backend == "illumos" and self.propolis != "external":
-            raise ConfigError(
-                'backend = "illumos" runs each zone\'s own Propolis: set propolis = "external"'
-            )
-
-    def bundle_dirs(self) -> list[Path]:
-        return list(self.debug_dirs) or [self.data_dir / "debug"]
-
-
-def _checked(table: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key{'s' if len(unknown) > 1 else ''} in {where}: {unknown}"
-        )
-
-
-def config_from_toml(text: str, *, source: str = "config") -> DaemonConfig:
-    """Parse and validate a TOML config (see docs/operations.md for every key)."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    top = {f.name for f in attrs.fields(DaemonConfig)}
-    _checked(doc, top, source)
-    agent_table = doc.pop("agent", {})
-    if not isinstance(agent_table, dict):
-        raise ConfigError(f"{source}: [agent] must be a table")
-    _checked(agent_table, {f.name for f in attrs.fields(AgentConfig)}, f"{source} [agent]")
-    try:
-        for key in ("nexus_backoff", "monitor_backoff", "reaper_backoff"):
-            if key in agent_table:
-                agent_table[key] = BackoffPolicy(**agent_table[key])
-        agent = AgentConfig(**agent_table)
-        if "debug_dirs" in doc:
-            doc["debug_dirs"] = tuple(Path(d) for d in doc["debug_dirs"])
-        return DaemonConfig(agent=agent, **doc)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-
-
-def load_config(path: Path) -> DaemonConfig:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from None
-    return config_from_toml(text, source=str(path))
 
 
 def archiver_for(config: DaemonConfig, dirs: list[Path]) -> TarArchiver | ProcessArchiver:
@@ -174,6 +82,24 @@ def _freeze_startup_heap() -> None:
     so that nothing already unreachable is kept forever."""
     gc.collect()
     gc.freeze()
+
+
+async def _start_server(
+    nursery: trio.Nursery, app: ASGIApp, listen: str, shutdown: trio.Event
+) -> str:
+    """Serve ``app`` in ``nursery``; its URL. A failure to bind is ``ListenError``."""
+    try:
+        binds = await nursery.start(
+            lambda task_status: serve_api(
+                app,
+                listen=listen,
+                shutdown=shutdown,
+                task_status=task_status,
+            )
+        )
+    except OSError as exc:  # raised before serving: nothing else to unwind
+        raise ListenError(listen, listen_reason(exc)) from None
+    return str(binds[0])
 
 
 @attrs.frozen
@@ -202,6 +128,7 @@ async def run_daemon(
             require_tools()
         except RuntimeError as exc:
             raise ConfigError(str(exc)) from None
+    await trio.to_thread.run_sync(prepare_host, config)  # before anything touches the host
     async with trio.open_nursery() as nursery:
         servers_stop = trio.Event()
         async with hold_data_dir(config.data_dir):
@@ -246,7 +173,11 @@ async def _peers(config: DaemonConfig, nursery: trio.Nursery, stop: trio.Event) 
     sim_host: SimHost | None = None
     if config.propolis == "sim":
         try:
-            sim_host = await attach_sim_host(config.data_dir)
+            sim_host = await attach_sim_host(
+                config.data_dir,
+                nexus_listen=config.nexus_listen,
+                propolis_listen=config.sim_propolis_listen,
+            )
         except SimHostError as exc:
             raise StartupError(str(exc)) from None
         nursery.start_soon(renew_lease, sim_host)
@@ -257,7 +188,7 @@ async def _peers(config: DaemonConfig, nursery: trio.Nursery, stop: trio.Event) 
         await nursery.start(remote.run)
         launcher = remote
     elif config.propolis == "sim-inprocess":
-        fleet = SimPropolisFleet()
+        fleet = SimPropolisFleet(listen=config.sim_propolis_listen)
         await nursery.start(fleet.run)
         launcher = fleet
     elif config.propolis == "remote":
@@ -271,15 +202,9 @@ async def _peers(config: DaemonConfig, nursery: trio.Nursery, stop: trio.Event) 
         launcher = remote
     if nexus_url is None:
         in_process = FakeNexus()
-        binds = await nursery.start(
-            lambda task_status: serve_api(
-                recording_nexus_app(in_process),
-                listen="127.0.0.1:0",
-                shutdown=stop,
-                task_status=task_status,
-            )
-        )
-        nexus_url, recording = str(binds[0]), in_process
+        app = recording_nexus_app(in_process)
+        nexus_url = await _start_server(nursery, app, config.nexus_listen, stop)
+        recording = in_process
     return _Peers(nexus_url, recording, fleet, launcher, sim_host)
 
 
@@ -344,15 +269,8 @@ async def _serve_agent(
             config.agent, host, sled_id=sled_id, host_rebooted=rebooted
         ) as agent:
             api_stop = trio.Event()
-            binds = await nursery.start(
-                lambda task_status: serve_api(
-                    build_app(agent, token=token),
-                    listen=config.listen,
-                    shutdown=api_stop,
-                    task_status=task_status,
-                )
-            )
-            api_url = str(binds[0])
+            api_app = build_app(agent, token=token)
+            api_url = await _start_server(nursery, api_app, config.listen, api_stop)
             log.info(
                 "daemon_listening", api=api_url, nexus=nexus_url, data_dir=str(config.data_dir)
             )

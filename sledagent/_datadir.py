@@ -21,15 +21,13 @@ from pathlib import Path
 
 import trio
 
+from ._failures import StartupError
+
 LOCK_NAME = ".lock"
 SLED_ID_NAME = "sled-id"
 BOOT_ID_NAME = "boot-id"
 #: Linux's id of the current boot (a new one at every boot).
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
-
-
-class StartupError(RuntimeError):
-    """The daemon cannot start for a reason an operator fixes (one line, exit status 1)."""
 
 
 def _lock(data_dir: Path) -> int:

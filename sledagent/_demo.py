@@ -1,16 +1,29 @@
-"""Part 2 of ``sledagent demo``: the daemon on the embedded default, driven over HTTP."""
+"""``sledagent demo``: the two policies side by side on the fake host (part 1), then the
+daemon on the embedded default, driven over HTTP as Nexus would (part 2).
+
+What it prints is made from what it measured: the table and the sentences under it come
+from the same report, and the lines to paste are complete commands.
+"""
 
 from __future__ import annotations
 
+import shlex
+import sys
 import uuid
 from pathlib import Path
 
 import attrs
 import httpx
 import trio
+from rich.console import Console
 
-from ._daemon import DaemonConfig, DaemonInfo
+from ._bench_cli import policy_table
+from ._config import TerminationPolicy
+from ._daemon import DaemonConfig, DaemonInfo, run_daemon
+from ._failures import ListenError
+from ._log import configure_logging
 from ._wire import VmmState
+from .bench._mass_stop import MassStopParams, run_mass_stop
 from .testing import ensure_body_json, fast_config
 
 
@@ -58,3 +71,113 @@ def demo_config(data_dir: Path, listen: str, log_mb: float) -> DaemonConfig:
         seed_log_mb=log_mb,
         agent=fast_config(),
     )
+
+
+def ratio_text(report: dict[str, object]) -> str:
+    """``118.3x`` (inline p99 / reaper p99), or why there is none."""
+    ratio = report.get("ratios", {}).get("halt_to_publish_p99")  # type: ignore[attr-defined]
+    return f"{ratio:g}x" if isinstance(ratio, int | float) else "n/a (a p99 of 0)"
+
+
+def findings(report: dict[str, object], get_timeout_s: float) -> list[str]:
+    """One sentence per policy, from its figures (never claims what was not measured)."""
+    policies: dict[str, dict[str, dict[str, float]]] = report["policies"]  # type: ignore[assignment]
+    lines = []
+    for name, what in (
+        ("reaper", "reaper: each halt is published at once, zones bundled behind it"),
+        ("inline", "inline (omicron): each halt waits for its bundle behind a host-wide lock"),
+    ):
+        p = policies.get(name)
+        if p is None:
+            continue
+        h, g = p["halt_to_publish_s"], p["get_state_s"]
+        timeouts = int(g["timeouts"])
+        total = int(g["reads"]) + timeouts
+        reads = (
+            f"{timeouts} of {total} reads timed out (after {get_timeout_s:g} s)"
+            if timeouts
+            else f"every read answered within {get_timeout_s:g} s"
+        )
+        lines.append(
+            f"{what}: halt->publish p99 {h['p99']:.3g} s; GET state p99 {g['p99']:.3g} s, {reads}."
+        )
+    return lines
+
+
+async def _start_daemon(
+    nursery: trio.Nursery, data_dir: Path, listen: str, log_mb: float, shutdown: trio.Event
+) -> DaemonInfo:
+    try:
+        info: DaemonInfo = await nursery.start(
+            run_daemon, demo_config(data_dir, listen, log_mb), shutdown
+        )
+    except* ListenError:  # the default port is taken: any free one will do
+        config = demo_config(data_dir, "127.0.0.1:0", log_mb)
+        info = await nursery.start(run_daemon, config, shutdown)
+    return info
+
+
+async def run_demo(
+    *,
+    vmms: int,
+    bundle_s: float,
+    data_dir: Path,
+    listen: str,
+    log_mb: float,
+    exit_after: bool,
+    shutdown: trio.Event,
+) -> None:
+    """Both parts; with ``exit_after`` it returns after part 2's scenario, otherwise
+    when ``shutdown`` is set (Ctrl-C)."""
+    configure_logging(json=False, level="error")
+    console = Console()
+    params = MassStopParams(vmms=vmms, command_s=bundle_s / 2, copy_s=bundle_s / 2)
+    console.print(
+        f"[bold]1.[/] {vmms} VMMs on the fake host halt at once, bundles of {bundle_s:g} s "
+        "each; first with the reaper, then inline (omicron)..."
+    )
+    report = await run_mass_stop([TerminationPolicy.REAPER, TerminationPolicy.INLINE], params)
+    console.print(policy_table(report, f"{vmms} VMMs halting at once"))
+    console.print(f"inline / reaper, halt->publish p99: {ratio_text(report)}")
+    for line in findings(report, params.get_timeout_s):
+        console.print(line, soft_wrap=True, highlight=False)
+    print()
+    data_dir = Path(await trio.Path(data_dir).resolve())
+    async with trio.open_nursery() as nursery:
+        info = await _start_daemon(nursery, data_dir, listen, log_mb, shutdown)
+        console.print(f"[bold]2.[/] The daemon listens on {info.api_url}; driving three VMMs...")
+        bundles = await drive_scenario(info, vmms=3)
+        console.print(f"bundles of the three VMMs (files under {data_dir}/debug/):")
+        for b in bundles:
+            console.print(f"  {b.zone}  {b.cause}  {b.bundle_id}", soft_wrap=True)
+        # Plain print, one command per line: a terminal's wrapping never splits them.
+        if exit_after:
+            listen_at = info.api_url.removeprefix("http://")
+            again = f"{_this_command()} run --data-dir {shlex.quote(str(data_dir))}"
+            print(f"Stopping (--exit-after). To look again: {again} --listen {listen_at}, then:")
+        else:
+            print("Talk to it (Ctrl-C to stop):")
+        for line in paste_lines(info.api_url, bundles[0] if bundles else None):
+            print(f"  {line}")
+        if exit_after:
+            shutdown.set()
+        await shutdown.wait()  # the daemon drains and returns; then the nursery closes
+
+
+def _this_command() -> str:
+    """How this process was started (``.venv/bin/sledagent`` under ``make demo``)."""
+    argv0 = sys.argv[0]
+    return shlex.quote(argv0) if Path(argv0).name == "sledagent" else "sledagent"
+
+
+def paste_lines(api_url: str, bundle: DemoBundle | None) -> list[str]:
+    """Complete shell commands (quoted, no placeholders) against the demo daemon."""
+    lines = [f"curl -s {shlex.quote(api_url + '/zones/bundles')}"]
+    if bundle is not None:
+        url = f"{api_url}/zones/bundles/{bundle.zone}/{bundle.bundle_id}"
+        lines.append(f"curl -s -o bundle.tar.gz {shlex.quote(url)} && tar -tzvf bundle.tar.gz")
+    lines += [
+        f"curl -s {shlex.quote(api_url + '/zones/bundle-cleanup/utilization')}",
+        f"{_this_command()} zone-bundle --url {shlex.quote(api_url)} ls",
+    ]
+    return lines

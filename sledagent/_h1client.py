@@ -28,6 +28,8 @@ import attrs
 import h11
 import trio
 
+from ._failures import underlying_reason
+
 _RECV = 64 * 1024
 
 
@@ -229,7 +231,7 @@ class H1Pool:
             try:
                 stream = await trio.open_tcp_stream(self._host, self._port)
             except OSError as exc:
-                raise ConnectionFailed(f"{what}: connect: {exc}") from exc
+                raise ConnectionFailed(f"{what}: connect: {underlying_reason(exc)}") from exc
         self.connects += 1
         return _Connection(stream, self._host_header, self._max_body)
 

@@ -32,6 +32,8 @@ import h11
 import structlog
 import trio
 
+from ._addr import parse_listen
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 ASGIApp = Callable[
@@ -280,8 +282,8 @@ async def serve_http(
     Reports the bound URLs through ``task_status`` (start it with ``nursery.start``).
     """
     limits = limits or HttpLimits()
-    host, _, port = listen.rpartition(":")
-    listeners = await trio.open_tcp_listeners(int(port), host=host.strip("[]") or None)
+    host, port = parse_listen(listen)  # ValueError for a port over 65535, not port % 65536
+    listeners = await trio.open_tcp_listeners(port, host=host)
     urls = []
     for listener in listeners:
         name = listener.socket.getsockname()

@@ -44,6 +44,7 @@ import structlog
 import trio
 
 from ._codec import encode
+from ._failures import StartupError
 from ._wire import InstanceEnsureBody, SledVmmState
 
 log = structlog.get_logger("sledagent.journal")
@@ -73,7 +74,7 @@ _UPSERT_REGISTRATION = (
 )
 
 
-class JournalError(RuntimeError):
+class JournalError(StartupError):
     """The journal cannot be opened or read: the agent must not start without its memory
     (every live guest would be taken for unknown and torn down)."""
 

@@ -30,6 +30,7 @@ from ._host import ZONE_PREFIX, DefunctZone, Zone
 from ._journal import JournaledVmm
 from ._registry import Registry, VmmEntry, VmmPhase
 from ._runner import Adoption, InstanceRunner, PutState, ReadState, RunnerContext
+from ._stats import HALT_TO_PUBLISH_BUCKETS, Histogram
 from ._vmm_state import initial_state, transition
 from ._wire import (
     InstanceEnsureBody,
@@ -61,6 +62,8 @@ class InstanceManager:
         self._accepting = True
         #: Seconds from a terminal state being recorded to Nexus acknowledging it.
         self.halt_to_publish_s: list[float] = []
+        #: The same, every one since start (``sledagent_halt_to_publish_seconds``).
+        self.halt_to_publish = Histogram(HALT_TO_PUBLISH_BUCKETS)
         ctx.notifier.on_delivered = self._on_delivered
 
     @property
@@ -265,7 +268,9 @@ class InstanceManager:
             return  # an earlier state; the terminal one is still on its way
         entry.phase = VmmPhase.PUBLISHED
         if entry.halted_at is not None and acknowledged:
-            self.halt_to_publish_s.append(trio.current_time() - entry.halted_at)
+            took = trio.current_time() - entry.halted_at
+            self.halt_to_publish_s.append(took)
+            self.halt_to_publish.observe(took)
             if len(self.halt_to_publish_s) > self._HALT_SAMPLES:
                 del self.halt_to_publish_s[: -self._HALT_SAMPLES]
         self.registry.remove(propolis_id)

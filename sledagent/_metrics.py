@@ -6,22 +6,28 @@ Nothing is counted on the hot paths: the collector asks each component for its
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from ._agent import SledAgent
 from ._registry import VmmPhase
-from ._stats import percentile
+from ._stats import Histogram
 
 
-def _quantiles(name: str, doc: str, samples: Sequence[float]) -> GaugeMetricFamily:
-    g = GaugeMetricFamily(name, doc, labels=["quantile"])
-    for q in (50, 99):
-        g.add_metric([f"0.{q}"], percentile(samples, q))
-    return g
+def _histogram(name: str, doc: str, histogram: Histogram) -> HistogramMetricFamily:
+    """Cumulative buckets since start (``promtool check metrics`` accepts a histogram;
+    a gauge with a ``quantile`` label it does not)."""
+    snap = histogram.snapshot()
+    buckets = [("+Inf" if b == float("inf") else f"{b:g}", n) for b, n in snap.buckets]
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=snap.sum)
 
 
 class AgentCollector(Collector):
@@ -63,8 +69,10 @@ class AgentCollector(Collector):
             "Log bytes taken into archives.",
             value=b.archive_input_bytes,
         )
-        yield _quantiles(
-            "sledagent_zone_held_seconds", "Phase 1 duration (zone held), recent.", b.zone_held_s
+        yield _histogram(
+            "sledagent_zone_held_seconds",
+            "Phase 1 duration of each bundle (its zone held).",
+            agent.bundler.zone_held,
         )
 
         st = agent.store.statistics()
@@ -118,10 +126,10 @@ class AgentCollector(Collector):
         yield CounterMetricFamily(
             "sledagent_nexus_superseded", "States replaced by newer.", value=n.superseded
         )
-        yield _quantiles(
+        yield _histogram(
             "sledagent_halt_to_publish_seconds",
-            "Terminal state recorded -> acknowledged by Nexus, recent.",
-            agent.manager.halt_to_publish_s,
+            "Terminal state recorded -> acknowledged by Nexus.",
+            agent.manager.halt_to_publish,
         )
 
 

@@ -83,6 +83,8 @@ class NexusNotifier:
         self._settled = trio.Event()
         self._settled.set()
         self._delivered = self._retries = self._gave_up = self._superseded = 0
+        #: Why the latest failed delivery failed; cleared by the next success.
+        self.last_error: str | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve deliveries until cancelled."""
@@ -202,7 +204,14 @@ class NexusNotifier:
                     return state, False
                 self._retries += 1
                 delay = next(delays)
-                bound.warning("nexus_retry", gen=state.gen, status=exc.status, delay_s=delay)
+                self.last_error = str(exc)
+                bound.warning(
+                    "nexus_retry",
+                    gen=state.gen,
+                    status=exc.status,  # None: no answer at all (refused, reset, timed out)
+                    error=str(exc),
+                    delay_s=delay,
+                )
                 self._busy(-1)  # backing off is not "under way"
                 try:
                     await trio.sleep(delay)
@@ -213,4 +222,5 @@ class NexusNotifier:
                     state, seq, slot.pending = slot.pending, slot.pending_seq, None
                 continue
             self._delivered += 1
+            self.last_error = None
             return state, True

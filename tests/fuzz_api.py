@@ -50,7 +50,7 @@ def _schemathesis() -> str:
     return found
 
 
-def run_fuzz(*, examples: int, seed: int, max_time_s: float | None = None) -> FuzzResult:
+def run_fuzz(*, examples: int, seed: int, max_time_s: int | None = None) -> FuzzResult:
     with tempfile.TemporaryDirectory(prefix="sledagent-fuzz-") as tmp:
         root = Path(tmp)
         config = root / "sledagent.toml"
@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=200, help="test cases per operation")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--max-time", type=float, default=None, help="seconds, in all")
+    parser.add_argument(
+        "--max-time", type=int, default=None, help="whole seconds, in all (schemathesis's)"
+    )
     args = parser.parse_args(argv)
     t0 = time.monotonic()
     result = run_fuzz(examples=args.examples, seed=args.seed, max_time_s=args.max_time)

@@ -313,7 +313,7 @@ async def test_metrics_are_served_without_the_token_and_count_what_happened(
     assert "sledagent_bundles_created_total 1.0" in text
     assert "sledagent_reaper_reaped_total 1.0" in text
     assert 'sledagent_vmms{phase="active"} 0.0' in text
-    assert 'sledagent_halt_to_publish_seconds{quantile="0.99"}' in text
+    assert 'sledagent_halt_to_publish_seconds_bucket{le="+Inf"} 1.0' in text
     busy = re.search(r"^sledagent_bundle_archive_busy_seconds_total (\S+)$", text, re.M)
     assert busy is not None and float(busy.group(1)) > 0  # phase 2 took slot time
     assert re.search(r"^sledagent_bundle_archive_input_bytes_total [1-9]", text, re.M)

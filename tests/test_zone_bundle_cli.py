@@ -51,17 +51,18 @@ async def test_the_zone_bundle_verbs_work_against_a_running_agent(tmp_path: Path
                 assert (await cli(url, "list-zones", cwd=tmp_path)).split() == [zone]
                 created = await cli(url, "create", zone, cwd=tmp_path)
                 bundle_id = created.split()[1]
-                listed = await cli(url, "ls", "propolis", cwd=tmp_path)
+                listed = await cli(url, "ls", "propolis", "-o", "bundle-id,cause", cwd=tmp_path)
                 assert bundle_id in listed and "other" in listed
                 out = await cli(url, "get", zone, bundle_id, cwd=tmp_path)
                 assert (tmp_path / f"{bundle_id}.tar.gz").stat().st_size > 0, out
                 ctx = json.loads(
-                    await cli(url, "set-context", "--storage-limit", "10", cwd=tmp_path)
+                    await cli(url, "set-context", "--storage-limit", "10", "--json", cwd=tmp_path)
                 )
                 assert ctx["storage_limit"] == 10
-                assert json.loads(await cli(url, "context", cwd=tmp_path))["storage_limit"] == 10
-                assert json.loads(await cli(url, "utilization", cwd=tmp_path))
-                assert json.loads(await cli(url, "cleanup", cwd=tmp_path))
+                context = await cli(url, "context", "--json", cwd=tmp_path)
+                assert json.loads(context)["storage_limit"] == 10
+                assert json.loads(await cli(url, "utilization", "--json", cwd=tmp_path))
+                assert json.loads(await cli(url, "cleanup", "--json", cwd=tmp_path))
                 await cli(url, "rm", zone, bundle_id, cwd=tmp_path)
                 assert bundle_id not in await cli(url, "ls", cwd=tmp_path)
                 await api.delete(f"/vmms/{pid}")

@@ -15,6 +15,7 @@ import time
 import trio
 
 from .._api import build_app
+from .._failures import UsageError
 from .._server import serve_api
 from .._stats import summary
 from ..testing import open_fake_agent
@@ -23,7 +24,7 @@ from ._wire import reader_process
 
 async def run_api_bench(*, requests: int = 5000, connections: int = 50) -> dict[str, object]:
     if requests < connections or connections < 1:
-        raise ValueError("need requests >= connections >= 1")
+        raise UsageError("need requests >= connections >= 1")
     async with open_fake_agent() as harness:
         pid = await harness.start_vmm()
         shutdown = trio.Event()

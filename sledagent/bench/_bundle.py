@@ -32,6 +32,7 @@ import trio
 from .._archive import TarArchiver
 from .._archive_procs import ProcessArchiver
 from .._bundler import ZoneBundler
+from .._failures import UsageError
 from .._host import Zone, ZoneSpec
 from .._local_zones import LOG_SUBDIR, LocalZoneBackend, LocalZonesConfig
 from .._stats import summary
@@ -51,9 +52,9 @@ class BundleBenchParams:
 
     def __attrs_post_init__(self) -> None:
         if self.zones < 1 or self.log_mb <= 0 or self.archive_concurrency < 1:
-            raise ValueError("--zones and --archive-concurrency must be >= 1, --log-mb > 0")
+            raise UsageError("--zones and --archive-concurrency must be >= 1, --log-mb > 0")
         if not 0 <= self.level <= 3:
-            raise ValueError("--level must be 0..3 (isal)")
+            raise UsageError("--level must be 0..3 (isal)")
 
 
 def _zone_files(root: Path, zone: Zone) -> list[Path]:

@@ -30,6 +30,7 @@ import httpx
 import trio
 
 from .._clients import error_fields
+from .._failures import UsageError
 from .._h1client import ConnectionFailed, H1Pool
 from .._host import zone_name_for
 from .._stats import summary
@@ -61,9 +62,9 @@ class LoadParams:
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.halting <= self.vmms:
-            raise ValueError("halting must be between 0 and vmms")
+            raise UsageError("halting must be between 0 and vmms")
         if self.concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+            raise UsageError("concurrency must be >= 1")
 
 
 async def _register_all(client: httpx.AsyncClient, url: str, pids: list[uuid.UUID]) -> None:

@@ -27,6 +27,7 @@ import trio
 
 from .._config import AgentConfig, BackoffPolicy, TerminationPolicy
 from .._errors import NoSuchVmm
+from .._failures import UsageError
 from .._stats import summary
 from .._wire import VmmState
 from ..testing import FakeHost, FakeNexus, FakeZones, LocalHost, open_fake_agent
@@ -49,16 +50,16 @@ class MassStopParams:
 
     def __attrs_post_init__(self) -> None:
         if self.vmms < 1:
-            raise ValueError("--vmms must be >= 1")
+            raise UsageError("--vmms must be >= 1")
         for name in ("command_s", "copy_s", "nexus_latency_s"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
         if self.get_interval_s <= 0 or self.get_timeout_s <= 0:
-            raise ValueError("--get-interval-s and --get-timeout-s must be > 0")
+            raise UsageError("--get-interval-s and --get-timeout-s must be > 0")
         if self.backend not in ("fake", "local"):
-            raise ValueError("--backend must be `fake` or `local`")
+            raise UsageError("--backend must be `fake` or `local`")
         if self.log_mb < 0:
-            raise ValueError("--log-mb must be >= 0")
+            raise UsageError("--log-mb must be >= 0")
 
 
 def _peak_rss_mb() -> float:

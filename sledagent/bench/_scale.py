@@ -21,6 +21,7 @@ import trio
 
 from .._config import AgentConfig
 from .._daemon import DaemonConfig, run_daemon
+from .._failures import UsageError
 from .._host import zone_name_for
 from .._wire import VmmState
 from ..testing import ensure_body_json
@@ -46,7 +47,7 @@ def _snapshot() -> dict[str, int]:
 
 async def run_scale_bench(*, vmms: int = 1000) -> dict[str, object]:
     if vmms < 1:
-        raise ValueError("vmms must be >= 1")
+        raise UsageError("vmms must be >= 1")
     async with sim_process() as (nexus_url, fleet_url):
         with tempfile.TemporaryDirectory(prefix="sledagent-scale-") as tmp:
             config = DaemonConfig(

@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 import trio
 
+from .._failures import UsageError
 from ._bundle import BundleBenchParams, run_bundle_bench
 from ._wire import WireParams, run_wire
 
@@ -50,11 +51,11 @@ class SweepParams:
 
     def __attrs_post_init__(self) -> None:
         if not self.vmms or min(self.vmms) < 1:
-            raise ValueError("vmms: at least one N, each >= 1")
+            raise UsageError("vmms: at least one N, each >= 1")
         if not self.log_mb or min(self.log_mb) <= 0:
-            raise ValueError("log_mb: at least one volume, each > 0")
+            raise UsageError("log_mb: at least one volume, each > 0")
         if not self.archive_slots or min(self.archive_slots) < 1:
-            raise ValueError("archive_slots: each >= 1")
+            raise UsageError("archive_slots: each >= 1")
 
 
 def _policy_figures(r: dict[str, Any]) -> dict[str, Any]:

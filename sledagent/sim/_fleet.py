@@ -4,15 +4,21 @@ Who starts it: the daemon, in its nursery, before the agent. The local zone back
 calls ``launch`` when it installs a zone (the zone's ``propolis_addr`` becomes the bound
 loopback address) and ``retire`` when it halts the zone, which stops that server (the VM
 is gone: a state monitor still waiting sees the connection close). Each server listens
-on 127.0.0.1:0 with its own ``FakePropolis`` state machine and, when the zone asks for
-it, writes the zone's Propolis log (one ``SimLogWriter`` for the whole fleet).
+on ``listen`` (default 127.0.0.1:0, any free port; with a port P, the first free port
+from P up, for hosts where only a range is open) with its own ``FakePropolis`` state
+machine and, when the zone asks for it, writes the zone's Propolis log (one
+``SimLogWriter`` for the whole fleet).
 """
 
 from __future__ import annotations
 
+import errno
+from typing import Any
+
 import attrs
 import trio
 
+from .._addr import parse_listen
 from .._local_zones import LogSpec
 from .._server import serve_api
 from ..testing._propolis import FakePropolis
@@ -29,7 +35,10 @@ class _Running:
 
 
 class SimPropolisFleet:
-    def __init__(self, *, log_interval_s: float = 0.5) -> None:
+    def __init__(self, *, log_interval_s: float = 0.5, listen: str = "127.0.0.1:0") -> None:
+        host, self._first_port = parse_listen(listen)
+        self._next_port = self._first_port
+        self._host = "" if host is None else f"[{host}]" if ":" in host else host
         self._nursery: trio.Nursery | None = None
         self._running: dict[str, _Running] = {}
         self.logs = SimLogWriter(interval_s=log_interval_s)
@@ -50,23 +59,23 @@ class SimPropolisFleet:
         """Start the zone's Propolis; returns its ``host:port``. Idempotent.
 
         It listens at ``addr`` (the ``propolis_addr`` Nexus registered, as a real
-        Propolis does in its zone) when that can be bound here, else on an ephemeral
-        loopback port. With ``logs`` it writes the zone's Propolis log until retired."""
+        Propolis does in its zone) when that can be bound here, else on the fleet's
+        ``listen`` (any free loopback port by default). With ``logs`` it writes the
+        zone's Propolis log until retired."""
         if zone_name in self._running:
             return self._running[zone_name].addr
         if self._nursery is None:
             raise RuntimeError("SimPropolisFleet.launch() before run() started")
-        vm = FakePropolis(None)
-        binds: list[str] | None = None
+        vm, stop = FakePropolis(None), trio.Event()
+        binds: Any = None
         if addr:
+            scope = trio.CancelScope()
             try:
-                stop, scope = trio.Event(), trio.CancelScope()
                 binds = await self._nursery.start(self._serve, vm, stop, scope, addr)
             except (OSError, ValueError):
                 binds = None  # taken, or not an address of this host
         if binds is None:
-            stop, scope = trio.Event(), trio.CancelScope()
-            binds = await self._nursery.start(self._serve, vm, stop, scope, "127.0.0.1:0")
+            binds, scope = await self._start(vm, stop)
         addr = str(binds[0]).removeprefix("http://")
         running = _Running(vm, addr, stop, scope)
         self._running[zone_name] = running
@@ -97,6 +106,28 @@ class SimPropolisFleet:
         if running is not None:
             running.scope.cancel()
 
+    async def _start(self, vm: FakePropolis, stop: trio.Event) -> tuple[Any, trio.CancelScope]:
+        """Serve ``vm``; its bound URLs and the scope that kills its server."""
+        assert self._nursery is not None
+        if self._first_port == 0:
+            scope = trio.CancelScope()
+            listen = f"{self._host}:0"
+            return await self._nursery.start(self._serve, vm, stop, scope, listen), scope
+        # The first free port from P up, starting after the last one taken (retired
+        # zones' ports come round again), so N launches do not try N ports each.
+        start = self._next_port
+        for port in [*range(start, 65536), *range(self._first_port, start)]:
+            listen, scope = f"{self._host}:{port}", trio.CancelScope()  # one per attempt
+            try:
+                binds = await self._nursery.start(self._serve, vm, stop, scope, listen)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            self._next_port = port + 1 if port < 65535 else self._first_port
+            return binds, scope
+        raise OSError(errno.EADDRINUSE, f"no free port from {self._first_port} up")
+
     async def _serve(
         self,
         vm: FakePropolis,
@@ -110,6 +141,10 @@ class SimPropolisFleet:
             await serve_api(
                 sim_propolis_app(vm), listen=listen, shutdown=stop, task_status=task_status
             )
+
+    def addresses(self) -> dict[str, str]:
+        """Each running zone's Propolis address (``host:port``)."""
+        return {name: running.addr for name, running in self._running.items()}
 
     def vm(self, zone_name: str) -> FakePropolis | None:
         """The state machine behind a zone's Propolis (to act as its guest)."""

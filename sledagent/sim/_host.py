@@ -99,6 +99,7 @@ async def run_sim_host(
     *,
     nexus_listen: str = "127.0.0.1:0",
     fleet_listen: str = "127.0.0.1:0",
+    propolis_listen: str = "127.0.0.1:0",
     shutdown: trio.Event,
     state_file: Path | None = None,
     idle_exit_s: float | None = None,
@@ -116,7 +117,7 @@ async def run_sim_host(
         last_lease = trio.current_time()
 
     async with trio.open_nursery() as nursery:
-        fleet = SimPropolisFleet()
+        fleet = SimPropolisFleet(listen=propolis_listen)
         await nursery.start(fleet.run)
         nexus_url = (
             await nursery.start(

@@ -28,6 +28,7 @@ import attrs
 import structlog
 import trio
 
+from .._failures import StartupError
 from .._h1client import ConnectionFailed, H1Pool
 from .._wire import VmmState
 
@@ -50,7 +51,7 @@ _LAUNCH = (
 )
 
 
-class SimHostError(RuntimeError):
+class SimHostError(StartupError):
     """The simulated host could not be found or started (one line, names the log)."""
 
 
@@ -106,8 +107,11 @@ async def _answers(host: SimHost) -> bool:
             await pool.aclose()
 
 
-async def attach_sim_host(data_dir: Path) -> SimHost:
-    """The host serving ``data_dir``: the one already running, or a new one."""
+async def attach_sim_host(
+    data_dir: Path, *, nexus_listen: str = "127.0.0.1:0", propolis_listen: str = "127.0.0.1:0"
+) -> SimHost:
+    """The host serving ``data_dir``: the one already running, or a new one whose
+    recording Nexus and simulated Propolis listen where given."""
     data_dir = Path(data_dir)
     found = read_state(data_dir)
     if found is not None and await _answers(found):
@@ -118,6 +122,7 @@ async def attach_sim_host(data_dir: Path) -> SimHost:
     argv = [
         sys.executable, "-c", "from sledagent._cli import main; main()",
         "sim", "--state-file", str(state_file), "--idle-exit-s", str(IDLE_EXIT_S),
+        "--nexus-listen", nexus_listen, "--propolis-listen", propolis_listen,
     ]  # fmt: skip
     log_path = data_dir / LOG_NAME
     # Through a launcher that exits at once: the host is nobody's child (no zombie for
