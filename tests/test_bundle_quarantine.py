@@ -407,7 +407,9 @@ async def test_over_http_a_truncated_bundle_is_404_and_the_quarantine_is_listed_
             assert op["tags"] == ["sledagent"]
             url = str(api.client.base_url)
             out = await cli(url, "quarantine", cwd=tmp_path)
-            assert str(stray) in out and "5000" in out and info.paths[0] in out
+            assert str(stray) in out and "4.88 KiB" in out and info.paths[0] in out
+            rows = (await cli(url, "quarantine", "-p", cwd=tmp_path)).splitlines()
+            assert any(r.startswith("5000,") and r.split(",")[2] == str(stray) for r in rows)
             (row,) = [q for q in json.loads(await cli(url, "quarantine", "--json", cwd=tmp_path))
                       if q["original_path"] == str(stray)]  # fmt: skip
             assert row["bytes"] == 5000

@@ -45,7 +45,7 @@ CASES = [
     Case(("run",), "sledagent: {config}: max_bundle_file_mb: expected an integer >= 1, got -1", 2, "max_bundle_file_mb = -1"),
     Case(("run",), f"sledagent: {{config}}: listen: {LISTEN_EXPECTED}, got 5", 2, "listen = 5"),
     Case(("run",), f'sledagent: {{config}}: listen: {LISTEN_EXPECTED}, got "127.0.0.1:99999"', 2, 'listen = "127.0.0.1:99999"'),
-    Case(("run",), 'sledagent: {config}: propolis: expected one of "sim", "remote", "external", got "bogus"', 2, 'propolis = "bogus"'),
+    Case(("run",), 'sledagent: {config}: propolis: expected one of "sim", "sim-inprocess", "remote", "external", got "bogus"', 2, 'propolis = "bogus"'),
     Case(("run",), 'sledagent: {config}: debug_dirs: expected a list of paths, got "xy"', 2, 'debug_dirs = "xy"'),
     Case(("run",), "sledagent: {config}: token: expected a string, got 5", 2, "token = 5"),
     Case(("run",), 'sledagent: {config}: agent.bundle_defunct_zones: expected true or false, got "yes"', 2, '[agent]\nbundle_defunct_zones = "yes"'),

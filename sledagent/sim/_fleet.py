@@ -68,7 +68,7 @@ class SimPropolisFleet:
             raise RuntimeError("SimPropolisFleet.launch() before run() started")
         vm, stop = FakePropolis(None), trio.Event()
         binds: Any = None
-        if addr:
+        if addr and not addr.endswith(":0"):  # port 0 names no address: use ``listen``
             scope = trio.CancelScope()
             try:
                 binds = await self._nursery.start(self._serve, vm, stop, scope, addr)
