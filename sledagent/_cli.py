@@ -102,7 +102,7 @@ async def demo(
     log_mb: float = 2,
     exit_after: Annotated[bool, _NO_NEGATIVE] = False,
 ) -> int:
-    """Show the agent at work, in two parts.
+    """Show the agent at work, in three parts.
 
     1. On the in-process fake host, ``vmms`` VMMs halt at once under both policies, side
        by side; each bundle takes ``bundle_s`` seconds. Under the reaper every halt
@@ -111,7 +111,11 @@ async def demo(
     2. The daemon starts on the embedded default (local zones under ``data_dir``, each
        with a simulated Propolis; a recording Nexus), and a short scenario is driven
        against its HTTP API as Nexus would: three VMMs are registered, run, stopped, and
-       their bundles listed. The daemon then keeps running until Ctrl-C.
+       their bundles listed.
+    3. One more VMM is run, and the agent is stopped and started again (as for an
+       upgrade): the VMM is still running, at the same generation, on the same simulated
+       Propolis (its log kept growing), and Nexus heard nothing. The daemon then keeps
+       running until Ctrl-C (the guest too, in the sim host, for the next start).
 
     Parameters
     ----------

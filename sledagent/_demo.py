@@ -1,5 +1,6 @@
 """``sledagent demo``: the two policies side by side on the fake host (part 1), then the
-daemon on the embedded default, driven over HTTP as Nexus would (part 2).
+daemon on the embedded default, driven over HTTP as Nexus would (part 2), then a restart
+of the agent with a guest running, which the new agent takes back untouched (part 3).
 
 What it prints is made from what it measured: the table and the sentences under it come
 from the same report, and the lines to paste are complete commands.
@@ -11,6 +12,7 @@ import shlex
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import attrs
 import httpx
@@ -21,10 +23,14 @@ from ._bench_cli import policy_table
 from ._config import TerminationPolicy
 from ._daemon import DaemonConfig, DaemonInfo, run_daemon
 from ._failures import ListenError
+from ._host import zone_name_for
+from ._local_zones import LOG_SUBDIR
 from ._log import configure_logging
+from ._logwriter import SERVICE_LOG
 from ._wire import VmmState
 from .bench._mass_stop import MassStopParams, run_mass_stop
-from .testing import ensure_body_json, fast_config
+from .sim._spawn import RemoteNexusView
+from .testing import FakeNexus, ensure_body_json, fast_config
 
 
 @attrs.frozen
@@ -143,25 +149,90 @@ async def run_demo(
         console.print(line, soft_wrap=True, highlight=False)
     print()
     data_dir = Path(await trio.Path(data_dir).resolve())
+    first_stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        info = await _start_daemon(nursery, data_dir, listen, log_mb, shutdown)
+        info = await _start_daemon(nursery, data_dir, listen, log_mb, first_stop)
         console.print(f"[bold]2.[/] The daemon listens on {info.api_url}; driving three VMMs...")
         bundles = await drive_scenario(info, vmms=3)
         console.print(f"bundles of the three VMMs (files under {data_dir}/debug/):")
         for b in bundles:
             console.print(f"  {b.zone}  {b.cause}  {b.bundle_id}", soft_wrap=True)
+        survivor = await start_survivor(info, data_dir)
+        listen = info.api_url.removeprefix("http://")  # the same address after the restart
+        first_stop.set()  # as SIGTERM does: the agent stops, its guest does not
+    console.print(
+        f"[bold]3.[/] One more VMM running ({survivor.pid}); the agent stopped, as for an "
+        "upgrade, and starts again on the same data directory..."
+    )
+    async with trio.open_nursery() as nursery:
+        info = await _start_daemon(nursery, data_dir, listen, log_mb, shutdown)
+        for line in await check_survivor(info, survivor):
+            console.print(f"  {line}", soft_wrap=True, highlight=False)
         # Plain print, one command per line: a terminal's wrapping never splits them.
         if exit_after:
             listen_at = info.api_url.removeprefix("http://")
             again = f"{_this_command()} run --data-dir {shlex.quote(str(data_dir))}"
             print(f"Stopping (--exit-after). To look again: {again} --listen {listen_at}, then:")
         else:
-            print("Talk to it (Ctrl-C to stop):")
+            print("Talk to it (Ctrl-C to stop; its guest keeps running, for the next start):")
         for line in paste_lines(info.api_url, bundles[0] if bundles else None):
             print(f"  {line}")
         if exit_after:
             shutdown.set()
         await shutdown.wait()  # the daemon drains and returns; then the nursery closes
+
+
+@attrs.frozen
+class Survivor:
+    pid: uuid.UUID
+    state: dict[str, Any]
+    log_path: Path
+    log_bytes: int
+    heard: int
+
+
+async def start_survivor(info: DaemonInfo, data_dir: Path) -> Survivor:
+    """A VMM left running across the restart: its state, its log's size, what Nexus
+    heard of it so far."""
+    pid = uuid.uuid4()
+    async with httpx.AsyncClient(base_url=info.api_url, timeout=30) as api:
+        (await api.put(f"/vmms/{pid}", json=ensure_body_json())).raise_for_status()
+        body = {"state": {"type": "running"}}
+        (await api.put(f"/vmms/{pid}/state", json=body)).raise_for_status()
+        nexus = info.recording_nexus
+        if nexus is not None:
+            await nexus.wait_for(pid, VmmState.RUNNING)
+        state = (await api.get(f"/vmms/{pid}/state")).json()
+    log_path = data_dir / "zones" / zone_name_for(pid) / LOG_SUBDIR / SERVICE_LOG
+    size = (await trio.Path(log_path).stat()).st_size
+    return Survivor(pid, state, log_path, size, len(await _heard(info, pid)))
+
+
+async def check_survivor(info: DaemonInfo, survivor: Survivor) -> list[str]:
+    """What the restarted agent says of the survivor, in words."""
+    async with httpx.AsyncClient(base_url=info.api_url, timeout=30) as api:
+        state = (await api.get(f"/vmms/{survivor.pid}/state")).json()
+    await trio.sleep(1.0)  # the guest writes its log twice a second
+    size = (await trio.Path(survivor.log_path).stat()).st_size
+    heard = await _heard(info, survivor.pid)
+    vmm, before = state["vmm_state"], survivor.state["vmm_state"]
+    same = state == survivor.state
+    return [
+        f"after the restart: {vmm['state']} at generation {vmm['gen']} "
+        f"({'the same as before' if same else 'was ' + str(before['state'])}); "
+        f"its Propolis log grew {survivor.log_bytes} -> {size} bytes (never restarted);",
+        f"Nexus was told nothing new: {len(heard) - survivor.heard} updates since the stop "
+        "(omicron's sled agent forgets its zones here, and Nexus marks the instance Failed).",
+    ]
+
+
+async def _heard(info: DaemonInfo, pid: uuid.UUID) -> list[Any]:
+    nexus = info.recording_nexus
+    if isinstance(nexus, RemoteNexusView):
+        return [u for u in await nexus.updates() if u["propolis_id"] == str(pid)]
+    if isinstance(nexus, FakeNexus):
+        return list(nexus.states_for(pid))
+    return []
 
 
 def _this_command() -> str:
