@@ -184,6 +184,9 @@ async def test_the_demo_uses_a_free_port_when_its_port_is_taken(tmp_path: Path) 
     # The lines to paste are complete commands: no placeholder a shell would misread.
     curl = [line.strip() for line in stdout.splitlines() if line.strip().startswith("curl ")]
     assert curl and not any("<" in line or ">" in line for line in curl), curl
+    # Part 3: the agent restarted; its guest did not.
+    assert "after the restart: running at generation" in stdout
+    assert "(the same as before)" in stdout and "0 updates since the stop" in stdout
 
 
 def test_an_unexpected_error_is_one_line_and_its_traceback_only_with_debug(
