@@ -22,7 +22,7 @@ import structlog
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Match, Route, Router
 from starlette.types import Receive, Scope, Send
@@ -159,6 +159,8 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> _Api:
                     response = await handler(request)
                 except AgentError as exc:
                     return _error(exc, request_id)
+                except ClientDisconnect:
+                    raise  # the server ended the request (bad, slow or cut-off body): no bug
                 except Exception:  # a bug: logged with its request id, never a traceback
                     log.exception("api_error", request_id=request_id, path=request.url.path)
                     return _error(AgentError("internal error"), request_id)

@@ -35,7 +35,7 @@ from ._host import ZoneBackend
 from ._illumos import IllumosConfig, IllumosZoneBackend, require_tools
 from ._journal import StateJournal
 from ._local_zones import LocalZoneBackend, LocalZonesConfig, PropolisLauncher
-from ._server import DEFAULT_LISTEN, serve_api
+from ._server import DEFAULT_LISTEN, HttpLimits, serve_api
 from .sim._fleet import SimPropolisFleet
 from .sim._host import RemoteFleetLauncher
 from .sim._nexus import recording_nexus_app
@@ -84,6 +84,8 @@ class DaemonConfig:
     #: Where seeded logs are generated once and hard-linked from (benchmarks).
     seed_cache: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     agent: AgentConfig = attrs.field(factory=AgentConfig)
+    #: The API server's connection cap, limits and timeouts (``[http]``).
+    http: HttpLimits = attrs.field(factory=HttpLimits)
 
     def __attrs_post_init__(self) -> None:
         if self.propolis == "remote" and not self.sim_fleet_url:
@@ -121,6 +123,10 @@ def config_from_toml(text: str, *, source: str = "config") -> DaemonConfig:
     if not isinstance(agent_table, dict):
         raise ConfigError(f"{source}: [agent] must be a table")
     _checked(agent_table, {f.name for f in attrs.fields(AgentConfig)}, f"{source} [agent]")
+    http_table = doc.pop("http", {})
+    if not isinstance(http_table, dict):
+        raise ConfigError(f"{source}: [http] must be a table")
+    _checked(http_table, {f.name for f in attrs.fields(HttpLimits)}, f"{source} [http]")
     try:
         for key in ("nexus_backoff", "monitor_backoff", "reaper_backoff"):
             if key in agent_table:
@@ -128,7 +134,7 @@ def config_from_toml(text: str, *, source: str = "config") -> DaemonConfig:
         agent = AgentConfig(**agent_table)
         if "debug_dirs" in doc:
             doc["debug_dirs"] = tuple(Path(d) for d in doc["debug_dirs"])
-        return DaemonConfig(agent=agent, **doc)
+        return DaemonConfig(agent=agent, http=HttpLimits(**http_table), **doc)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
 
@@ -265,6 +271,7 @@ async def run_daemon(
                         build_app(agent, token=token),
                         listen=config.listen,
                         shutdown=api_stop,
+                        limits=config.http,
                         task_status=task_status,
                     )
                 )

@@ -86,7 +86,11 @@ class SimPropolisFleet:
     ) -> None:
         with scope:
             await serve_api(
-                sim_propolis_app(vm), listen="127.0.0.1:0", shutdown=stop, task_status=task_status
+                sim_propolis_app(vm),
+                listen="127.0.0.1:0",
+                shutdown=stop,
+                announce=False,  # one per zone: not worth a log line each
+                task_status=task_status,
             )
 
     def vm(self, zone_name: str) -> FakePropolis | None:
