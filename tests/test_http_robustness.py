@@ -702,7 +702,7 @@ async def test_with_descriptors_exhausted_and_none_idle_it_resumes_when_one_free
     async with child_server() as (child, server):
         waiting = await _fill_until_accept_fails(child, server, busy=True)
         failing = child.events("http_accept_failing")
-        assert (failing[0]["errno"], failing[0]["action"]) == ("EMFILE", "waiting"), "\n".join(map(str, child.lines))
+        assert (failing[0]["errno"], failing[0]["action"]) == ("EMFILE", "waiting"), child.lines
         await waiting.send(b"123456789")  # its request is whole; nobody has accepted it yet
         await server.conns[0].aclose()  # one busy client leaves: a descriptor is free
         assert (await waiting.answer()).status == 200
