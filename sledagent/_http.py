@@ -392,6 +392,9 @@ class _Exchange:
                 event = await conn._read_event()
         except h11.RemoteProtocolError as exc:  # bad chunk, cut short: the client's error
             return await self._abort(400, f"malformed request body: {exc}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):  # reset mid-body
+            self.aborted = self.body_done = self.started = self.finished = True
+            return _DISCONNECT
         if stalled.cancelled_caught:
             return await self._abort(408, "request body not received in time", linger=False)
         if isinstance(event, h11.Data):

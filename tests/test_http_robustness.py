@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import os
 import resource
+import socket
+import struct
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -29,10 +32,11 @@ import trio
 import trio.testing
 
 from sledagent._api import build_app
+from sledagent._daemon import ConfigError, DaemonConfig, config_from_toml, run_daemon
 from sledagent._h1client import ConnectionFailed, H1Pool
 from sledagent._http import STATS, HttpLimits, Message, Scope
 from sledagent._server import serve_http
-from sledagent.testing import open_fake_agent
+from sledagent.testing import fast_config, open_fake_agent
 
 DEADLINE_S = 10
 
@@ -350,6 +354,23 @@ async def test_a_malformed_chunked_body_is_400_never_500(chunks: bytes) -> None:
         await server.assert_serves_a_fresh_connection("/openapi.json")
 
 
+async def test_a_client_that_resets_mid_upload_is_no_error() -> None:
+    async with serving_the_api() as (server, _):
+        with structlog.testing.capture_logs() as logs:
+            raw = await server.connect()
+            await raw.send(
+                f"PUT /vmms/{uuid.uuid4()} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json"
+                "\r\ncontent-length: 100\r\n\r\n{".encode()
+            )
+            await trio.testing.wait_all_tasks_blocked()  # the API is reading the body
+            linger_0 = struct.pack("ii", 1, 0)  # close with a reset, not a FIN
+            raw.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_0)
+            await raw.aclose()
+            await trio.testing.wait_all_tasks_blocked()  # the server saw it
+        assert no_error_logged(logs), logs
+        await server.assert_serves_a_fresh_connection("/openapi.json")
+
+
 SMUGGLING = {
     "content-length and chunked": b"content-length: 4\r\ntransfer-encoding: chunked\r\n",
     "chunked and content-length": b"transfer-encoding: chunked\r\ncontent-length: 4\r\n",
@@ -545,6 +566,7 @@ async def test_the_connection_cap_and_the_fd_limit_are_logged_at_start() -> None
 _CHILD = r"""
 import json, os, resource, sys
 from functools import partial
+from pathlib import Path
 import structlog, trio
 from sledagent import _server
 from sledagent._http import STATS, HttpLimits
@@ -853,3 +875,43 @@ async def test_the_pool_survives_our_own_server_closing_idle_connections() -> No
         assert json.loads(answer.body)["body"] == "2"
         assert pool.connects == 2
         await pool.aclose()
+
+
+# --- the daemon's [http] table -------------------------------------------------------------
+
+
+def test_the_daemon_config_takes_an_http_table_and_names_a_bad_key_or_value() -> None:
+    config = config_from_toml("[http]\nmax_connections = 10\nkeep_alive_s = 2.5\n")
+    assert config.http == HttpLimits(max_connections=10, keep_alive_s=2.5)
+    assert config_from_toml("").http == HttpLimits()
+    with pytest.raises(ConfigError, match=r"unknown config key in x \[http\]: \['keepalive'\]"):
+        config_from_toml("[http]\nkeepalive = 1\n", source="x")
+    with pytest.raises(ConfigError, match=r"http `max_connections` must be >= 1, got 0"):
+        config_from_toml("[http]\nmax_connections = 0\n")
+    with pytest.raises(ConfigError, match=r"http `keep_alive_s` must be a number, got '5'"):
+        config_from_toml('[http]\nkeep_alive_s = "5"\n')
+    with pytest.raises(ConfigError, match=r"\[http\] must be a table"):
+        config_from_toml("http = 3\n")
+
+
+async def test_the_daemon_serves_its_api_with_the_configured_limits(tmp_path: Path) -> None:
+    config = DaemonConfig(
+        listen="127.0.0.1:0",
+        data_dir=tmp_path,
+        archive_in="thread",
+        agent=fast_config(),
+        http=HttpLimits(max_connections=1, keep_alive_s=60),
+    )
+    shutdown = trio.Event()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(run_daemon, config, shutdown)
+            server = Server(int(info.api_url.rsplit(":", 1)[1]))
+            first = await server.connect()
+            await first.send(b"GET /openapi.json HTTP/1.1\r\nhost: t\r\n\r\n")
+            assert (await first.answer()).status == 200
+            await trio.testing.wait_all_tasks_blocked()  # the first is idle now
+            await server.assert_serves_a_fresh_connection("/openapi.json")
+            assert await first.closed()  # the cap of one made room for the newcomer
+            await first.aclose()
+            shutdown.set()
