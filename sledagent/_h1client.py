@@ -254,6 +254,9 @@ class H1Pool:
         """The most recently used idle connection fit to carry a request, if any; the
         expired and the readable are closed on the way."""
         oldest = trio.current_time() - self._idle_expiry_s
+        while self._idle and self._idle[0].idle_since < oldest:  # oldest first: expired
+            self.discarded += 1
+            await self._idle.pop(0).close()
         while self._idle:
             conn = self._idle.pop()
             if conn.idle_since >= oldest and not conn.readable():

@@ -11,8 +11,10 @@ duration; the timeouts under test are short so that waiting for them is quick.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import resource
 import socket
 import struct
@@ -30,6 +32,8 @@ import pytest
 import structlog
 import trio
 import trio.testing
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
 
 from sledagent._api import build_app
 from sledagent._daemon import ConfigError, DaemonConfig, config_from_toml, run_daemon
@@ -84,6 +88,7 @@ class Raw:
             raw_head, _, _ = bytes(self.buf).partition(b"\r\n\r\n")
             del self.buf[: len(raw_head) + 4]
             lines = raw_head.decode("latin-1").split("\r\n")
+            assert re.fullmatch(r"HTTP/1\.1 \d{3} .*", lines[0]), raw_head
             status = int(lines[0].split(" ")[1])
             headers = {}
             for line in lines[1:]:
@@ -449,6 +454,63 @@ async def test_a_request_target_that_is_not_ascii_is_400() -> None:
         await raw.send(b"GET /%FF%FE HTTP/1.1\r\nhost: t\r\n\r\n")
         assert (await raw.answer()).status == 400
         await server.assert_serves_a_fresh_connection()
+
+
+async def ok(scope: Scope, receive: Callable[[], Awaitable[Message]], send: Any) -> None:
+    """Reads the whole body, answers 200 with no body (so answers parse alike)."""
+    while (await receive()).get("more_body"):
+        pass
+    headers = [(b"content-length", b"0")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
+EOL = st.sampled_from([b"\r\n", b"\n"])
+HEADER = st.sampled_from(
+    [b"host: t", b"content-length: 3", b"content-length: -1", b"content-length: 3, 4",
+     b"content-length: 99999999999999999999", b"transfer-encoding: chunked",
+     b"transfer-encoding: gzip, chunked", b"expect: 100-continue", b"connection: close",
+     b" folded", b"x-a: \x00", b"x-a: \xff", b": empty name"]
+) | st.binary(max_size=24)  # fmt: skip
+BODY = st.sampled_from(
+    [b"", b"abc", b"3\r\nabc\r\n0\r\n\r\n", b"zz\r\nab\r\n", b"0\r\n\r\n", b"2\r\nabcd\r\n"]
+) | st.binary(max_size=40)  # fmt: skip
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> bytes:
+    method = draw(st.sampled_from([b"GET", b"PUT", b"POST", b"G T", b""]))
+    target = draw(
+        st.sampled_from([b"/", b"/x?y=1", b"/%ff", b"*", b"http://h/p"]) | st.binary(max_size=12)
+    )
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 x", b""]))
+    eol = draw(EOL)
+    head = method + b" " + target + b" " + version + eol
+    head += b"".join(h + eol for h in draw(st.lists(HEADER, max_size=5)))
+    return head + eol + draw(BODY)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(requests(), min_size=1, max_size=3))
+async def test_no_request_bytes_get_a_5xx_log_an_error_or_stop_the_server(
+    pipeline: list[bytes],
+) -> None:
+    """Whatever a client sends (pipelined, then half-closed): every answer is below 500,
+    nothing is logged as an error, and a fresh connection is served after."""
+    note(repr(pipeline))
+    with structlog.testing.capture_logs() as logs:
+        async with serving(ok, head_timeout_s=5, body_timeout_s=5) as server:
+            raw = await server.connect()
+            with contextlib.suppress(trio.BrokenResourceError):
+                await raw.send(b"".join(pipeline))
+                await raw.stream.send_eof()
+            statuses = []
+            with contextlib.suppress(EOFError):
+                while True:
+                    statuses.append((await raw.answer()).status)
+            assert all(status < 500 for status in statuses), statuses
+            await server.assert_serves_a_fresh_connection()
+    assert no_error_logged(logs), logs
 
 
 # --- connection lifecycle --------------------------------------------------------------------
