@@ -267,6 +267,9 @@ class _Connection:
                 413, f"request body over {self.limits.max_body_bytes} bytes", head_only=head_only
             )
             return None
+        if chunked is None and not self.body_length:
+            # No body: take h11's EndOfMessage now, so that nothing is left to discard.
+            self.h11.next_event()
         return event
 
     async def _refuse(
