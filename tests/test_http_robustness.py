@@ -113,6 +113,13 @@ class Raw:
         await trio.aclose_forcefully(self.stream)
 
 
+async def settled() -> None:
+    """Until every task of this process (the server's included) waits: what was sent on
+    loopback has been read and acted on."""
+    with trio.fail_after(DEADLINE_S):
+        await trio.testing.wait_all_tasks_blocked()
+
+
 @attrs.define
 class Server:
     port: int
@@ -367,11 +374,11 @@ async def test_a_client_that_resets_mid_upload_is_no_error() -> None:
                 f"PUT /vmms/{uuid.uuid4()} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json"
                 "\r\ncontent-length: 100\r\n\r\n{".encode()
             )
-            await trio.testing.wait_all_tasks_blocked()  # the API is reading the body
+            await settled()  # the API is reading the body
             linger_0 = struct.pack("ii", 1, 0)  # close with a reset, not a FIN
             raw.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_0)
             await raw.aclose()
-            await trio.testing.wait_all_tasks_blocked()  # the server saw it
+            await settled()  # the server saw it
         assert no_error_logged(logs), logs
         await server.assert_serves_a_fresh_connection("/openapi.json")
 
@@ -585,7 +592,7 @@ async def test_a_100_continue_request_answered_without_its_body_is_told_close() 
 async def test_past_the_connection_cap_the_oldest_idle_connection_makes_room() -> None:
     async with serving(max_connections=3, keep_alive_s=30) as server:
         idle = [await server.connect() for _ in range(3)]
-        await trio.testing.wait_all_tasks_blocked()  # all three accepted, idle
+        await settled()  # all three accepted, idle
         closed_before = STATS.idle_closed
         newcomer = await server.connect()
         await newcomer.send(b"GET /echo HTTP/1.1\r\nhost: t\r\n\r\n")
@@ -603,7 +610,7 @@ async def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503_at_once(
         busy = [await server.connect() for _ in range(2)]
         for raw in busy:
             await raw.send(b"GET /wait HTTP/1.1\r\nhost: t\r\n\r\n")
-        await trio.testing.wait_all_tasks_blocked()  # both requests are in the app
+        await settled()  # both requests are in the app
         turned_away = await server.connect()
         answer = await turned_away.answer()
         assert answer.status == 503 and answer.error()["message"].startswith("too many")
@@ -972,7 +979,7 @@ async def test_the_daemon_serves_its_api_with_the_configured_limits(tmp_path: Pa
             first = await server.connect()
             await first.send(b"GET /openapi.json HTTP/1.1\r\nhost: t\r\n\r\n")
             assert (await first.answer()).status == 200
-            await trio.testing.wait_all_tasks_blocked()  # the first is idle now
+            await settled()  # the first is idle now
             await server.assert_serves_a_fresh_connection("/openapi.json")
             assert await first.closed()  # the cap of one made room for the newcomer
             await first.aclose()
