@@ -23,7 +23,7 @@ import structlog
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Match, Route, Router
 from starlette.types import Receive, Scope, Send
@@ -180,6 +180,8 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> _Api:
                         message=exc.message,
                     )
                     return _error(exc, request_id)
+                except ClientDisconnect:
+                    raise  # the server ended the request (bad, slow or cut-off body): no bug
                 except Exception:  # a bug: logged with its request id, never a traceback
                     log.exception(
                         "api_error",

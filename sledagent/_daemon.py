@@ -43,7 +43,7 @@ from ._illumos import IllumosConfig, IllumosZoneBackend, require_tools
 from ._journal import StateJournal
 from ._local_zones import LocalZoneBackend, LocalZonesConfig, PropolisLauncher
 from ._preflight import listen_reason, prepare_host
-from ._server import serve_api
+from ._server import HttpLimits, serve_api
 from .sim._fleet import SimPropolisFleet
 from .sim._host import RemoteFleetLauncher
 from .sim._nexus import recording_nexus_app
@@ -85,7 +85,13 @@ def _freeze_startup_heap() -> None:
 
 
 async def _start_server(
-    nursery: trio.Nursery, app: ASGIApp, listen: str, shutdown: trio.Event
+    nursery: trio.Nursery,
+    app: ASGIApp,
+    listen: str,
+    shutdown: trio.Event,
+    *,
+    limits: HttpLimits | None = None,
+    announce: bool = True,
 ) -> str:
     """Serve ``app`` in ``nursery``; its URL. A failure to bind is ``ListenError``."""
     try:
@@ -94,6 +100,8 @@ async def _start_server(
                 app,
                 listen=listen,
                 shutdown=shutdown,
+                limits=limits,
+                announce=announce,
                 task_status=task_status,
             )
         )
@@ -203,7 +211,7 @@ async def _peers(config: DaemonConfig, nursery: trio.Nursery, stop: trio.Event) 
     if nexus_url is None:
         in_process = FakeNexus()
         app = recording_nexus_app(in_process)
-        nexus_url = await _start_server(nursery, app, config.nexus_listen, stop)
+        nexus_url = await _start_server(nursery, app, config.nexus_listen, stop, announce=False)
         recording = in_process
     return _Peers(nexus_url, recording, fleet, launcher, sim_host)
 
@@ -270,7 +278,9 @@ async def _serve_agent(
         ) as agent:
             api_stop = trio.Event()
             api_app = build_app(agent, token=token)
-            api_url = await _start_server(nursery, api_app, config.listen, api_stop)
+            api_url = await _start_server(
+                nursery, api_app, config.listen, api_stop, limits=config.http
+            )
             log.info(
                 "daemon_listening", api=api_url, nexus=nexus_url, data_dir=str(config.data_dir)
             )

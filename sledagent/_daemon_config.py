@@ -22,7 +22,7 @@ from ._config import AgentConfig
 from ._failures import ConfigError as ConfigError
 from ._failures import os_reason
 from ._schema import EXPECT, build
-from ._server import DEFAULT_LISTEN
+from ._server import DEFAULT_LISTEN, HttpLimits
 
 
 def _listen(_: Any, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -93,6 +93,8 @@ class DaemonConfig:
     #: Where seeded logs are generated once and hard-linked from (benchmarks).
     seed_cache: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     agent: AgentConfig = attrs.field(factory=AgentConfig)
+    #: The API server's connection cap, limits and timeouts (``[http]``).
+    http: HttpLimits = attrs.field(factory=HttpLimits)
 
     def __attrs_post_init__(self) -> None:
         if self.propolis == "remote" and not self.sim_fleet_url:

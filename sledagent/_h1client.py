@@ -14,13 +14,22 @@ long poll: the caller's cancel scope bounds it); responses with ``Content-Length
 chunked bodies, capped. A request that finds its kept-alive connection closed by the
 peer before any answer byte is sent again once on a new connection: every method the
 agent sends (``GET``, ``PUT``) is idempotent. A cancelled or failed exchange closes its
-connection, never returns it to the pool. No TLS, no proxies, no redirects: the agent
+connection, never returns it to the pool.
+
+The answer to a request is always the answer to that request (issue 16; httpx does the
+same): a connection is kept only if nothing follows its answer (bytes after a
+``Content-Length`` body, a second response); before it is reused it is checked without
+blocking, and one that became readable while idle (a ``408`` or any bytes sent before a
+request, or the peer's close) is closed, as is one idle longer than ``idle_expiry_s``
+(under the 5 s after which hypercorn and our server close an idle connection, so a reuse
+does not race the peer's close). No TLS, no proxies, no redirects: the agent
 speaks plain HTTP on the underlay, as omicron's services do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import select
 from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
@@ -69,6 +78,15 @@ class _Connection:
         self.max_body = max_body
         self.h11 = h11.Connection(h11.CLIENT)
         self.reusable = False
+        #: When it was last put back in the pool (trio clock).
+        self.idle_since = 0.0
+
+    def readable(self) -> bool:
+        """Whether bytes (or the peer's close, or an error) wait on an idle connection:
+        nothing may be waiting before a request is sent. Never blocks (poll, timeout 0)."""
+        poller = select.poll()
+        poller.register(self.stream.socket.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     async def exchange(
         self,
@@ -112,7 +130,8 @@ class _Connection:
                 break
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
-            self.reusable = True
+            # Bytes after the answer belong to no request of ours: never reuse.
+            self.reusable = conn.trailing_data == (b"", False)
         return H1Response(answer.status, b"".join(answer.chunks))
 
     def _digest(self, received: bytes, answer: _Answer) -> bool:
@@ -134,7 +153,9 @@ class _Connection:
                 return True
             elif isinstance(event, h11.ConnectionClosed):
                 raise ConnectionFailed("the peer closed the connection mid-answer")
-            # InformationalResponse (100 Continue) and the like: read on.
+            elif event is h11.PAUSED:  # 101 Switching Protocols: not HTTP any more
+                raise ConnectionFailed("the peer switched protocols")
+            # InformationalResponse (100 Continue, 103) and the like: read on.
 
     async def close(self) -> None:
         await trio.aclose_forcefully(self.stream)
@@ -163,6 +184,7 @@ class H1Pool:
         max_idle: int = 4,
         connect_timeout_s: float = 5.0,
         max_body_bytes: int = 8 << 20,
+        idle_expiry_s: float = 4.0,
     ) -> None:
         url = urlsplit(base_url)
         if url.scheme != "http" or not url.hostname:
@@ -175,10 +197,13 @@ class H1Pool:
         self._max_idle = max_idle
         self._connect_timeout_s = connect_timeout_s
         self._max_body = max_body_bytes
+        self._idle_expiry_s = idle_expiry_s
         self._idle: list[_Connection] = []
         self._closed = False
         #: Connections opened over the pool's life (tests and benchmarks read it).
         self.connects = 0
+        #: Idle connections closed rather than reused (expired, or readable while idle).
+        self.discarded = 0
 
     async def request(
         self,
@@ -202,7 +227,7 @@ class H1Pool:
         async with self._slots:
             with _deadline(timeout_s, what):
                 while True:
-                    conn = self._idle.pop() if self._idle else None
+                    conn = await self._take_idle()
                     reused = conn is not None
                     if conn is None:
                         conn = await self._connect(what)
@@ -221,10 +246,26 @@ class H1Pool:
                         raise
                     break
         if conn.reusable and not self._closed and len(self._idle) < self._max_idle:
+            conn.idle_since = trio.current_time()
             self._idle.append(conn)
         else:
             await conn.close()
         return response
+
+    async def _take_idle(self) -> _Connection | None:
+        """The most recently used idle connection fit to carry a request, if any; the
+        expired and the readable are closed on the way."""
+        oldest = trio.current_time() - self._idle_expiry_s
+        while self._idle and self._idle[0].idle_since < oldest:  # oldest first: expired
+            self.discarded += 1
+            await self._idle.pop(0).close()
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.idle_since >= oldest and not conn.readable():
+                return conn
+            self.discarded += 1
+            await conn.close()
+        return None
 
     async def _connect(self, what: str) -> _Connection:
         with _deadline(self._connect_timeout_s, f"{what}: connect"):

@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 server for ASGI apps, on trio and h11.
+"""A lean HTTP/1.1 server for ASGI apps, on trio and h11: one connection's lifecycle.
 
 Why not hypercorn's trio worker (the first choice, see docs/design.md): it spends about
 1.27 ms of CPU per request on this machine (a task for the app and a keep-alive timer
@@ -8,19 +8,23 @@ readers wait behind. This server runs the app in the connection's own task, send
 response of known length with one ``send_all`` and parses with h11 (the same parser
 hypercorn uses), for about a third of the CPU (docs/performance.md).
 
-What it does: keep-alive connections (one request at a time per connection, as HTTP/1.1
-without pipelining), an idle timeout between requests and a deadline for a request's
-head, bounded request heads (h11's ``max_incomplete_event_size``), ``100 Continue``,
-``400`` for malformed requests, ``500`` if the app fails before answering, and a graceful
-shutdown: stop accepting, close idle connections, let requests in flight finish within a
-deadline, then cancel. No TLS, no HTTP/2, no websockets: the agent listens on the
-underlay (or loopback) like omicron's dropshot servers, over plain HTTP/1.1.
+Owning it means owning what hypercorn gets right (issue 16; the limits beside hypercorn's
+and httpx's defaults are in docs/design.md). Per connection (this module): keep-alive, one
+request at a time (pipelined requests are answered in order); an idle timeout, a deadline
+for a request's head, an inactivity timeout while the app reads a body (408, then close);
+bounded heads (431) and bodies (413); every framing error of a request is a 400 (h11's
+501 for an unknown transfer coding included, and a request with both ``Content-Length``
+and ``Transfer-Encoding`` is refused: request smuggling); ``HEAD`` answered with the
+headers of ``GET`` and no body; ``100 Continue``; a body the app did not read is read
+and dropped up to a bound, else the connection is closed; ``500`` if the app fails before
+answering. Listening, the connection cap and accept errors are ``_server.py``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import select
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
@@ -32,8 +36,6 @@ import h11
 import structlog
 import trio
 
-from ._addr import parse_listen
-
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 ASGIApp = Callable[
@@ -42,55 +44,166 @@ ASGIApp = Callable[
 ]
 
 _RECV = 64 * 1024
+_DISCONNECT: Message = {"type": "http.disconnect"}
 log = structlog.get_logger("sledagent.http")
+
+
+def _number(minimum: float, *, integer: bool = False, above: bool = False) -> Any:
+    """A TOML number (an int where ``integer``; never a bool) >= or > ``minimum``."""
+
+    def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            kind = "an integer" if integer else "a number"
+            raise ValueError(f"http `{attribute.name}` must be {kind}, got {value!r}")
+        if value < minimum or (above and value == minimum):
+            raise ValueError(
+                f"http `{attribute.name}` must be {'>' if above else '>='} {minimum}, got {value!r}"
+            )
+
+    return check
 
 
 @attrs.frozen(kw_only=True)
 class HttpLimits:
-    #: Largest request head (request line and headers) accepted.
-    max_head_bytes: int = 16 * 1024
-    #: A connection with no request in progress is closed after this long.
-    keep_alive_s: float = 75.0
-    #: A request's head must arrive within this long of its first byte.
-    head_timeout_s: float = 10.0
-    #: On shutdown, requests in flight get this long to finish.
-    graceful_s: float = 5.0
-    #: A body the app did not read is read and dropped up to this much, to keep the
-    #: connection; beyond it the connection is closed.
-    max_discard_bytes: int = 1 << 20
+    """The server's limits and timeouts (TOML table ``[http]``; docs/operations.md).
+
+    Defaults follow hypercorn's where it has one (docs/design.md has the table)."""
+
+    #: Connections open at once. Past it the oldest idle connection is closed to make
+    #: room; with none idle, a new connection gets 503 and is closed at once.
+    max_connections: int = attrs.field(default=2048, validator=_number(1, integer=True))
+    #: Largest request head (request line and headers), bytes; larger: 431.
+    max_head_bytes: int = attrs.field(default=16 * 1024, validator=_number(256, integer=True))
+    #: Largest request body, bytes; larger: 413 (declared: before the app runs).
+    max_body_bytes: int = attrs.field(default=16 << 20, validator=_number(0, integer=True))
+    #: A connection with no request in progress is closed after this long, seconds.
+    keep_alive_s: float = attrs.field(default=5.0, validator=_number(0, above=True))
+    #: A request's head must arrive within this long of its first byte, else 408.
+    head_timeout_s: float = attrs.field(default=5.0, validator=_number(0, above=True))
+    #: While the app reads a body, no byte for this long: 408 and close.
+    body_timeout_s: float = attrs.field(default=10.0, validator=_number(0, above=True))
+    #: A body the app did not read is read and dropped, up to this many bytes within
+    #: ``discard_timeout_s``, to keep the connection; beyond either it is closed.
+    max_discard_bytes: int = attrs.field(default=1 << 20, validator=_number(0, integer=True))
+    discard_timeout_s: float = attrs.field(default=2.0, validator=_number(0, above=True))
+    #: On shutdown, requests in flight get this long to finish, seconds.
+    graceful_s: float = attrs.field(default=5.0, validator=_number(0))
+
+
+@attrs.define
+class HttpStatistics:
+    """What the servers of this process turned away, read at scrape time (``_metrics``).
+
+    Counted only off the hot path (errors, refusals, connection open/close)."""
+
+    connections_open: int = 0
+    #: accept(2) failures by errno name (``EMFILE``, ``ENFILE``, ``ENOBUFS``, ...).
+    accept_errors: dict[str, int] = attrs.Factory(dict)
+    #: Idle connections closed to make room (connection cap or descriptors exhausted).
+    idle_closed: int = 0
+    #: Answers the server gave itself (the app never saw the request), by status.
+    refused: dict[int, int] = attrs.Factory(dict)
+
+
+STATS = HttpStatistics()
+
+
+def refusal(status: int, message: str, *, head_only: bool = False) -> bytes:
+    """A whole ``connection: close`` answer in the contract's error shape."""
+    STATS.refused[status] = STATS.refused.get(status, 0) + 1
+    body = json.dumps(
+        {"message": message, "error_code": None, "request_id": str(uuid.uuid4())}
+    ).encode()
+    reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode()
+    return head if head_only else head + body
 
 
 class _Close(Exception):
     """End the connection (the peer left, or the protocol says so)."""
 
 
+class ConnectionTable:
+    """The open connections of one server, and which of them are idle (oldest first)."""
+
+    def __init__(self, app: ASGIApp, limits: HttpLimits) -> None:
+        self.app, self.limits = app, limits
+        self.draining = False
+        self.connections: set[_Connection] = set()
+        self.idle: dict[_Connection, None] = {}
+        #: Set (and replaced) whenever a connection ends: a descriptor is free.
+        self.freed = trio.Event()
+
+    def open(self, stream: trio.SocketStream) -> _Connection:
+        conn = _Connection(stream, self)
+        self.connections.add(conn)
+        STATS.connections_open += 1
+        return conn
+
+    def closed(self, conn: _Connection) -> None:
+        if conn in self.connections:
+            self.connections.remove(conn)
+            STATS.connections_open -= 1
+            self.freed.set()
+            self.freed = trio.Event()
+        self.idle.pop(conn, None)
+
+    def shed_idle(self) -> bool:
+        """Close the connection idle the longest, now; False if none is idle. One whose
+        request has arrived (its task has not run yet) is not idle: it is kept."""
+        for conn in self.idle:
+            if not _readable(conn.stream.socket):
+                conn.shed()
+                STATS.idle_closed += 1
+                return True
+        return False
+
+    def close_idle(self) -> None:
+        for conn in list(self.idle):
+            conn.shed()
+
+
 class _Connection:
-    def __init__(
-        self, stream: trio.SocketStream, app: ASGIApp, server: _Server, limits: HttpLimits
-    ) -> None:
-        self.stream, self.app, self.server, self.limits = stream, app, server, limits
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
+    def __init__(self, stream: trio.SocketStream, table: ConnectionTable) -> None:
+        self.stream, self.table, self.limits = stream, table, table.limits
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_bytes)
         self.idle_scope: trio.CancelScope | None = None
+        #: The request's declared Content-Length (None: chunked or no body).
+        self.body_length: int | None = None
         try:
             self.client = _addr(stream.socket.getpeername())
             self.local = _addr(stream.socket.getsockname())
         except OSError:  # the peer already left; serve() will notice
             self.client = self.local = None
 
+    def shed(self) -> None:
+        """Close an idle connection at once: its descriptor is free on return."""
+        if self.idle_scope is not None:
+            self.idle_scope.cancel()
+        self.table.closed(self)
+        self.stream.socket.close()
+
     async def serve(self) -> None:
         try:
-            while not self.server.draining:
+            while not self.table.draining:
                 request = await self._next_request()
                 if request is None:
                     break
                 await self._handle(request)
-                if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is h11.MUST_CLOSE:
+                conn = self.h11
+                if conn.their_state is h11.SEND_BODY and not await self._discard_body():
                     break
-                await self._discard_rest_of_body()
-                self.h11.start_next_cycle()
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    break  # either side said close (or HTTP/1.0)
+                conn.start_next_cycle()
         except (_Close, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             pass
         finally:
+            self.table.closed(self)
             with trio.move_on_after(1, shield=True):
                 await self.stream.aclose()
 
@@ -105,70 +218,110 @@ class _Connection:
     async def _next_request(self) -> h11.Request | None:
         """The next request's head, or None when the connection should end."""
         try:
-            with trio.CancelScope(deadline=trio.current_time() + self.limits.keep_alive_s) as idle:
-                self.idle_scope = idle  # shutdown cancels it: an idle connection just closes
-                if not self.h11.trailing_data[0]:  # nothing buffered: wait for a request
-                    self.h11.receive_data(await self.stream.receive_some(_RECV))
-            self.idle_scope = None
-            if idle.cancelled_caught:
-                return None
+            if not self.h11.trailing_data[0]:  # nothing buffered: idle until a request
+                table = self.table
+                table.idle[self] = None
+                try:
+                    deadline = trio.current_time() + self.limits.keep_alive_s
+                    with trio.CancelScope(deadline=deadline) as idle:
+                        self.idle_scope = idle  # shed or shutdown: closes it
+                        self.h11.receive_data(await self.stream.receive_some(_RECV))
+                finally:
+                    self.idle_scope = None
+                    table.idle.pop(self, None)
+                if idle.cancelled_caught:
+                    return None
             with trio.move_on_after(self.limits.head_timeout_s) as head:
                 event = await self._read_event()
             if head.cancelled_caught:
-                await self._refuse(408, "request head not received in time")
+                await self._refuse(408, "request head not received in time", linger=False)
                 return None
         except h11.RemoteProtocolError as exc:
-            await self._refuse(exc.error_status_hint, f"malformed request: {exc}")
+            status = 431 if exc.error_status_hint == 431 else 400  # h11's 501 included
+            await self._refuse(status, f"malformed request: {exc}")
             return None
         if not isinstance(event, h11.Request):
             return None  # ConnectionClosed, or the peer left between requests
         # h11 bounds a head that arrives in pieces; one that arrives whole is measured here.
-        size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+        size = len(event.target)
+        length = chunked = None
+        for name, value in event.headers:
+            size += len(name) + len(value) + 4
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = value
+        self.body_length = None if length is None else int(length)
+        head_only = event.method == b"HEAD"
         if size > self.limits.max_head_bytes:
             await self._refuse(431, f"request head over {self.limits.max_head_bytes} bytes")
             return None
+        if chunked is not None and (length is not None or event.http_version == b"1.0"):
+            # RFC 9112 6.1, 6.3: ambiguous framing, the shape of request smuggling.
+            await self._refuse(
+                400, "transfer-encoding with content-length, or in HTTP/1.0", head_only=head_only
+            )
+            return None
+        if self.body_length is not None and self.body_length > self.limits.max_body_bytes:
+            await self._refuse(
+                413, f"request body over {self.limits.max_body_bytes} bytes", head_only=head_only
+            )
+            return None
+        if chunked is None and not self.body_length:
+            # No body: take h11's EndOfMessage now, so that nothing is left to discard.
+            self.h11.next_event()
         return event
 
-    async def _refuse(self, status: int, message: str) -> None:
-        """Answer with an error the app never saw, then close (the stream may be out of
-        step with h11, so the answer is written by hand)."""
-        body = json.dumps(
-            {"message": message, "error_code": None, "request_id": str(uuid.uuid4())}
-        ).encode()
-        reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
-        head = (
-            f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-        ).encode()
+    async def _refuse(
+        self, status: int, message: str, *, head_only: bool = False, linger: bool = True
+    ) -> None:
+        """Answer with an error the app never saw; the connection then ends (the stream
+        may be out of step with h11, so the answer is written by hand). ``linger``: say
+        we are done writing, then read and drop what the client is still sending (up to
+        a bound), as a lingering close does: closing with unread bytes resets the
+        connection, and the client would lose the answer."""
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.stream.send_all(head + body)
+            await self.stream.send_all(refusal(status, message, head_only=head_only))
+            if not linger:
+                return
+            await self.stream.send_eof()
+            left = self.limits.max_discard_bytes
+            with trio.move_on_after(self.limits.discard_timeout_s):
+                while left >= 0 and (data := await self.stream.receive_some(_RECV)):
+                    left -= len(data)
 
-    async def _discard_rest_of_body(self) -> None:
+    async def _discard_body(self) -> bool:
         """The app answered without reading the whole body: read and drop the rest, up
-        to a bound (then the connection is closed rather than read forever)."""
+        to a bound in bytes and time. True if the connection can serve another request
+        (a client waiting for ``100 Continue`` was told ``connection: close``, and is
+        read until it closes, so that our answer is not lost to a reset)."""
         left = self.limits.max_discard_bytes
-        while self.h11.their_state is h11.SEND_BODY:
-            event = await self._read_event()
-            if isinstance(event, h11.ConnectionClosed):
-                raise _Close
-            if isinstance(event, h11.Data):
-                left -= len(event.data)
-                if left < 0:
-                    raise _Close
+        with trio.move_on_after(self.limits.discard_timeout_s):
+            while self.h11.their_state is h11.SEND_BODY:
+                event = await self._read_event()
+                if isinstance(event, h11.ConnectionClosed):
+                    return False
+                if isinstance(event, h11.Data):
+                    left -= len(event.data)
+                    if left < 0:
+                        return False
+            return True
+        return False
 
     async def _handle(self, request: h11.Request) -> None:
         target = request.target
         raw_path, _, query = target.partition(b"?")
+        method = request.method.decode("ascii")
         try:
             path = unquote(raw_path.decode("ascii"), errors="strict")
         except UnicodeDecodeError:
-            await self._refuse(400, "request target is not ASCII")
+            await self._refuse(400, "request target is not ASCII", head_only=method == "HEAD")
             raise _Close from None
         scope: Scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": request.http_version.decode(),
-            "method": request.method.decode("ascii"),
+            "method": method,
             "scheme": "http",
             "path": path,
             "raw_path": raw_path,
@@ -179,18 +332,22 @@ class _Connection:
             "server": self.local,
             "extensions": {},
         }
-        state = _Exchange(self)
+        state = _Exchange(self, method == "HEAD")
         try:
-            await self.app(scope, state.receive, state.send)
+            await self.table.app(scope, state.receive, state.send)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise _Close from None  # the client left while we answered: nothing to log
         except Exception:
-            log.exception("asgi_app_failed", method=scope["method"], path=path)
+            if state.aborted:  # the app failed on the request the server ended: no bug
+                raise _Close from None
+            log.exception("asgi_app_failed", method=method, path=path)
             if not state.started:
-                await self._refuse(500, "internal error")
+                await self._refuse(500, "internal error", head_only=state.head_only)
             raise _Close from None  # a response cut short cannot be repaired
         finally:
             state.done.set()
+        if state.aborted:
+            raise _Close
         if not state.started:
             await self._refuse(500, "the application sent no response")
             raise _Close
@@ -201,12 +358,22 @@ class _Connection:
 class _Exchange:
     """ASGI ``receive``/``send`` for one request on a connection."""
 
-    def __init__(self, conn: _Connection) -> None:
+    def __init__(self, conn: _Connection, head_only: bool) -> None:
         self.conn = conn
-        self.started = self.finished = False
+        self.head_only = head_only
+        self.started = self.finished = self.aborted = False
         self.head: h11.Response | None = None
         self.head_sent = self.body_done = False
+        self.received = 0
         self.done = trio.Event()
+
+    async def _abort(self, status: int, message: str, *, linger: bool = True) -> Message:
+        """The server ends the request (bad body, too slow, too big): it answers if the
+        app has not, and the app sees the client leave."""
+        if not self.started:
+            await self.conn._refuse(status, message, linger=linger)
+        self.aborted = self.body_done = self.started = self.finished = True
+        return _DISCONNECT
 
     async def receive(self) -> Message:
         conn = self.conn
@@ -214,33 +381,54 @@ class _Exchange:
             # ASGI: once the body is read, receive() waits for the end of the exchange
             # (apps that stream a response listen for the client leaving this way).
             await self.done.wait()
-            return {"type": "http.disconnect"}
+            return _DISCONNECT
         if conn.h11.their_state is not h11.SEND_BODY:
             self.body_done = True
             return {"type": "http.request", "body": b"", "more_body": False}
-        if conn.h11.they_are_waiting_for_100_continue:
-            await conn.stream.send_all(
-                conn.h11.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
-            )
-        event = await conn._read_event()
+        limits = conn.limits
+        try:
+            if conn.h11.they_are_waiting_for_100_continue:
+                await conn.stream.send_all(
+                    conn.h11.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                )
+            with trio.move_on_after(limits.body_timeout_s) as stalled:
+                event = await conn._read_event()
+        except h11.RemoteProtocolError as exc:  # bad chunk, cut short: the client's error
+            return await self._abort(400, f"malformed request body: {exc}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):  # reset mid-body
+            self.aborted = self.body_done = self.started = self.finished = True
+            return _DISCONNECT
+        if stalled.cancelled_caught:
+            return await self._abort(408, "request body not received in time", linger=False)
         if isinstance(event, h11.Data):
+            self.received += len(event.data)
+            if self.received > limits.max_body_bytes:
+                return await self._abort(413, f"request body over {limits.max_body_bytes} bytes")
             return {"type": "http.request", "body": bytes(event.data), "more_body": True}
         if isinstance(event, h11.EndOfMessage):
             self.body_done = True
             return {"type": "http.request", "body": b"", "more_body": False}
         self.body_done = True
-        return {"type": "http.disconnect"}
+        return _DISCONNECT
 
     async def send(self, message: Message) -> None:
+        if self.aborted:
+            return  # the server answered already; the app's answer goes nowhere
         conn = self.conn
         kind = message["type"]
         if kind == "http.response.start":
             if self.started:
                 raise RuntimeError("response already started")
             self.started = True
-            self.head = h11.Response(
-                status_code=message["status"], headers=list(message.get("headers", []))
-            )
+            headers = list(message.get("headers", []))
+            h = conn.h11
+            if h.their_state is h11.SEND_BODY and (
+                h.they_are_waiting_for_100_continue
+                or self._unread() > conn.limits.max_discard_bytes
+            ):
+                # The body will not come (no 100 Continue) or is too big to drop: say so.
+                headers.append((b"connection", b"close"))
+            self.head = h11.Response(status_code=message["status"], headers=headers)
             return
         if kind != "http.response.body" or self.head is None or self.finished:
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
@@ -249,7 +437,7 @@ class _Exchange:
             out += conn.h11.send(self.head) or b""
             self.head_sent = True
         body = message.get("body", b"")
-        if body:
+        if body and not self.head_only:  # HEAD: the headers of GET, no body (RFC 9110 9.3.2)
             out += conn.h11.send(h11.Data(data=body)) or b""
         if not message.get("more_body", False):
             out += conn.h11.send(h11.EndOfMessage()) or b""
@@ -258,77 +446,18 @@ class _Exchange:
         if out:  # a response of known length goes out in one write
             await conn.stream.send_all(out)
 
+    def _unread(self) -> int:
+        """Declared body bytes not read yet (a chunked body: 0, unknown)."""
+        length = self.conn.body_length
+        return 0 if length is None else length - self.received
 
-@attrs.define
-class _Server:
-    draining: bool = False
-    connections: set[_Connection] = attrs.field(factory=set)
+
+def _readable(sock: trio.socket.SocketType) -> bool:
+    """Bytes (or a close) are waiting on ``sock``; never blocks."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _addr(sockaddr: Any) -> tuple[str, int] | None:
     return (sockaddr[0], sockaddr[1]) if isinstance(sockaddr, tuple) else None
-
-
-async def serve_http(
-    app: ASGIApp,
-    listen: str,
-    *,
-    shutdown: trio.Event,
-    limits: HttpLimits | None = None,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``app`` on ``listen`` (``host:port``; port 0 picks one) until ``shutdown``.
-
-    Reports the bound URLs through ``task_status`` (start it with ``nursery.start``).
-    """
-    limits = limits or HttpLimits()
-    host, port = parse_listen(listen)  # ValueError for a port over 65535, not port % 65536
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    urls = []
-    for listener in listeners:
-        name = listener.socket.getsockname()
-        h = f"[{name[0]}]" if ":" in name[0] else name[0]
-        urls.append(f"http://{h}:{name[1]}")
-    server = _Server()
-
-    async def handle(stream: trio.SocketStream) -> None:
-        conn = _Connection(stream, app, server, limits)
-        server.connections.add(conn)
-        try:
-            await conn.serve()
-        finally:
-            server.connections.discard(conn)
-
-    try:
-        async with trio.open_nursery() as connections:
-            async with trio.open_nursery() as accepting:
-                for listener in listeners:
-                    accepting.start_soon(_accept_loop, listener, handle, connections)
-                task_status.started(urls)
-                await shutdown.wait()
-                accepting.cancel_scope.cancel()
-            for listener in listeners:
-                listener.socket.close()
-            server.draining = True
-            for conn in list(server.connections):
-                if conn.idle_scope is not None:
-                    conn.idle_scope.cancel()
-            # Requests in flight finish within the deadline; then the rest is cancelled.
-            connections.cancel_scope.deadline = trio.current_time() + limits.graceful_s
-    finally:
-        for listener in listeners:  # also when cancelled rather than shut down
-            listener.socket.close()
-
-
-async def _accept_loop(
-    listener: trio.SocketListener,
-    handle: Callable[[trio.SocketStream], Awaitable[None]],
-    nursery: trio.Nursery,
-) -> None:
-    while True:
-        try:
-            stream = await listener.accept()
-        except OSError:  # e.g. EMFILE: wait a little rather than spin
-            await trio.sleep(0.1)
-            continue
-        nursery.start_soon(handle, stream)

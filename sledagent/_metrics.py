@@ -18,6 +18,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ._agent import SledAgent
+from ._http import STATS as HTTP_STATS
 from ._registry import VmmPhase
 from ._stats import Histogram
 
@@ -133,6 +134,35 @@ class AgentCollector(Collector):
         )
 
 
+class HttpCollector(Collector):
+    """The HTTP servers of this process (``_http.STATS``): what they turned away."""
+
+    def collect(self) -> Iterator[Metric]:
+        s = HTTP_STATS
+        yield GaugeMetricFamily(
+            "sledagent_http_connections", "Open server connections.", value=s.connections_open
+        )
+        errors = CounterMetricFamily(
+            "sledagent_http_accept_errors", "accept(2) failures, by errno.", labels=["errno"]
+        )
+        for name, count in sorted(s.accept_errors.items()):
+            errors.add_metric([name], count)
+        yield errors
+        yield CounterMetricFamily(
+            "sledagent_http_idle_closed",
+            "Idle connections closed to make room (connection cap, descriptors).",
+            value=s.idle_closed,
+        )
+        refused = CounterMetricFamily(
+            "sledagent_http_refused",
+            "Answers the server gave itself (bad framing, timeouts, caps), by status.",
+            labels=["status"],
+        )
+        for status, count in sorted(s.refused.items()):
+            refused.add_metric([str(status)], count)
+        yield refused
+
+
 def metrics_text(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
@@ -140,4 +170,5 @@ def metrics_text(registry: CollectorRegistry) -> bytes:
 def registry_for(agent: SledAgent) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(agent))
+    registry.register(HttpCollector())
     return registry

@@ -1,12 +1,165 @@
-"""Serve an ASGI app (the API, the simulators) inside the caller's nursery."""
+"""Serve an ASGI app (the API, the simulators) inside the caller's nursery.
+
+Listening is here; one connection's lifecycle is ``_http.py``'s. What a flood of
+connections or an exhausted descriptor table can do (issue 16, measured against
+hypercorn): connections are capped (``HttpLimits.max_connections``): past the cap the
+connection idle the longest is closed to make room, and with none idle a new connection
+is answered 503 and closed at once. An accept(2) that fails for lack of resources
+(``EMFILE``, ``ENFILE``, ``ENOBUFS``, ``ENOMEM``) closes the oldest idle connection and
+tries again; with none idle the loop waits until one of its connections ends (or a
+backoff of up to 1 s, for descriptors held elsewhere in the process), then resumes.
+Each failure is counted (``sledagent_http_accept_errors``); it is logged once per burst.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import resource
+
+import structlog
 import trio
 
-from ._http import ASGIApp, HttpLimits, serve_http
+from ._addr import parse_listen
+from ._http import STATS, ASGIApp, ConnectionTable, HttpLimits, refusal
 
 DEFAULT_LISTEN = "127.0.0.1:12345"
+log = structlog.get_logger("sledagent.http")
+
+_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_BACKOFF_S = (0.01, 1.0)
+#: Failures closer together than this are one burst (one log line); a burst that lasts
+#: is logged again this often, with its count.
+_BURST_GAP_S = 10.0
+_BURST_RELOG_S = 60.0
+
+
+def fd_limit() -> int:
+    """This process's soft limit on open descriptors (RLIMIT_NOFILE)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class _Burst:
+    """Logs a run of failures once (and again each minute while it lasts)."""
+
+    def __init__(self, event: str) -> None:
+        self.event = event
+        self.last = self.logged = -float("inf")
+        self.count = 0
+
+    def failed(self, **fields: object) -> None:
+        now = trio.current_time()
+        if now - self.last >= _BURST_GAP_S:
+            self.count = 0
+            self.logged = -float("inf")
+        self.last = now
+        self.count += 1
+        if now - self.logged >= _BURST_RELOG_S:
+            self.logged = now
+            log.warning(self.event, failures_in_burst=self.count, **fields)
+
+
+async def serve_http(
+    app: ASGIApp,
+    listen: str,
+    *,
+    shutdown: trio.Event,
+    limits: HttpLimits | None = None,
+    announce: bool = True,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on ``listen`` (``host:port``; port 0 picks one) until ``shutdown``.
+
+    Reports the bound URLs through ``task_status`` (start it with ``nursery.start``).
+    With ``announce`` the URLs, the connection cap and the descriptor limit are logged
+    (``http_serving``). On ``shutdown`` it stops accepting, closes idle connections and
+    lets requests in flight finish within ``limits.graceful_s``, then cancels them.
+    """
+    limits = limits or HttpLimits()
+    host, port = parse_listen(listen)  # ValueError for a port over 65535, not port % 65536
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    urls = []
+    for listener in listeners:
+        name = listener.socket.getsockname()
+        h = f"[{name[0]}]" if ":" in name[0] else name[0]
+        urls.append(f"http://{h}:{name[1]}")
+    table = ConnectionTable(app, limits)
+    if announce:
+        fds = fd_limit()
+        log.info("http_serving", urls=urls, max_connections=limits.max_connections, fd_limit=fds)
+        if limits.max_connections >= fds:
+            log.warning(
+                "http_connection_cap_over_fd_limit",
+                max_connections=limits.max_connections,
+                fd_limit=fds,
+                hint="descriptors run out before the cap: raise the limit (ulimit -n)",
+            )
+    try:
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(_accept_loop, listener, table, connections)
+                task_status.started(urls)
+                await shutdown.wait()
+                accepting.cancel_scope.cancel()
+            for listener in listeners:
+                listener.socket.close()
+            table.draining = True
+            table.close_idle()
+            # Requests in flight finish within the deadline; then the rest is cancelled.
+            connections.cancel_scope.deadline = trio.current_time() + limits.graceful_s
+    finally:
+        for listener in listeners:  # also when cancelled rather than shut down
+            listener.socket.close()
+
+
+async def _accept_loop(
+    listener: trio.SocketListener, table: ConnectionTable, nursery: trio.Nursery
+) -> None:
+    backoff = _BACKOFF_S[0]
+    accept_failures = _Burst("http_accept_failing")
+    at_cap = _Burst("http_connection_cap_reached")
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            STATS.accept_errors[name] = STATS.accept_errors.get(name, 0) + 1
+            shed = False
+            if exc.errno in _CAPACITY_ERRNOS:
+                # Linux fails accept(2) for want of a descriptor before it looks for a
+                # connection: wait for one to be there before closing an idle one for it.
+                await trio.lowlevel.wait_readable(listener.socket)
+                shed = table.shed_idle()
+            accept_failures.failed(
+                errno=name,
+                error=os.strerror(exc.errno) if exc.errno else str(exc),
+                open_connections=len(table.connections),
+                fd_limit=fd_limit(),
+                action="closed the oldest idle connection" if shed else "waiting",
+            )
+            if not shed:  # until one of ours ends, or descriptors held elsewhere free up
+                with trio.move_on_after(backoff):
+                    await table.freed.wait()
+                backoff = min(backoff * 2, _BACKOFF_S[1])
+            continue
+        backoff = _BACKOFF_S[0]
+        if len(table.connections) >= table.limits.max_connections and not table.shed_idle():
+            at_cap.failed(max_connections=table.limits.max_connections)
+            nursery.start_soon(_turn_away, stream)
+            continue
+        nursery.start_soon(table.open(stream).serve)
+
+
+async def _turn_away(stream: trio.SocketStream) -> None:
+    """503 and close: every connection is busy with a request and the cap is reached."""
+    with (
+        trio.move_on_after(1),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await stream.send_all(refusal(503, "too many connections; try again"))
+    await trio.aclose_forcefully(stream)
 
 
 async def serve_api(
@@ -15,6 +168,7 @@ async def serve_api(
     listen: str = DEFAULT_LISTEN,
     shutdown: trio.Event,
     limits: HttpLimits | None = None,
+    announce: bool = True,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``listen`` until ``shutdown`` is set; reports the bound URLs.
@@ -23,4 +177,9 @@ async def serve_api(
     port 0 in tests). On ``shutdown`` the server stops accepting, closes idle
     connections and lets requests in flight finish (``limits.graceful_s``).
     """
-    await serve_http(app, listen, shutdown=shutdown, limits=limits, task_status=task_status)
+    await serve_http(
+        app, listen, shutdown=shutdown, limits=limits, announce=announce, task_status=task_status
+    )
+
+
+__all__ = ["DEFAULT_LISTEN", "HttpLimits", "fd_limit", "serve_api", "serve_http"]

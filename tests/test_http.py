@@ -10,7 +10,8 @@ from typing import Any
 import attrs
 import trio
 
-from sledagent._http import HttpLimits, Message, Scope, serve_http
+from sledagent._http import HttpLimits, Message, Scope
+from sledagent._server import serve_http
 
 
 async def echo_app(scope: Scope, receive: Any, send: Any) -> None:

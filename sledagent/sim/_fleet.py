@@ -139,7 +139,11 @@ class SimPropolisFleet:
     ) -> None:
         with scope:
             await serve_api(
-                sim_propolis_app(vm), listen=listen, shutdown=stop, task_status=task_status
+                sim_propolis_app(vm),
+                listen=listen,
+                shutdown=stop,
+                announce=False,  # one per zone: not worth a log line each
+                task_status=task_status,
             )
 
     def addresses(self) -> dict[str, str]:
