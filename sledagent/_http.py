@@ -35,6 +35,7 @@ import attrs
 import h11
 import structlog
 import trio
+from attrs import validators as v
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -48,22 +49,6 @@ _DISCONNECT: Message = {"type": "http.disconnect"}
 log = structlog.get_logger("sledagent.http")
 
 
-def _number(minimum: float, *, integer: bool = False, above: bool = False) -> Any:
-    """A TOML number (an int where ``integer``; never a bool) >= or > ``minimum``."""
-
-    def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            kind = "an integer" if integer else "a number"
-            raise ValueError(f"http `{attribute.name}` must be {kind}, got {value!r}")
-        if value < minimum or (above and value == minimum):
-            raise ValueError(
-                f"http `{attribute.name}` must be {'>' if above else '>='} {minimum}, got {value!r}"
-            )
-
-    return check
-
-
 @attrs.frozen(kw_only=True)
 class HttpLimits:
     """The server's limits and timeouts (TOML table ``[http]``; docs/operations.md).
@@ -72,23 +57,23 @@ class HttpLimits:
 
     #: Connections open at once. Past it the oldest idle connection is closed to make
     #: room; with none idle, a new connection gets 503 and is closed at once.
-    max_connections: int = attrs.field(default=2048, validator=_number(1, integer=True))
+    max_connections: int = attrs.field(default=2048, validator=v.ge(1))
     #: Largest request head (request line and headers), bytes; larger: 431.
-    max_head_bytes: int = attrs.field(default=16 * 1024, validator=_number(256, integer=True))
+    max_head_bytes: int = attrs.field(default=16 * 1024, validator=v.ge(256))
     #: Largest request body, bytes; larger: 413 (declared: before the app runs).
-    max_body_bytes: int = attrs.field(default=16 << 20, validator=_number(0, integer=True))
+    max_body_bytes: int = attrs.field(default=16 << 20, validator=v.ge(0))
     #: A connection with no request in progress is closed after this long, seconds.
-    keep_alive_s: float = attrs.field(default=5.0, validator=_number(0, above=True))
+    keep_alive_s: float = attrs.field(default=5.0, validator=v.gt(0))
     #: A request's head must arrive within this long of its first byte, else 408.
-    head_timeout_s: float = attrs.field(default=5.0, validator=_number(0, above=True))
+    head_timeout_s: float = attrs.field(default=5.0, validator=v.gt(0))
     #: While the app reads a body, no byte for this long: 408 and close.
-    body_timeout_s: float = attrs.field(default=10.0, validator=_number(0, above=True))
+    body_timeout_s: float = attrs.field(default=10.0, validator=v.gt(0))
     #: A body the app did not read is read and dropped, up to this many bytes within
     #: ``discard_timeout_s``, to keep the connection; beyond either it is closed.
-    max_discard_bytes: int = attrs.field(default=1 << 20, validator=_number(0, integer=True))
-    discard_timeout_s: float = attrs.field(default=2.0, validator=_number(0, above=True))
+    max_discard_bytes: int = attrs.field(default=1 << 20, validator=v.ge(0))
+    discard_timeout_s: float = attrs.field(default=2.0, validator=v.gt(0))
     #: On shutdown, requests in flight get this long to finish, seconds.
-    graceful_s: float = attrs.field(default=5.0, validator=_number(0))
+    graceful_s: float = attrs.field(default=5.0, validator=v.ge(0))
 
 
 @attrs.define
