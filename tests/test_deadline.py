@@ -14,7 +14,7 @@ sledagent_deadline_s = {deadline}
 sledagent_deadline_grace_s = {grace}
 """
 
-HANGS = '''
+HANGS = """
 import time
 
 import pytest
@@ -45,7 +45,7 @@ async def test_a_test_given_longer_passes():
 
 async def test_the_next_test_runs():
     await trio.sleep(0)
-'''
+"""
 
 
 def test_hanging_tests_fail_by_name_and_the_rest_of_the_run_goes_on(

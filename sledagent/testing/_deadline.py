@@ -63,9 +63,7 @@ class _Watch:
         self._lock = threading.Lock()
         self._trio: tuple[trio.lowlevel.TrioToken, Callable[[], None]] | None = None
         self._sync = False
-        self._thread = threading.Thread(
-            target=self._watch, name=f"deadline: {nodeid}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._watch, name=f"deadline: {nodeid}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
