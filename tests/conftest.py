@@ -81,11 +81,20 @@ def propolis_contract() -> Contract:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Kill zone processes a failed test left running (they are detached daemons)."""
+    """Kill zone processes a failed test of this session left running (they are detached
+    daemons). Only this session's: other pytest sessions may be running on this machine
+    (the same user shares /tmp/pytest-of-<user>), and killing their zones' processes made
+    their tests fail ("the zone's process was there")."""
     import os
     import signal
-    from pathlib import Path
 
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    try:
+        mine = str(factory.getbasetemp()).encode() + b"/"
+    except OSError:
+        return
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -93,7 +102,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"_logwriter" in cmdline and b"pytest-of-" in cmdline:
+        if b"_logwriter" in cmdline and mine in cmdline:
             try:
                 os.killpg(int(proc.name), signal.SIGKILL)
             except OSError:
