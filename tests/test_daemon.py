@@ -66,7 +66,7 @@ async def test_the_embedded_default_runs_stops_and_bundles_vmms_over_http(
     assert not (tmp_path / "zones").exists() or list((tmp_path / "zones").iterdir()) == []
 
 
-def test_a_valid_config_file_is_read_and_flags_can_override_it() -> None:
+def test_a_valid_config_file_is_read_with_its_nested_tables() -> None:
     cfg = config_from_toml(
         """
         listen = "127.0.0.1:0"
