@@ -5,7 +5,8 @@ the fake's generation is at least ``gen``, and otherwise waits for the next chan
 With ``auto=True`` (the default) requests behave like Propolis: ``Run`` walks Starting
 -> Running, ``Stop`` walks Stopping -> Stopped -> Destroyed, ``Reboot`` Rebooting ->
 Running. Tests script everything else: ``push``, ``halt`` (the guest powers off),
-``fail``, ``disconnect``, ``error``, ``hang``, ``vanish``.
+``fail``, ``disconnect``, ``error`` (the state monitor's answers), ``refuse`` (the
+requests'), ``hang``, ``vanish``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class FakePropolis:
         self._hung = False
         self._gone = False
         self._errors: list[PeerError] = []
+        self._refusals: list[PeerError] = []
 
     # --- scripting ----------------------------------------------------------------------
 
@@ -82,6 +84,13 @@ class FakePropolis:
             self._errors.append(cls(f"injected {status}", status=status, code=code))
         self._wake()
 
+    def refuse(self, status: int, code: str | None = None, *, times: int = 1) -> None:
+        """The next ``times`` requests (``PUT /instance``, ``PUT /instance/state``)
+        answer ``status``: Propolis refusing the VM or a state change."""
+        for _ in range(times):
+            cls = PropolisGone if status == 410 or code == "NoInstance" else PeerError
+            self._refusals.append(cls(f"refused with {status} (injected)", status=status, code=code))
+
     def hang(self, on: bool = True) -> None:
         """While on, monitor calls never answer."""
         self._hung = on
@@ -108,6 +117,8 @@ class FakePropolis:
         if self.request_delay_s:
             await trio.sleep(self.request_delay_s)
         self._check()
+        if self._refusals:
+            raise self._refusals.pop(0)
         if self.ensured is None:
             self.ensured = request
             self.push(InstanceState.CREATING)
@@ -116,6 +127,8 @@ class FakePropolis:
         if self.request_delay_s:
             await trio.sleep(self.request_delay_s)
         self._check()
+        if self._refusals:
+            raise self._refusals.pop(0)
         if self.ensured is None:
             raise PropolisGone("no instance", status=404, code="NoInstance")
         self.requests.append(requested)
