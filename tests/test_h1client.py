@@ -348,3 +348,36 @@ async def test_answers_are_parsed_holding_a_gate_token_but_never_awaited_with_on
             nursery.cancel_scope.cancel()
         await slow_pool.aclose()
         await fast_pool.aclose()
+
+
+async def test_a_peer_that_never_completes_the_connection_fails_at_the_connect_deadline(
+    mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (SYNs dropped by a dead host or a full backlog: the connect hangs.)
+    connecting = trio.Event()
+
+    async def never_connects(host: str, port: int) -> trio.SocketStream:
+        connecting.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr("sledagent._h1client.trio.open_tcp_stream", never_connects)
+    pool = H1Pool("http://192.0.2.1:12400", connect_timeout_s=5.0)
+    failures: list[Exception] = []
+
+    async def request() -> None:
+        try:
+            await pool.request("PUT", "/vmms/x", b"{}")
+        except RequestTimeout as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request)
+        await connecting.wait()
+        mock_clock.jump(4.9)
+        await trio.testing.wait_all_tasks_blocked()
+        assert failures == []  # not before the deadline
+        mock_clock.jump(0.1)
+    (failure,) = failures
+    assert str(failure) == "PUT http://192.0.2.1:12400/vmms/x: connect: no answer within 5 s"
+    assert pool.connects == 0
