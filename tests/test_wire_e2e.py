@@ -89,10 +89,13 @@ async def test_vmms_run_and_halt_over_http_and_nexus_hears_it(
     with trio.fail_after(30):
         async with open_wire(3) as wire:
             pids = []
+            instances = {}  # propolis addr -> the instance registered on it
             for addr in wire.addrs:
                 pid = str(uuid.uuid4())
                 pids.append(pid)
-                r = await wire.api.put(f"/vmms/{pid}", json=ensure_body_json(propolis_addr=addr))
+                instances[addr] = uuid.uuid4()
+                body = ensure_body_json(instances[addr], propolis_addr=addr)
+                r = await wire.api.put(f"/vmms/{pid}", json=body)
                 assert r.status_code == 200, r.text
                 r = await wire.api.put(f"/vmms/{pid}/state", json={"state": {"type": "running"}})
                 assert r.status_code == 200, r.text
@@ -110,8 +113,8 @@ async def test_vmms_run_and_halt_over_http_and_nexus_hears_it(
             r = await wire.sims.get(f"{wire.nexus_url}/sim/updates")
             for row in r.json():
                 nexus_contract.validate("SledVmmState", row["state"])
-            for vm in wire.vms.values():
-                assert vm.ensured is not None  # the ensure body passed strict decoding
+            for addr, vm in wire.vms.items():  # each Propolis was given its own VM
+                assert vm.ensured is not None and vm.ensured.properties.id == instances[addr]
             # Once Nexus's acknowledgements reached the agent, the VMMs are gone.
             await wire.agent.notifier.wait_idle()
             for pid in pids:
