@@ -89,7 +89,8 @@ class FakePropolis:
         answer ``status``: Propolis refusing the VM or a state change."""
         for _ in range(times):
             cls = PropolisGone if status == 410 or code == "NoInstance" else PeerError
-            self._refusals.append(cls(f"refused with {status} (injected)", status=status, code=code))
+            refusal = cls(f"refused with {status} (injected)", status=status, code=code)
+            self._refusals.append(refusal)
 
     def hang(self, on: bool = True) -> None:
         """While on, monitor calls never answer."""
