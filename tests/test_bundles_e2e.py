@@ -41,6 +41,7 @@ def check_bundle(path: str, zone_name: str, cause: ZoneBundleCause) -> list[str]
     return names
 
 
+@pytest.mark.deadline_s(180)  # real zones and bundles
 async def test_eight_zones_with_limiters_at_two_give_eight_correct_bundles(tmp_path: Path) -> None:
     local = LocalHost.at(tmp_path, log_rate_bps=4096, seed_log_bytes=LOG_MB << 20, debug_dirs=2)
     config = fast_config(bundle_collect_concurrency=2, bundle_archive_concurrency=2)
@@ -203,6 +204,7 @@ async def test_an_explicit_bundle_of_a_live_zone_runs_as_a_job(
     assert files_under(tmp_path / "zones") == []
 
 
+@pytest.mark.deadline_s(180)  # real zones and bundles
 async def test_listing_answers_while_four_bundles_are_being_written(tmp_path: Path) -> None:
     local = LocalHost.at(tmp_path, log_rate_bps=0, seed_log_bytes=1 << 20)
     config = fast_config(bundle_archive_concurrency=4)

@@ -10,7 +10,7 @@ import trio
 from sledagent.bench._faults import FaultParams, nexus_outage, problems, propolis_faults
 
 
-@pytest.mark.deadline_s(180)  # processes; its own fail_after bounds it
+@pytest.mark.deadline_s(180)  # processes; its own fail_after bounds it first
 @pytest.mark.parametrize("mode", ["down", "503"])
 async def test_a_nexus_outage_loses_no_terminal_state_and_the_api_keeps_answering(
     mode: str,
@@ -30,7 +30,7 @@ async def test_a_nexus_outage_loses_no_terminal_state_and_the_api_keeps_answerin
     assert result["zones_bundled"] == 7
 
 
-@pytest.mark.deadline_s(180)  # processes; its own fail_after bounds it
+@pytest.mark.deadline_s(180)  # processes; its own fail_after bounds it first
 async def test_propolis_faults_each_end_in_their_terminal_state_and_nothing_waits_forever() -> None:
     with trio.fail_after(120):
         # The 503s last a quarter of the bound (a drop is ridden out only if its end

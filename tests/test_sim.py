@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 import trio.testing
 
@@ -69,6 +70,7 @@ async def _put(addr: str, target: str, body: bytes) -> bytes:
     return answer
 
 
+@pytest.mark.deadline_s(180)  # a thousand servers
 async def test_a_thousand_simulated_propolis_servers_run_in_one_process() -> None:
     fleet = SimPropolisFleet()
     zones = [f"oxz_propolis-server_{i}" for i in range(1000)]
