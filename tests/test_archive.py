@@ -202,7 +202,9 @@ async def test_a_cancelled_archive_leaves_no_file(tmp_path: Path) -> None:
             (partial,) = await until_writing(tmp_path / "d0")  # the thread is writing
             scope.cancel()
         assert scope.cancelled_caught  # write() returned at once, the thread still held
-        assert leftovers(tmp_path / "d0") == [str(partial)]  # never under its final name
+        # Never under its final name. (The temporary file is there until the thread runs
+        # again: at once if it had not reached the held source yet, else once released.)
+        assert set(leftovers(tmp_path / "d0")) <= {str(partial)}
         held.release()
         # The abandoned thread removes its temporary file as soon as it runs again.
         while leftovers(tmp_path / "d0"):  # noqa: ASYNC110 (a thread, not a trio task)
