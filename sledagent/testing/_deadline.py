@@ -19,6 +19,9 @@ than in the test; its ``thread`` method ends the whole session at the first expi
 trio test can be cancelled properly, from the outside, through its token; only the
 last resort ends the process.
 
+A trio test run by hypothesis (``@given`` on an ``async def``) is run by pytest-trio
+with ``trio.run`` itself, out of this plugin's reach: it gets only the last resort.
+
 Configuration: ``sledagent_deadline_s`` (ini, default 300; 0 turns it off),
 ``--deadline-s`` (overrides the ini value), ``@pytest.mark.deadline_s(seconds)`` on a
 test that needs longer, ``sledagent_deadline_grace_s`` (ini, default 30). Off under
