@@ -111,7 +111,8 @@ def _add_tail(
         st = os.fstat(f.fileno())
         end = min(st.st_size, source.size)  # a linked live log may have grown since
         start = min(end, max(source.start, end - cap, 0))  # truncated since: what is left
-        f.seek(start)
+        if start:  # (a source that is a pipe cannot seek, and needs not)
+            f.seek(start)
         info = tarfile.TarInfo(source.name)
         info.size = end - start
         info.mtime = int(st.st_mtime)

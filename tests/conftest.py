@@ -14,6 +14,8 @@ from typing import Any
 import jsonschema
 import pytest
 
+pytest_plugins = ["pytester"]
+
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACTS = ROOT / "contracts"
 
@@ -96,11 +98,20 @@ def _stop_sim_hosts(request: pytest.FixtureRequest) -> Any:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Kill zone processes a failed test left running (they are detached daemons)."""
+    """Kill zone processes a failed test of this session left running (they are detached
+    daemons). Only this session's: other pytest sessions may be running on this machine
+    (the same user shares /tmp/pytest-of-<user>), and killing their zones' processes made
+    their tests fail ("the zone's process was there")."""
     import os
     import signal
-    from pathlib import Path
 
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    try:
+        mine = str(factory.getbasetemp()).encode() + b"/"
+    except OSError:
+        return
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -109,7 +120,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         except OSError:
             continue
         ours = b"_logwriter" in cmdline or (b"sledagent._cli" in cmdline and b"sim-host" in cmdline)
-        if ours and b"pytest-of-" in cmdline:
+        if ours and mine in cmdline:
             try:
                 os.killpg(int(proc.name), signal.SIGKILL)
             except OSError:

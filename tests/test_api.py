@@ -6,7 +6,6 @@ Real sockets and real time: every test carries a ``fail_after``.
 from __future__ import annotations
 
 import io
-import json
 import re
 import tarfile
 import uuid
@@ -115,7 +114,7 @@ async def test_a_vmm_lifecycle_over_http_matches_the_contract(
             )
             assert r.json()["error_code"] == "NO_SUCH_INSTANCE"
             await fakes.nexus.wait_for(uuid.UUID(pid), VmmState.DESTROYED)
-            await trio.sleep(0.05)
+            await api.harness.agent.notifier.wait_idle()  # Nexus's answer reached the agent
             r = await api.call("GET", STATE, 404, path={"propolis_id": pid})
             assert r.json()["error_code"] == "NO_SUCH_INSTANCE"
             r = await api.call("DELETE", VMM, 200, path={"propolis_id": pid})
@@ -271,29 +270,101 @@ async def test_bundles_over_http_list_download_and_delete(
             await local.nexus.wait_for(pid, VmmState.DESTROYED)
             await api.harness.agent.drain()
             r = await api.call("GET", "/zones/bundles", 200, params={"filter": zone[:20]})
-            listed = r.json()
-            assert {b["cause"] for b in listed} == {"other", "terminated_instance"}
+            listed = {b["cause"]: b for b in r.json()}
+            assert set(listed) == {"other", "terminated_instance"}
             r = await api.call("GET", "/zones/bundles/{zone_name}", 200, path={"zone_name": zone})
             assert len(r.json()) == 2
-            bundle_id = listed[0]["id"]["bundle_id"]
+            stored = {b.metadata.cause.value: b for b in await local.store.list_zone(zone)}
+            size = {cause: b.size for cause, b in stored.items()}
+            bundle_id = listed["terminated_instance"]["id"]["bundle_id"]
             path = {"zone_name": zone, "bundle_id": bundle_id}
             r = await api.call("GET", "/zones/bundles/{zone_name}/{bundle_id}", 200, path=path)
             assert r.headers["content-type"] == "application/gzip"
+            on_disk = stored["terminated_instance"].paths[0]
+            assert r.content == Path(on_disk).read_bytes()  # the bundle, byte for byte
             with tarfile.open(fileobj=io.BytesIO(r.content), mode="r:gz") as tar:
                 assert tar.getnames()[0] == "metadata.toml"
-            await api.call("GET", "/zones/bundle-cleanup/utilization", 200)
+            debug = str(tmp_path / "debug0")
+            r = await api.call("GET", "/zones/bundle-cleanup/utilization", 200)
+            assert r.json() == {
+                debug: {"bytes_available": (10 << 30) // 4, "bytes_used": sum(size.values()),
+                        "dataset_quota": 10 << 30},
+            }  # fmt: skip
             r = await api.call("GET", "/zones/bundle-cleanup/context", 200)
             assert r.json()["storage_limit"] == 25
             await api.call("PUT", "/zones/bundle-cleanup/context", 204, json={"storage_limit": 10})
             r = await api.call("GET", "/zones/bundle-cleanup/context", 200)
             assert r.json()["storage_limit"] == 10
             r = await api.call("POST", "/zones/bundle-cleanup", 200)
-            assert list(r.json().values()) == [{"bundles": 0, "bytes": 0}]
+            assert r.json() == {debug: {"bundles": 0, "bytes": 0}}  # room for both
+            # The dataset's quota shrinks: 10 % of it holds only the halted VMM's bundle.
+            local.store.quota_bytes = size["terminated_instance"] * 10
+            r = await api.call("POST", "/zones/bundle-cleanup", 200)
+            # Cause first (omicron's default priority): the explicit bundle goes.
+            assert r.json() == {debug: {"bundles": 1, "bytes": size["other"]}}
+            r = await api.call("GET", "/zones/bundles/{zone_name}", 200, path={"zone_name": zone})
+            assert [b["cause"] for b in r.json()] == ["terminated_instance"]
+            assert not Path(stored["other"].paths[0]).exists()
             await api.call("DELETE", "/zones/bundles/{zone_name}/{bundle_id}", 204, path=path)
             await api.call("DELETE", "/zones/bundles/{zone_name}/{bundle_id}", 404, path=path)
+            assert not Path(on_disk).exists()
             r = await api.call("GET", "/zones/cleanup", 200)
             assert r.json() == []
-            assert json.loads(r.text) == []
+
+
+async def test_a_bundle_download_never_serves_a_file_outside_the_debug_directories(
+    tmp_path: Path, sled_agent_contract: Contract
+) -> None:
+    from sledagent import BundleInfo, TarArchiver
+
+    from .test_archive import make_job
+
+    local = LocalHost.at(tmp_path / "host", log_rate_bps=0, seed_log_bytes=64 << 10)
+    debug = tmp_path / "host" / "debug0"
+    elsewhere = tmp_path / "elsewhere"
+
+    async def bundle_elsewhere(zone: str) -> BundleInfo:
+        """A real bundle of ``zone``, written outside the debug directory."""
+        (tmp_path / zone).mkdir()
+        job = make_job(tmp_path / zone)
+        meta = attrs.evolve(job.metadata, id=attrs.evolve(job.metadata.id, zone_name=zone))
+        return await TarArchiver([elsewhere]).write(attrs.evolve(job, metadata=meta))
+
+    with trio.fail_after(60):
+        async with await open_api(local, sled_agent_contract) as api:
+            # Paths the index holds that resolve outside the debug directory: a bundle
+            # file that is a symlink, a zone directory that is one, a path elsewhere.
+            planted = []
+            for i, how in enumerate(("file link", "directory link", "outside")):
+                zone = f"oxz_propolis-server_0c0c0c0c-0000-4000-8000-00000000000{i}"
+                info = await bundle_elsewhere(zone)
+                real = Path(info.paths[0])
+                if how == "file link":
+                    (debug / zone).mkdir(parents=True)
+                    (debug / zone / real.name).symlink_to(real)
+                    path = debug / zone / real.name
+                elif how == "directory link":
+                    (debug / zone).symlink_to(real.parent)
+                    path = debug / zone / real.name
+                else:
+                    path = real
+                await local.store.add(attrs.evolve(info, paths=(str(path),)))
+                planted.append((zone, info.bundle_id, real.read_bytes()))
+            for zone, bundle_id, data in planted:
+                r = await api.client.get(f"/zones/bundles/{zone}/{bundle_id}")
+                assert r.status_code == 404, (zone, r.status_code)
+                assert "no bundle" in r.json()["message"] and data not in r.content
+            # A bundle that is inside is served: the refusal is the path's, not the route's.
+            pid = await api.harness.start_vmm()
+            zone = f"oxz_propolis-server_{pid}"
+            job = api.harness.agent.jobs.create(zone)
+            while job.bundle is None:
+                assert job.error is None
+                await trio.sleep(0.01)
+            r = await api.client.get(f"/zones/bundles/{zone}/{job.bundle.id.bundle_id}")
+            assert r.status_code == 200 and r.content[:2] == b"\x1f\x8b"  # gzip
+            await api.harness.agent.manager.unregister(pid)
+            await api.harness.agent.drain()
 
 
 async def test_metrics_are_served_without_the_token_and_count_what_happened(

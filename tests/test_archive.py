@@ -26,6 +26,8 @@ from sledagent import (
     ZoneBundleMetadata,
 )
 
+from ._hold import held_source, until_writing
+
 ZONE = "oxz_propolis-server_0c0c0c0c-0000-4000-8000-000000000001"
 
 
@@ -186,15 +188,25 @@ async def test_a_failing_rename_leaves_no_file(
 
 
 async def test_a_cancelled_archive_leaves_no_file(tmp_path: Path) -> None:
-    job = make_job(tmp_path, big=64 << 20)  # long enough to be cancelled mid-way
     archiver = TarArchiver([tmp_path / "d0"], compression_level=3)
-    with trio.move_on_after(0.05) as scope:
-        await archiver.write(job)
-    assert scope.cancelled_caught
-    # Never under its final name; the worker removes its hidden temporary file as soon
-    # as it notices (within one read chunk).
-    assert not [p for p in leftovers(tmp_path / "d0") if p.endswith(".tar.gz")]
-    with trio.fail_after(10):
+    with held_source(tmp_path / "fifo") as held:
+        job = held.add_to(make_job(tmp_path))  # stays mid-write until released
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def write_held() -> None:
+                with scope:
+                    await archiver.write(job)
+
+            nursery.start_soon(write_held)
+            (partial,) = await until_writing(tmp_path / "d0")  # the thread is writing
+            scope.cancel()
+        assert scope.cancelled_caught  # write() returned at once, the thread still held
+        # Never under its final name. (The temporary file is there until the thread runs
+        # again: at once if it had not reached the held source yet, else once released.)
+        assert set(leftovers(tmp_path / "d0")) <= {str(partial)}
+        held.release()
+        # The abandoned thread removes its temporary file as soon as it runs again.
         while leftovers(tmp_path / "d0"):  # noqa: ASYNC110 (a thread, not a trio task)
             await trio.sleep(0.01)
 

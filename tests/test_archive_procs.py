@@ -17,6 +17,7 @@ import trio.testing
 from sledagent import ProcessArchiver, TarArchiver
 from sledagent._archive_procs import ArchiveWorkerDied
 
+from ._hold import held_source, until_writing
 from .test_archive import leftovers, make_job
 
 
@@ -64,19 +65,30 @@ async def test_a_cancelled_bundle_leaves_no_file_and_the_next_one_is_written(
 ) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    big = make_job(tmp_path / "a", big=64 << 20)
-    archiver = ProcessArchiver([tmp_path / "d0", tmp_path / "d1"], compression_level=3)
-    try:
-        with trio.move_on_after(0.3) as scope:
-            await archiver.write(big)
-        assert scope.cancelled_caught
-        # The worker is gone by the time write() returns, and so is every file.
-        assert leftovers(tmp_path / "d0", tmp_path / "d1") == []
-        info = await archiver.write(make_job(tmp_path / "b"))
-    finally:
-        await archiver.aclose()
-    assert archiver.started == 2
-    assert leftovers(tmp_path / "d0", tmp_path / "d1") == sorted(info.paths)
+    dirs = [tmp_path / "d0", tmp_path / "d1"]
+    archiver = ProcessArchiver(dirs, compression_level=3)
+    with held_source(tmp_path / "fifo") as held:
+        job = held.add_to(make_job(tmp_path / "a"))  # stays mid-write until released
+        try:
+            async with trio.open_nursery() as nursery:
+                scope = trio.CancelScope()
+
+                async def write_held() -> None:
+                    with scope:
+                        await archiver.write(job)
+
+                nursery.start_soon(write_held)
+                (partial,) = await until_writing(tmp_path / "d0")  # the worker is writing
+                scope.cancel()
+            assert scope.cancelled_caught
+            # The worker is gone by the time write() returns, and so is every file.
+            assert not partial.exists()
+            assert leftovers(*dirs) == []
+            info = await archiver.write(make_job(tmp_path / "b"))
+        finally:
+            await archiver.aclose()
+    assert archiver.started == 2 and archiver._ended == 2  # killed, replaced, closed
+    assert leftovers(*dirs) == sorted(info.paths)
 
 
 async def test_an_error_in_the_worker_reaches_the_caller_and_leaves_no_file(
@@ -100,28 +112,33 @@ async def test_a_worker_that_dies_mid_bundle_fails_it_cleanly_and_is_replaced(
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     archiver = ProcessArchiver([tmp_path / "d0"], compression_level=3)
-    try:
-        first = await archiver.write(make_job(tmp_path / "b"))  # a worker, idle now
-        (worker,) = archiver._idle
-        big = make_job(tmp_path / "a", big=64 << 20)
-        failures: list[Exception] = []
+    with held_source(tmp_path / "fifo") as held:
+        try:
+            first = await archiver.write(make_job(tmp_path / "b"))  # a worker, idle now
+            (worker,) = archiver._idle
+            job = held.add_to(make_job(tmp_path / "a"))  # stays mid-write until released
+            failures: list[Exception] = []
 
-        async def write_big() -> None:
-            try:
-                await archiver.write(big)
-            except ArchiveWorkerDied as exc:
-                failures.append(exc)
+            async def write_held() -> None:
+                try:
+                    await archiver.write(job)
+                except ArchiveWorkerDied as exc:
+                    failures.append(exc)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(write_big)
-            await trio.sleep(0.3)
-            os.kill(worker.process.pid, signal.SIGKILL)
-        assert len(failures) == 1
-        assert leftovers(tmp_path / "d0") == list(first.paths)
-        await archiver.write(big)
-    finally:
-        await archiver.aclose()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_held)
+                (partial,) = await until_writing(tmp_path / "d0")  # the worker is writing
+                os.kill(worker.process.pid, signal.SIGKILL)
+            assert len(failures) == 1
+            assert f"archive worker {worker.process.pid} exited" in str(failures[0])
+            assert not partial.exists()
+            assert leftovers(tmp_path / "d0") == list(first.paths)
+            held.release()
+            again = await archiver.write(job)  # on a new worker
+        finally:
+            await archiver.aclose()
     assert archiver.started == 2
+    assert leftovers(tmp_path / "d0") == sorted([*first.paths, *again.paths])
 
 
 async def test_warm_up_starts_every_worker_before_the_first_bundle(tmp_path: Path) -> None:

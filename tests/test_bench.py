@@ -3,6 +3,7 @@ noisy CI machine runs these; docs/performance.md has the figures of a quiet run)
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from sledagent.bench._api import run_api_bench
@@ -16,6 +17,7 @@ async def test_bench_api_answers_every_request_from_the_reader_process() -> None
     assert report["latency_s"]["p99"] >= report["latency_s"]["p50"] > 0  # type: ignore[index]
 
 
+@pytest.mark.deadline_s(180)  # a benchmark's processes
 async def test_bench_scale_reports_what_each_vmm_costs_and_leaves_nothing_running() -> None:
     from sledagent.bench._scale import run_scale_bench
 

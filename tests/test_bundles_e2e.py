@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import tarfile
-import time
 import tomllib
 import uuid
 from pathlib import Path
@@ -15,11 +14,14 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from sledagent import BundleJobState, NoSuchZone, VmmState, ZoneBundleCause, ZoneSpec
 from sledagent._archive import BUNDLE_SUFFIX
 from sledagent._local_zones import LOG_SUBDIR
 from sledagent.testing import LocalHost, fast_config, open_fake_agent
+
+from ._hold import HeldArchiver, held_source, partial_files, until_writing
 
 LOG_MB = 2
 
@@ -39,6 +41,7 @@ def check_bundle(path: str, zone_name: str, cause: ZoneBundleCause) -> list[str]
     return names
 
 
+@pytest.mark.deadline_s(180)  # real zones and bundles
 async def test_eight_zones_with_limiters_at_two_give_eight_correct_bundles(tmp_path: Path) -> None:
     local = LocalHost.at(tmp_path, log_rate_bps=4096, seed_log_bytes=LOG_MB << 20, debug_dirs=2)
     config = fast_config(bundle_collect_concurrency=2, bundle_archive_concurrency=2)
@@ -155,23 +158,44 @@ async def test_the_startup_sweep_handles_every_leftover(tmp_path: Path) -> None:
     assert files_under(tmp_path / "zones") == [] and files_under(tmp_path / "snapshots") == []
 
 
-async def test_an_explicit_bundle_of_a_live_zone_runs_as_a_job(tmp_path: Path) -> None:
+async def test_an_explicit_bundle_of_a_live_zone_runs_as_a_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     local = LocalHost.at(tmp_path, log_rate_bps=4096, seed_log_bytes=1 << 20)
-    with trio.fail_after(60):
-        async with open_fake_agent(fast_config(), local) as h:
+    commands_go = trio.Event()  # phase 1 holds the zone until this is set
+    run_command = local.zones.run_command
+
+    async def held_command(*args: Any) -> Any:
+        await commands_go.wait()
+        return await run_command(*args)
+
+    monkeypatch.setattr(local.zones, "run_command", held_command)
+    with trio.fail_after(60), held_source(tmp_path / "fifo") as held:
+        local.archiver = HeldArchiver(local.archiver, held)  # type: ignore[assignment]
+        async with open_fake_agent(fast_config(bundle_collect_concurrency=1), local) as h:
             pid = await h.start_vmm()
             zone_name = f"oxz_propolis-server_{pid}"
+            busy = object()  # every phase-1 slot taken (by zones being reaped, say)
+            await h.agent.bundler.collect_limiter.acquire_on_behalf_of(busy)
             job = h.agent.jobs.create(zone_name)
-            seen = {job.state}
-            while job.state not in (BundleJobState.DONE, BundleJobState.FAILED):
-                await trio.sleep(0.001)
-                seen.add(job.state)
-            assert job.state is BundleJobState.DONE, job.error
             assert h.agent.jobs.get(job.job_id) is job
+            await trio.testing.wait_all_tasks_blocked()
+            assert job.state is BundleJobState.QUEUED  # waiting for a slot
+            h.agent.bundler.collect_limiter.release_on_behalf_of(busy)
+            while job.state is BundleJobState.QUEUED:  # noqa: ASYNC110 (a job's state)
+                await trio.sleep(0.001)
+            assert job.state is BundleJobState.COLLECTING  # its commands are held
+            commands_go.set()
+            await until_writing(tmp_path / "debug0")
+            assert job.state is BundleJobState.ARCHIVING  # its archive is held
+            held.release()
+            while job.state is BundleJobState.ARCHIVING:  # noqa: ASYNC110 (a job's state)
+                await trio.sleep(0.001)
+            assert job.state is BundleJobState.DONE, job.error
             assert job.bundle is not None and job.bundle.cause is ZoneBundleCause.OTHER
             (b,) = await h.agent.store.list_zone(zone_name)
+            assert b.metadata == job.bundle
             check_bundle(b.paths[0], zone_name, ZoneBundleCause.OTHER)
-            assert BundleJobState.QUEUED in seen or BundleJobState.COLLECTING in seen
             assert (tmp_path / "zones" / zone_name / LOG_SUBDIR).exists()  # still live
             with pytest.raises(NoSuchZone):
                 h.agent.jobs.create("oxz_propolis-server_not-a-vmm")
@@ -180,25 +204,28 @@ async def test_an_explicit_bundle_of_a_live_zone_runs_as_a_job(tmp_path: Path) -
     assert files_under(tmp_path / "zones") == []
 
 
-async def test_listing_answers_at_once_while_four_bundles_are_written(tmp_path: Path) -> None:
-    local = LocalHost.at(tmp_path, log_rate_bps=0, seed_log_bytes=24 << 20, compression_level=3)
+@pytest.mark.deadline_s(180)  # real zones and bundles
+async def test_listing_answers_while_four_bundles_are_being_written(tmp_path: Path) -> None:
+    local = LocalHost.at(tmp_path, log_rate_bps=0, seed_log_bytes=1 << 20)
     config = fast_config(bundle_archive_concurrency=4)
-    with trio.fail_after(120):
+    with trio.fail_after(120), held_source(tmp_path / "fifo") as held:
+        local.archiver = HeldArchiver(local.archiver, held)  # type: ignore[assignment]
         async with open_fake_agent(config, local) as h:
             ids = [await h.start_vmm() for _ in range(4)]
             for pid in ids:
                 local.propolis[pid].halt()
-            while h.agent.bundler.statistics().archive.borrowed < 4:  # noqa: ASYNC110
-                await trio.sleep(0.001)
-            t0 = time.perf_counter()
-            listed = await h.agent.store.list_all()
+            # Four archives are mid-write, and stay so until released: whatever listing
+            # and utilization answer, they answer it while those bundles are written.
+            await until_writing(tmp_path / "debug0", count=4)
+            assert await h.agent.store.list_all() == []
             utilization = await h.agent.store.utilization()  # type: ignore[attr-defined]
-            elapsed = time.perf_counter() - t0
+            assert list(utilization) == [str(tmp_path / "debug0")]
             assert h.agent.bundler.statistics().archive.borrowed == 4  # still writing
-            assert listed == [] and utilization
-            assert elapsed < 0.5
+            held.release()
             await h.agent.drain()
-            assert len(await h.agent.store.list_all()) == 4
+            listed = await h.agent.store.list_all()
+    assert sorted(b.zone_name for b in listed) == sorted(f"oxz_propolis-server_{p}" for p in ids)
+    assert partial_files(tmp_path / "debug0") == []
 
 
 class _FullDisk:

@@ -9,6 +9,7 @@ import trio
 from sledagent.bench._crash import CrashParams, leaks, run_crash_point
 
 
+@pytest.mark.deadline_s(300)  # daemon processes, killed and restarted
 @pytest.mark.parametrize("seed", [1, 3])
 async def test_a_daemon_killed_mid_cleanup_leaves_nothing_partial_after_restart(seed: int) -> None:
     with trio.fail_after(240):
@@ -16,6 +17,7 @@ async def test_a_daemon_killed_mid_cleanup_leaves_nothing_partial_after_restart(
     assert leaks(result) == []  # nothing partial or leaked, and every zone has its bundle
 
 
+@pytest.mark.deadline_s(300)  # daemon processes, killed and restarted
 async def test_sigterm_mid_cleanup_drains_exits_0_and_the_next_start_finishes_the_rest() -> None:
     params = CrashParams(vmms=8, log_mb=20.0, max_delay_s=0.2, signal="SIGTERM", drain_s=0.1)
     with trio.fail_after(240):

@@ -10,6 +10,7 @@ import trio
 from sledagent.bench._faults import FaultParams, nexus_outage, problems, propolis_faults
 
 
+@pytest.mark.deadline_s(180)  # processes; its own fail_after bounds it first
 @pytest.mark.parametrize("mode", ["down", "503"])
 async def test_a_nexus_outage_loses_no_terminal_state_and_the_api_keeps_answering(
     mode: str,
@@ -18,19 +19,25 @@ async def test_a_nexus_outage_loses_no_terminal_state_and_the_api_keeps_answerin
         result = await nexus_outage(
             FaultParams(vmms=6, down_s=3.0, mode=mode, nexus_backoff_max_s=0.5)
         )
-    assert problems(result) == [], result
+    assert problems(result, latency_bounds=False) == [], result
     # All 6 halted VMMs and the one driven during the outage reached Nexus as destroyed,
-    # with generations only rising; every read during the outage was answered.
+    # with generations only rising; every read during the outage was answered (200, or
+    # 404 once Nexus had acknowledged) and the VMM driven during it was registered, run
+    # and stopped. How fast is the benchmark's business (`sledagent bench faults`).
     assert result["terminal_states_delivered"] == 7
-    assert result["get_state_during_fault"]["max"] < 5.0
+    assert result["get_state_failures"] == 0 and result["get_state_answered"] >= 6
     assert len(result["register_run_stop_during_fault_s"]) == 3
     assert result["zones_bundled"] == 7
 
 
+@pytest.mark.deadline_s(180)  # processes; its own fail_after bounds it first
 async def test_propolis_faults_each_end_in_their_terminal_state_and_nothing_waits_forever() -> None:
     with trio.fail_after(120):
-        result = await propolis_faults(FaultParams(propolis_unreachable_s=2.0, stop_grace_s=2.0))
-    assert problems(result) == [], result
+        # The 503s last a quarter of the bound (a drop is ridden out only if its end
+        # reaches Propolis before the monitor's retries span the bound).
+        params = FaultParams(propolis_unreachable_s=2.0, stop_grace_s=2.0, drop_s=0.5)
+        result = await propolis_faults(params)
+    assert problems(result, latency_bounds=False) == [], result
     assert result["terminal_state"] == {
         "vanish": "failed",
         "fail": "failed",

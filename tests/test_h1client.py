@@ -14,6 +14,8 @@ from functools import partial
 import h11
 import pytest
 import trio
+import trio.lowlevel
+import trio.testing
 
 from sledagent._clients import HttpNexusClient, HttpPropolisClient
 from sledagent._errors import PeerError, PropolisGone
@@ -37,6 +39,9 @@ class Peer:
         self.delay_s = 0.0
         self.cut_mid_answer = False
         self.closed = trio.Event()
+        self.changed = trio.Event()  # set (and replaced) at each arrival, answer and close
+        self.hold: trio.Event | None = None  # when set: answers wait for it
+        self.answered = 0
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
@@ -64,13 +69,18 @@ class Peer:
                     )
                     self.in_flight += 1
                     self.most_in_flight = max(self.most_in_flight, self.in_flight)
+                    self._changed()
                     try:
+                        if self.hold is not None:
+                            await self.hold.wait()
                         with trio.move_on_after(self.delay_s):
                             if not await stream.receive_some(65536):
                                 return  # the client left before its answer
                     finally:
                         self.in_flight -= 1
                     await self._answer(stream, conn)
+                    self.answered += 1
+                    self._changed()
                     if self.close_after_answer or self.cut_mid_answer:
                         return
                     conn.start_next_cycle()
@@ -79,7 +89,12 @@ class Peer:
         finally:
             self.open_now -= 1
             self.closed.set()
+            self._changed()
             await trio.aclose_forcefully(stream)
+
+    def _changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
     async def _answer(self, stream: trio.SocketStream, conn: h11.Connection) -> None:
         if self.chunked:
@@ -171,43 +186,74 @@ async def test_an_answer_cut_off_midway_fails_and_is_not_sent_again() -> None:
     assert len(peer.requests) == 1
 
 
-async def test_a_slow_answer_times_out_and_its_connection_is_closed() -> None:
+async def test_a_slow_answer_times_out_and_its_connection_is_closed(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # The deadline runs on a clock the test moves: it expires once the request has
+    # reached the peer, whatever the machine's speed.
     peer = Peer()
     peer.delay_s = 10
     async with serving(peer) as url:
         pool = H1Pool(url)
-        with pytest.raises(RequestTimeout, match=r"within 0\.2 s"):
-            await pool.request("PUT", "/x", b"{}", timeout_s=0.2)
-        with trio.fail_after(5):
-            await peer.closed.wait()  # the server sees the client leave
+        failures: list[Exception] = []
+
+        async def request() -> None:
+            try:
+                await pool.request("PUT", "/x", b"{}", timeout_s=0.2)
+            except RequestTimeout as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request)
+            await until(peer, lambda: len(peer.requests) == 1)  # reached the peer
+            mock_clock.jump(0.2)
+        (failure,) = failures
+        assert str(failure) == f"PUT {url}/x: no answer within 0.2 s"
+        await peer.closed.wait()  # the server sees the client leave
         peer.delay_s = 0
         assert (await pool.request("PUT", "/x", b"{}")).status == 204
         await pool.aclose()
-    assert pool.connects == 2
+    assert pool.connects == 2 and len(peer.requests) == 2
 
 
-async def test_a_cancelled_long_poll_closes_its_connection() -> None:
+async def test_a_cancelled_long_poll_closes_its_connection(
+    mock_clock: trio.testing.MockClock,
+) -> None:
     peer = Peer()
     peer.delay_s = 10
     async with serving(peer) as url:
         pool = H1Pool(url)
-        with trio.move_on_after(0.2):
-            await pool.request("GET", "/instance/state-monitor", b'{"gen": 1}')
-        with trio.fail_after(5):
-            await peer.closed.wait()
+        async with trio.open_nursery() as nursery:
+
+            async def poll() -> None:
+                with trio.move_on_after(0.2):
+                    await pool.request("GET", "/instance/state-monitor", b'{"gen": 1}')
+
+            nursery.start_soon(poll)
+            await until(peer, lambda: len(peer.requests) == 1)  # the long poll is at the peer
+            mock_clock.jump(0.2)
+        await peer.closed.wait()  # cancelled: its connection closed, not kept
         await pool.aclose()
+    assert peer.answered == 0
 
 
 async def test_requests_in_flight_stay_within_the_pool_bound() -> None:
     peer = Peer()
-    peer.delay_s = 0.05
-    async with serving(peer) as url:
-        pool = H1Pool(url, max_connections=2, max_idle=2)
-        async with trio.open_nursery() as nursery:
-            for _ in range(8):
-                nursery.start_soon(pool.request, "PUT", "/x", b"{}")
-        await pool.aclose()
-    assert len(peer.requests) == 8
+    peer.hold = trio.Event()  # the peer answers nothing until released
+    with trio.fail_after(10):
+        async with serving(peer) as url:
+            pool = H1Pool(url, max_connections=2, max_idle=2)
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(pool.request, "PUT", "/x", b"{}")
+                await until(peer, lambda: peer.in_flight == 2)
+                # Every task has gone as far as it can: two requests at the peer, six
+                # waiting in the pool for a connection.
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                assert (peer.in_flight, len(peer.requests)) == (2, 2)
+                peer.hold.set()
+            await pool.aclose()
+    assert len(peer.requests) == 8 and peer.answered == 8
     assert peer.most_in_flight == 2 and pool.connects == 2
 
 
@@ -260,12 +306,11 @@ async def test_nexus_unreachable_is_a_transient_peer_error() -> None:
     assert caught.value.status is None and caught.value.transient
 
 
-async def _until(predicate: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if predicate():
-            return
-        await trio.sleep(0.01)
-    pytest.fail("the condition never came true")
+async def until(peer: Peer, predicate: Callable[[], bool]) -> None:
+    """Wait until ``predicate`` holds, checked at each change of ``peer`` (the test's
+    real-time deadline bounds the wait)."""
+    while not predicate():
+        await peer.changed.wait()
 
 
 async def test_answers_are_parsed_holding_a_gate_token_but_never_awaited_with_one() -> None:
@@ -280,7 +325,7 @@ async def test_answers_are_parsed_holding_a_gate_token_but_never_awaited_with_on
         slow_pool, fast_pool = H1Pool(slow_url), H1Pool(fast_url)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(partial(slow_pool.request, "GET", "/poll", parse_gate=gate))
-            await _until(lambda: slow.in_flight == 1)
+            await until(slow, lambda: slow.in_flight == 1)
             with trio.fail_after(5):
                 answer = await fast_pool.request("GET", "/a", parse_gate=gate)
             assert answer.body == b'{"gen": 3}'
@@ -293,11 +338,46 @@ async def test_answers_are_parsed_holding_a_gate_token_but_never_awaited_with_on
                 answers.append((await fast_pool.request("GET", "/b", parse_gate=gate)).body)
 
             nursery.start_soon(read)
-            await _until(lambda: len(fast.requests) == 2)
-            await trio.sleep(0.2)  # answered by now, but not parsed
+            await until(fast, lambda: fast.answered == 2)  # the answer was sent
+            await trio.testing.wait_all_tasks_blocked(0.05)  # and has arrived, unparsed
             assert answers == []
             gate.release_on_behalf_of(holder)
-            await _until(lambda: answers == [b'{"gen": 3}'])
+            while not answers:
+                await trio.lowlevel.checkpoint()
+            assert answers == [b'{"gen": 3}']
             nursery.cancel_scope.cancel()
         await slow_pool.aclose()
         await fast_pool.aclose()
+
+
+async def test_a_peer_that_never_completes_the_connection_fails_at_the_connect_deadline(
+    mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (SYNs dropped by a dead host or a full backlog: the connect hangs.)
+    connecting = trio.Event()
+
+    async def never_connects(host: str, port: int) -> trio.SocketStream:
+        connecting.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr("sledagent._h1client.trio.open_tcp_stream", never_connects)
+    pool = H1Pool("http://192.0.2.1:12400", connect_timeout_s=5.0)
+    failures: list[Exception] = []
+
+    async def request() -> None:
+        try:
+            await pool.request("PUT", "/vmms/x", b"{}")
+        except RequestTimeout as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request)
+        await connecting.wait()
+        mock_clock.jump(4.9)
+        await trio.testing.wait_all_tasks_blocked()
+        assert failures == []  # not before the deadline
+        mock_clock.jump(0.1)
+    (failure,) = failures
+    assert str(failure) == "PUT http://192.0.2.1:12400/vmms/x: connect: no answer within 5 s"
+    assert pool.connects == 0

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
+import pytest
 import trio
 
 from sledagent._http import HttpLimits, Message, Scope
@@ -15,7 +16,7 @@ from sledagent._server import serve_http
 
 
 async def echo_app(scope: Scope, receive: Any, send: Any) -> None:
-    """Answers with what it was sent; ``/boom`` fails; ``/slow`` takes 0.3 s."""
+    """Answers with what it was sent; ``/boom`` fails."""
     body = b""
     while True:
         message: Message = await receive()
@@ -24,8 +25,6 @@ async def echo_app(scope: Scope, receive: Any, send: Any) -> None:
             break
     if scope["path"] == "/boom":
         raise RuntimeError("a bug in the app")
-    if scope["path"] == "/slow":
-        await trio.sleep(0.3)
     answer = json.dumps(
         {"method": scope["method"], "path": scope["path"], "query": scope["query_string"].decode(),
          "body": body.decode()}
@@ -48,12 +47,12 @@ class Server:
 
 
 @asynccontextmanager
-async def serving(limits: HttpLimits | None = None) -> AsyncIterator[Server]:
+async def serving(limits: HttpLimits | None = None, app: Any = echo_app) -> AsyncIterator[Server]:
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(
             lambda task_status: serve_http(
-                echo_app, "127.0.0.1:0", shutdown=shutdown, limits=limits, task_status=task_status
+                app, "127.0.0.1:0", shutdown=shutdown, limits=limits, task_status=task_status
             )
         )
         server = Server(int(urls[0].rsplit(":", 1)[1]), shutdown)
@@ -153,20 +152,27 @@ async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout() -> No
 
 
 async def test_shutdown_finishes_requests_in_flight_and_closes_idle_connections() -> None:
-    async with serving() as server:
-        busy = await server.connect()
-        idle = await server.connect()
-        await busy.send_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
-        await trio.sleep(0.05)  # the slow request is in the app
-        server.shutdown.set()
-        with trio.fail_after(5):
-            assert await idle.receive_some() == b""  # closed at once, not after the request
-            status, _, _ = await read_response(busy, bytearray())
-            assert status == 200  # the request in flight was answered
-        try:
-            refused = await server.connect()
-        except OSError:
-            pass  # no longer listening: what is expected
-        else:
-            with trio.fail_after(5):
-                assert await refused.receive_some() == b""
+    entered, release = trio.Event(), trio.Event()
+
+    async def held_app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["path"] == "/slow":  # in the app until the test lets it answer
+            entered.set()
+            await release.wait()
+        await echo_app(scope, receive, send)
+
+    with trio.fail_after(10):
+        async with serving(app=held_app) as server:
+            busy = await server.connect()
+            idle = await server.connect()
+            await busy.send_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+            await entered.wait()  # the slow request is in the app
+            server.shutdown.set()
+            # The idle connection is closed while the request is still in the app.
+            assert await idle.receive_some() == b""
+            assert not release.is_set()
+            release.set()
+            status, _, body = await read_response(busy, bytearray())
+            assert status == 200 and json.loads(body)["path"] == "/slow"  # answered
+            # No longer listening: a new connection is refused.
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream("127.0.0.1", server.port)

@@ -13,6 +13,7 @@ from sledagent.bench._sweep import SweepParams, plot_sweep, run_sweep
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.deadline_s(240)  # processes; its own fail_after bounds it
 async def test_every_request_under_load_is_answered_while_zones_are_reaped() -> None:
     with trio.fail_after(180):
         result = await run_load_bench(
@@ -26,6 +27,7 @@ async def test_every_request_under_load_is_answered_while_zones_are_reaped() -> 
     assert result["latency"]["p99"] > 0
 
 
+@pytest.mark.deadline_s(240)  # processes; its own fail_after bounds it
 async def test_a_sweep_writes_its_report_and_five_plots(tmp_path: Path) -> None:
     params = SweepParams(
         vmms=(2,), log_mb=(0.25,), inline_max_mb=0, omicron_max_mb=0,

@@ -49,9 +49,10 @@ async def test_a_failing_teardown_is_retried_until_it_succeeds(
         pid = await h.start_vmm()
         fakes.propolis[pid].halt()
         await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
-        await trio.sleep(0.1)
-        (held,) = h.agent.reaper.holdings()
-        assert held.step in (ReaperStep.HALTING, ReaperStep.ARCHIVING, ReaperStep.BUNDLING)
+        await trio.sleep(0.1)  # (virtual) halts tried at 0 and 0.05 s failed; next at 0.15 s
+        (held,) = h.agent.reaper.holdings()  # what GET /zones/cleanup shows
+        assert (held.step, held.halt_attempts) == (ReaperStep.HALTING, 2)
+        assert held.halt_error == "InjectedFault('zone halt failed')"
         await h.agent.drain()
         assert h.agent.reaper.statistics().halt_retries == 4
     (timeline,) = fakes.zones.timeline.values()

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from .fuzz_api import run_fuzz
 
 
+@pytest.mark.deadline_s(300)  # a daemon process and schemathesis's phases (~120 s loaded)
 def test_schemathesis_finds_no_server_error_and_no_answer_off_the_spec() -> None:
     result = run_fuzz(examples=8, seed=20261123)
     assert result.returncode == 0, result.output[-6000:]

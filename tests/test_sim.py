@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
+import trio.testing
 
 from sledagent._codec import encode
 from sledagent._local_zones import LogSpec
 from sledagent._logwriter import SERVICE_LOG
 from sledagent._wire import InstanceEnsureRequest, InstanceProperties, PropolisInstanceMetadata
 from sledagent.sim._fleet import SimPropolisFleet
+
+
+def sizes(root: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Wait for ``predicate`` (the test's real-time deadline bounds it)."""
+    while not predicate():  # noqa: ASYNC110 (state changed by a thread or a server)
+        await trio.sleep(0.01)
 
 
 async def test_the_simulated_propolis_writes_and_rotates_its_zones_log(tmp_path: Path) -> None:
@@ -29,10 +42,12 @@ async def test_the_simulated_propolis_writes_and_rotates_its_zones_log(tmp_path:
             while not list((tmp_path / "archive").glob(f"{SERVICE_LOG}.*")):  # noqa: ASYNC110
                 await trio.sleep(0.02)
         await fleet.retire("oxz_propolis-server_a")
-        await trio.sleep(0.1)  # a write already handed to the thread may still land
-        written = fleet.logs.written_bytes
-        await trio.sleep(0.1)
-        assert fleet.logs.written_bytes == written  # a retired Propolis writes no more
+        # A tick under way may still write; the next one began after the retirement.
+        retired_at = fleet.logs.ticks
+        await until(lambda: fleet.logs.ticks >= retired_at + 2)
+        on_disk = sizes(tmp_path)
+        await until(lambda: fleet.logs.ticks >= retired_at + 4)
+        assert sizes(tmp_path) == on_disk  # a retired Propolis writes no more
         nursery.cancel_scope.cancel()
     names = {p.name for p in logs.log_dir.iterdir()}
     rotated = {f"{SERVICE_LOG}.0", f"{SERVICE_LOG}.1"}  # keep=2; the rest was archived
@@ -55,6 +70,7 @@ async def _put(addr: str, target: str, body: bytes) -> bytes:
     return answer
 
 
+@pytest.mark.deadline_s(180)  # a thousand servers
 async def test_a_thousand_simulated_propolis_servers_run_in_one_process() -> None:
     fleet = SimPropolisFleet()
     zones = [f"oxz_propolis-server_{i}" for i in range(1000)]
@@ -107,17 +123,28 @@ async def test_the_recording_nexus_answers_a_wait_once_every_vmm_reached_the_sta
             )
         )  # fmt: skip
         async with httpx.AsyncClient(base_url=urls[0], timeout=10) as client:
+
+            async def put(pid: uuid.UUID) -> None:
+                vmm = VmmRuntimeState(gen=2, state=VmmState.STARTING, time_updated=utcnow())
+                state = encode(initial_state(vmm, None, utcnow()))
+                assert (await client.put(f"/vmms/{pid}", content=state)).status_code == 204
+
             body = {"ids": [str(p) for p in pids], "state": "starting", "timeout_s": 10}
+            await put(pids[0])
+            # One of the two has not reached the state: the wait ends at its timeout.
+            r = await client.post("/sim/wait", json={**body, "timeout_s": 0.2})
+            assert r.status_code == 504 and "starting" in r.json()["message"]
+            answers: list[httpx.Response] = []
 
-            async def put_later() -> None:
-                await trio.sleep(0.05)
-                for pid in pids:
-                    vmm = VmmRuntimeState(gen=2, state=VmmState.STARTING, time_updated=utcnow())
-                    state = encode(initial_state(vmm, None, utcnow()))
-                    assert (await client.put(f"/vmms/{pid}", content=state)).status_code == 204
+            async def wait() -> None:
+                answers.append(await client.post("/sim/wait", json=body))
 
-            nursery.start_soon(put_later)
-            r = await client.post("/sim/wait", json=body)
+            async with trio.open_nursery() as waiting:
+                waiting.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                assert answers == []  # still waiting for the second
+                await put(pids[1])
+            (r,) = answers
             assert r.status_code == 200 and set(r.json()) == {str(p) for p in pids}
             assert (await client.post("/sim/wait", json={"ids": ["x"]})).status_code == 400
         shutdown.set()

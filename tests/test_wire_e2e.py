@@ -15,7 +15,7 @@ import attrs
 import httpx
 import trio
 
-from sledagent import Host, MemoryBundleStore, VmmState, open_sled_agent
+from sledagent import Host, MemoryBundleStore, SledAgent, VmmState, open_sled_agent
 from sledagent._api import build_app
 from sledagent._clients import HttpNexusClient, HttpPropolisConnector
 from sledagent._h1client import H1Pool
@@ -34,6 +34,7 @@ class Wire:
     nexus: FakeNexus
     vms: dict[str, FakePropolis]  # propolis_addr -> state machine
     addrs: list[str]
+    agent: SledAgent
 
 
 @asynccontextmanager
@@ -76,7 +77,7 @@ async def open_wire(n_vmms: int) -> AsyncIterator[Wire]:
         async with open_sled_agent(fast_config(), host) as agent:
             api_url = await start(build_app(agent))
             async with httpx.AsyncClient(base_url=api_url, timeout=10) as api:
-                yield Wire(api, sims, nexus_url, nexus, vms, addrs)
+                yield Wire(api, sims, nexus_url, nexus, vms, addrs, agent)
         await nexus_pool.aclose()
         stop.set()
         nursery.cancel_scope.cancel()  # the connector's pool keeper runs until cancelled
@@ -88,10 +89,13 @@ async def test_vmms_run_and_halt_over_http_and_nexus_hears_it(
     with trio.fail_after(30):
         async with open_wire(3) as wire:
             pids = []
+            instances = {}  # propolis addr -> the instance registered on it
             for addr in wire.addrs:
                 pid = str(uuid.uuid4())
                 pids.append(pid)
-                r = await wire.api.put(f"/vmms/{pid}", json=ensure_body_json(propolis_addr=addr))
+                instances[addr] = uuid.uuid4()
+                body = ensure_body_json(instances[addr], propolis_addr=addr)
+                r = await wire.api.put(f"/vmms/{pid}", json=body)
                 assert r.status_code == 200, r.text
                 r = await wire.api.put(f"/vmms/{pid}/state", json={"state": {"type": "running"}})
                 assert r.status_code == 200, r.text
@@ -109,10 +113,10 @@ async def test_vmms_run_and_halt_over_http_and_nexus_hears_it(
             r = await wire.sims.get(f"{wire.nexus_url}/sim/updates")
             for row in r.json():
                 nexus_contract.validate("SledVmmState", row["state"])
-            for vm in wire.vms.values():
-                assert vm.ensured is not None  # the ensure body passed strict decoding
-            # Once Nexus acknowledged, the VMMs are gone.
-            await trio.sleep(0.05)
+            for addr, vm in wire.vms.items():  # each Propolis was given its own VM
+                assert vm.ensured is not None and vm.ensured.properties.id == instances[addr]
+            # Once Nexus's acknowledgements reached the agent, the VMMs are gone.
+            await wire.agent.notifier.wait_idle()
             for pid in pids:
                 r = await wire.api.get(f"/vmms/{pid}/state")
                 assert r.status_code == 404 and r.json()["error_code"] == "NO_SUCH_INSTANCE"
@@ -126,9 +130,17 @@ async def test_a_vanished_propolis_fails_the_vmm_and_a_failing_nexus_is_retried(
             await wire.api.put(f"/vmms/{pid}", json=ensure_body_json(propolis_addr=addr))
             await wire.api.put(f"/vmms/{pid}/state", json={"state": {"type": "running"}})
             await wire.nexus.wait_for(uuid.UUID(pid), VmmState.RUNNING)
+            running = wire.nexus.latest(uuid.UUID(pid))
+            assert running is not None
             r = await wire.sims.post(f"{wire.nexus_url}/sim/fail", params={"seconds": 1.0})
             assert r.status_code == 204
             await wire.sims.post(f"http://{addr}/sim/vanish")
-            t = await wire.nexus.wait_for(uuid.UUID(pid), VmmState.FAILED)
+            await wire.nexus.wait_for(uuid.UUID(pid), VmmState.FAILED)
             assert wire.nexus.attempts > len(wire.nexus.updates)  # 503s were retried
-            assert t is not None
+            failed = wire.nexus.latest(uuid.UUID(pid))
+            assert failed is not None and failed.vmm_state.state is VmmState.FAILED
+            assert failed.gen > running.gen  # newer than anything Nexus had
+            await wire.agent.drain()
+            assert wire.agent.reaper.statistics().reaped == 1  # its zone was reaped
+            r = await wire.api.get(f"/vmms/{pid}/state")
+            assert r.status_code == 404  # Nexus knows it failed: gone

@@ -107,6 +107,9 @@ class FaultParams:
     log_mb: float = 1.0
     propolis_unreachable_s: float = 5.0
     stop_grace_s: float = 5.0
+    #: The ``drop`` Propolis fault: 503s for this long, to be ridden out (well within
+    #: ``propolis_unreachable_s``).
+    drop_s: float = 2.0
 
 
 def _config(root: Path, nexus_url: str, fleet_url: str, p: FaultParams) -> str:
@@ -198,7 +201,7 @@ async def _outage_run(
 
             async def read_all() -> None:
                 nonlocal read_failures
-                while trio.current_time() - t_fault < p.down_s:
+                while True:  # every VMM read at least once, however slow the machine
                     for pid in pids:
                         t0 = trio.current_time()
                         try:
@@ -211,6 +214,8 @@ async def _outage_run(
                             reads.append(trio.current_time() - t0)
                         else:
                             read_failures += 1
+                    if trio.current_time() - t_fault >= p.down_s:
+                        break
                     await trio.sleep(0.2)
 
             async def drive_one() -> None:
@@ -252,6 +257,7 @@ async def _outage_run(
         ),
         "updates_per_vmm_max": max(len(per_vmm[i]) for i in everyone),
         "get_state_during_fault": summary(reads),
+        "get_state_answered": len(reads),
         "get_state_failures": read_failures,
         "register_run_stop_during_fault_s": [round(t, 3) for t in during],
         "zones_bundled": len({b["id"]["zone_name"] for b in bundles}),
@@ -296,9 +302,9 @@ async def propolis_faults(p: FaultParams) -> dict[str, Any]:
                         sim, t0 = addr[fault], trio.current_time()
                         if fault in ("vanish", "fail"):
                             (await client.post(f"{sim}/sim/{fault}")).raise_for_status()
-                        elif fault == "drop":  # 503s for 2 s, ridden out; then a halt
+                        elif fault == "drop":  # 503s for drop_s, ridden out; then a halt
                             (await client.post(f"{sim}/sim/drop")).raise_for_status()
-                            await trio.sleep(2.0)
+                            await trio.sleep(p.drop_s)
                             await client.post(f"{sim}/sim/drop", params={"on": "false"})
                             (await client.post(f"{sim}/sim/halt")).raise_for_status()
                         elif fault == "die":
@@ -335,8 +341,10 @@ async def propolis_faults(p: FaultParams) -> dict[str, Any]:
     }
 
 
-def problems(result: dict[str, Any]) -> list[str]:
-    """What a fault run broke (empty: it passed)."""
+def problems(result: dict[str, Any], *, latency_bounds: bool = True) -> list[str]:
+    """What a fault run broke (empty: it passed). ``latency_bounds=False`` leaves out
+    the checks against wall-clock bounds (a fault taking more than its bound + 5 s to
+    end): a test on a loaded machine checks outcomes, the benchmark the figures."""
     found = []
     if result["exit_status"] != 0:
         found.append(f"exit_status={result['exit_status']}")
@@ -349,7 +357,11 @@ def problems(result: dict[str, Any]) -> list[str]:
             took = result["seconds_from_fault_to_terminal_state"].get(fault)
             if took is None:
                 found.append(f"{fault}: no terminal state in time")
-            elif fault in result["bounds_s"] and took > result["bounds_s"][fault] + 5:
+            elif (
+                latency_bounds
+                and fault in result["bounds_s"]
+                and took > result["bounds_s"][fault] + 5
+            ):
                 found.append(f"{fault}: {took} s, past its bound")
         if result["zones_bundled"] != result["expected_bundles"]:
             found.append(f"zones_bundled={result['zones_bundled']}")

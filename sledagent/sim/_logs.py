@@ -29,6 +29,9 @@ class SimLogWriter:
         self._specs: dict[str, LogSpec] = {}
         self._rng = random.Random(seed)
         self.written_bytes = 0
+        #: Ticks done (a tick's writes are on disk when it counts): a caller waits for
+        #: a tick begun after a change (``remove``) to know the change holds on disk.
+        self.ticks = 0
 
     async def start(self, zone_name: str, spec: LogSpec) -> None:
         """Create the zone's log now (``start_log``: a real service's log exists from
@@ -50,6 +53,7 @@ class SimLogWriter:
             if self._specs:
                 batch = list(self._specs.values())
                 self.written_bytes += await trio.to_thread.run_sync(self._write, batch)
+            self.ticks += 1
             await trio.sleep(max(0.0, self._interval - (trio.current_time() - t0)))
 
     def _write(self, batch: list[LogSpec]) -> int:

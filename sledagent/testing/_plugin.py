@@ -6,6 +6,9 @@ Registered as a pytest plugin (entry point ``sledagent``); needs pytest-trio wit
 - ``fake_host``: fresh ``FakeHost`` (zones, Propolis fleet, Nexus, bundle store).
 - ``agent_config``: ``fast_config()``; override the fixture to change timings.
 - ``fake_agent``: an ``AgentHarness`` running for the test, on ``fake_host``.
+
+And a real-time deadline for every test (``_deadline.py``): a test that hangs fails
+with its name, on a ``MockClock`` too.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from .._config import AgentConfig
+from ._deadline import pytest_addoption as pytest_addoption
+from ._deadline import pytest_configure as pytest_configure
+from ._deadline import pytest_runtest_call as pytest_runtest_call
+from ._deadline import pytest_runtest_protocol as pytest_runtest_protocol
 from ._harness import AgentHarness, FakeHost, fast_config, open_fake_agent
 
 

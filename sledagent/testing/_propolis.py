@@ -5,7 +5,8 @@ the fake's generation is at least ``gen``, and otherwise waits for the next chan
 With ``auto=True`` (the default) requests behave like Propolis: ``Run`` walks Starting
 -> Running, ``Stop`` walks Stopping -> Stopped -> Destroyed, ``Reboot`` Rebooting ->
 Running. Tests script everything else: ``push``, ``halt`` (the guest powers off),
-``fail``, ``disconnect``, ``error``, ``hang``, ``vanish``.
+``fail``, ``disconnect``, ``error`` (the state monitor's answers), ``refuse`` (the
+requests'), ``hang``, ``vanish``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class FakePropolis:
         self.eager = False
         #: State-monitor answers given (to see that an eager one is polled with backoff).
         self.monitor_answers = 0
+        self._refusals: list[PeerError] = []
 
     # --- scripting ----------------------------------------------------------------------
 
@@ -101,6 +103,14 @@ class FakePropolis:
                 cls(f"injected {status}", status=status, code=code, peer_message=message)
             )
 
+    def refuse(self, status: int, code: str | None = None, *, times: int = 1) -> None:
+        """The next ``times`` requests (``PUT /instance``, ``PUT /instance/state``)
+        answer ``status``: Propolis refusing the VM or a state change."""
+        for _ in range(times):
+            cls = PropolisGone if status == 410 or code == "NoInstance" else PeerError
+            refusal = cls(f"refused with {status} (injected)", status=status, code=code)
+            self._refusals.append(refusal)
+
     def hang(self, on: bool = True) -> None:
         """While on, monitor calls never answer."""
         self._hung = on
@@ -127,6 +137,8 @@ class FakePropolis:
         if self.request_delay_s:
             await trio.sleep(self.request_delay_s)
         self._check()
+        if self._refusals:
+            raise self._refusals.pop(0)
         if self.ensured is None:
             self.ensured = request
             self.push(InstanceState.CREATING)
@@ -147,6 +159,8 @@ class FakePropolis:
         if self.request_delay_s:
             await trio.sleep(self.request_delay_s)
         self._check()
+        if self._refusals:
+            raise self._refusals.pop(0)
         if self.ensured is None:
             raise PropolisGone(
                 "Server not initialized (no instance)", status=424, code="NoInstance"

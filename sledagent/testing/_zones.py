@@ -2,9 +2,9 @@
 
 It records what a user of the host would see: when each zone was installed, when its
 bundle released it (snapshot taken), when it was halted, when its archive was written,
-which snapshots are still alive, and the peak number of zones being collected and of
-archives being written at once. Durations are ``trio.sleep``s, so everything is
-deterministic under ``trio.testing.MockClock``.
+which snapshots are still alive, and the peak number of zones being collected, of
+archives being written and of zones being halted at once. Durations are ``trio.sleep``s,
+so everything is deterministic under ``trio.testing.MockClock``.
 """
 
 from __future__ import annotations
@@ -73,11 +73,16 @@ class FakeZones:
         self.fail_snapshot = 0
         self.fail_archive = 0
         self.fail_halt = 0
+        self.fail_destroy_snapshot = 0
+        #: How long destroying a snapshot takes (``inf``: it never returns).
+        self.destroy_snapshot_s = 0.0
         self.archived_jobs: list[ArchiveJob] = []  # what phase 2 was given, in order
         self.collecting: set[str] = set()
         self.archiving = 0
         self.peak_collecting = 0
         self.peak_archiving = 0
+        self.halting = 0
+        self.peak_halting = 0
 
     # --- ZoneBackend --------------------------------------------------------------------
 
@@ -138,7 +143,10 @@ class FakeZones:
             self.collecting.discard(zone.name)
 
     async def destroy_snapshot(self, snapshot: Snapshot) -> None:
-        await trio.lowlevel.checkpoint()
+        await trio.sleep(self.destroy_snapshot_s)
+        if self.fail_destroy_snapshot > 0:
+            self.fail_destroy_snapshot -= 1
+            raise InjectedFault("snapshot destroy failed")
         self.live_snapshots.discard(snapshot.name)
         self._snapshots.pop(snapshot.name, None)
 
@@ -146,7 +154,12 @@ class FakeZones:
         timeline = self.timeline.get(zone.name)
         if timeline is not None:
             timeline.halt_attempts += 1
-        await trio.sleep(self.halt_s)
+        self.halting += 1
+        self.peak_halting = max(self.peak_halting, self.halting)
+        try:
+            await trio.sleep(self.halt_s)
+        finally:
+            self.halting -= 1
         if self.fail_halt > 0:
             self.fail_halt -= 1
             raise InjectedFault("zone halt failed")
