@@ -143,6 +143,7 @@ class SledAgent:
         self.jobs = BundleJobs(self.bundler, self.manager.live_zone)
         #: Set once the snapshots an earlier run left are archived (``recover_snapshots``).
         self.recovered = trio.Event()
+        self._readopting: list[uuid.UUID] = []
 
     async def startup_scan(self) -> tuple[list[Snapshot], list[Zone]]:
         """What an earlier run left, found before anything new is made: open the store,
@@ -168,6 +169,7 @@ class SledAgent:
         found = readopt_plan(journaled, zones, host_rebooted=host_rebooted)
         for vmm, zone in found.readopt:
             self.manager.readopt(vmm, zone)
+        self._readopting = [vmm.propolis_id for vmm, _ in found.readopt]
         for vmm, zone in found.ended:
             self.manager.restore_ended(vmm, zone)
         for zone in found.unexpected:
@@ -178,6 +180,24 @@ class SledAgent:
             ended=len(found.ended),
             unexpected_zones=len(found.unexpected),
             host_rebooted=host_rebooted,
+        )
+
+    async def report_readoption(self) -> None:
+        """Log once every VMM taken back has had its Propolis's answer (or none)."""
+        t0 = trio.current_time()
+        states: dict[str, int] = {}
+        for pid in self._readopting:
+            entry = self.manager.registry.find(pid)
+            if entry is not None and entry.runner is not None:
+                await entry.runner.adopted.wait()
+            entry = self.manager.registry.find(pid)
+            state = "removed" if entry is None else entry.state.vmm_state.state.value
+            states[state] = states.get(state, 0) + 1
+        log.info(
+            "readoption_done",
+            vmms=len(self._readopting),
+            seconds=round(trio.current_time() - t0, 3),
+            states=states,
         )
 
     async def recover_snapshots(self, leftovers: list[Snapshot]) -> None:
@@ -248,6 +268,8 @@ async def open_sled_agent(
         await nursery.start(agent.notifier.run)
         await nursery.start(agent.manager.run)
         agent.reconcile(journaled, zones, host_rebooted=host_rebooted)
+        if agent._readopting:
+            nursery.start_soon(agent.report_readoption)
         await nursery.start(agent.reaper.run)
         nursery.start_soon(agent.recover_snapshots, leftovers)
         await nursery.start(agent.jobs.run)

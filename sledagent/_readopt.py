@@ -45,7 +45,7 @@ import structlog
 import trio
 
 from ._errors import PeerError, PropolisGone
-from ._host import Zone
+from ._host import PropolisClient, Zone
 from ._journal import JournaledVmm
 from ._wire import InstanceStateMonitorResponse, utcnow
 
@@ -110,6 +110,46 @@ async def readopt(runner: InstanceRunner, adoption: Adoption) -> None:
         return
     runner.context.nics.claim(zone.nic_ids, zone.name)
     client = runner.context.connector.client_for(zone)
+    # A few at a time: a thousand questions answered in one scheduler batch would stall
+    # the reads the API answers meanwhile (as a mass halt's monitor answers did).
+    async with runner.context.readopt_limiter:
+        if runner.halted:  # unregistered while waiting its turn
+            return
+        answer = await _ask(runner, client, zone, created, bound)
+    if runner.halted or isinstance(answer, _Gone):
+        return
+    response = answer
+    if response is not None and runner.observe(response):
+        return  # it halted while the agent was down: ended and reaped as any halt
+    runner.start_monitor(client, zone, gen=0 if response is None else response.gen + 1)
+    if vmm.stop_requested_at is not None:
+        waited = (utcnow() - vmm.stop_requested_at).total_seconds()
+        runner.resume_stop_grace(config.stop_grace_s - waited)
+    bound.debug(
+        "vmm_readopted",
+        zone_name=zone.name,
+        state=runner.entry.state.vmm_state.state.value,
+        gen=runner.entry.state.gen,
+        answered=response is not None,
+    )
+
+
+class _Gone:
+    """The question's outcome when the VMM ended, or has no VM to follow yet."""
+
+
+_GONE = _Gone()
+
+
+async def _ask(
+    runner: InstanceRunner,
+    client: PropolisClient,
+    zone: Zone,
+    created: bool,
+    bound: structlog.typing.FilteringBoundLogger,
+) -> InstanceStateMonitorResponse | _Gone | None:
+    """Propolis's first answer about this VMM (``None``: none within the bound)."""
+    config = runner.context.config
     response: InstanceStateMonitorResponse | None = None
     with runner.interruptible():
         try:
@@ -129,23 +169,9 @@ async def readopt(runner: InstanceRunner, adoption: Adoption) -> None:
                 runner.gone(f"Propolis no longer has the VM: {exc}")
             else:  # the agent died between installing the zone and creating the VM
                 bound.info("readopted_without_vm", zone_name=zone.name)
-            return
+            return _GONE
         except (PeerError, trio.TooSlowError) as exc:
             # Maybe restarting: the monitor retries, and fails the VMM only after
             # ``propolis_unreachable_s`` without an answer.
             bound.warning("readopt_propolis_unanswered", error=str(exc) or "timed out")
-    if runner.halted:
-        return
-    if response is not None and runner.observe(response):
-        return  # it halted while the agent was down: ended and reaped as any halt
-    runner.start_monitor(client, zone, gen=0 if response is None else response.gen + 1)
-    if vmm.stop_requested_at is not None:
-        waited = (utcnow() - vmm.stop_requested_at).total_seconds()
-        runner.resume_stop_grace(config.stop_grace_s - waited)
-    bound.info(
-        "vmm_readopted",
-        zone_name=zone.name,
-        state=runner.entry.state.vmm_state.state.value,
-        gen=runner.entry.state.gen,
-        answered=response is not None,
-    )
+    return response

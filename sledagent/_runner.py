@@ -136,6 +136,8 @@ class RunnerContext:
     nics: NicReservations
     sled_id: uuid.UUID
     inline: InlineTeardown | None = None
+    #: Re-adoptions asking their Propolis at once, after a restart (``_readopt``).
+    readopt_limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(16))
 
 
 class InstanceRunner:
