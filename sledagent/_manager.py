@@ -60,6 +60,7 @@ class InstanceManager:
         self.registry = Registry()
         self._runners: trio.Nursery | None = None
         self._accepting = True
+        self._readopting = 0  # re-adopted VMMs whose Propolis has not answered yet
         #: Seconds from a terminal state being recorded to Nexus acknowledging it.
         self.halt_to_publish_s: list[float] = []
         #: The same, every one since start (``sledagent_halt_to_publish_seconds``).
@@ -202,6 +203,8 @@ class InstanceManager:
         entry.runner = InstanceRunner(
             entry, self._ctx, on_abandoned=self._abandon, adoption=Adoption(vmm, zone)
         )
+        entry.runner.on_adopted = self._adopted_one
+        self._readopting += 1
         self.registry.add(entry)
         self._runners.start_soon(entry.runner.run)
         if vmm.unacknowledged:  # Nexus may have missed it: the same content again
@@ -241,11 +244,10 @@ class InstanceManager:
 
     def readopting(self) -> int:
         """VMMs taken back from the journal whose Propolis has not answered yet."""
-        return sum(
-            1
-            for e in self.registry
-            if e.phase is VmmPhase.ACTIVE and e.runner is not None and not e.runner.adopted.is_set()
-        )
+        return self._readopting
+
+    def _adopted_one(self) -> None:
+        self._readopting -= 1
 
     def _abandon(self, propolis_id: uuid.UUID) -> None:
         """A VMM ended with no generation left to publish it with: drop it now."""

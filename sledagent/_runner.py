@@ -136,8 +136,8 @@ class RunnerContext:
     nics: NicReservations
     sled_id: uuid.UUID
     inline: InlineTeardown | None = None
-    #: Re-adoptions asking their Propolis at once, after a restart (``_readopt``).
-    readopt_limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(16))
+    #: Re-adoptions asking their Propolis at once (32), after a restart (``_readopt``).
+    readopt_limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(32))
 
 
 class InstanceRunner:
@@ -162,6 +162,8 @@ class InstanceRunner:
         #: Called when the VMM ends with no state left to publish (its generation is
         #: the u64 maximum): the manager drops it, as Nexus can never acknowledge it.
         self.on_abandoned = on_abandoned
+        #: Called once a re-adopted VMM's adoption is over (the manager's count).
+        self.on_adopted: Callable[[], None] | None = None
         self._send, self._recv = trio.open_memory_channel[Request](ctx.config.runner_queue_size)
         # What terminate() interrupts: only work that is actually waiting on something.
         # (An idle runner just sees its queue close; no Cancelled is thrown through it.)
@@ -199,6 +201,12 @@ class InstanceRunner:
     def zone(self) -> Zone | None:
         """The VMM's live zone, until it is handed off."""
         return self._zone
+
+    def _set_adopted(self) -> None:
+        if not self.adopted.is_set():
+            self.adopted.set()
+            if self._adoption is not None and self.on_adopted is not None:
+                self.on_adopted()
 
     @property
     def _body(self) -> InstanceEnsureBody:
@@ -298,7 +306,7 @@ class InstanceRunner:
                     from ._readopt import readopt  # the restart path lives in its own room
 
                     await readopt(self, self._adoption)
-                self.adopted.set()
+                self._set_adopted()
                 nursery.start_soon(self._serve)
             if self._halted and self._ctx.inline is not None:
                 if self._inline_zone is not None:
@@ -306,7 +314,7 @@ class InstanceRunner:
                     await self._ctx.inline.teardown(zone, self._log)
                 self._ctx.notifier.publish(self.propolis_id, self.entry.state)
         finally:
-            self.adopted.set()
+            self._set_adopted()
             self._send.close()
             for request in self._deferred:
                 self._answer_halted(request)

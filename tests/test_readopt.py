@@ -53,6 +53,7 @@ async def test_running_vmms_are_taken_back_untouched_and_nexus_hears_nothing(
                 runner = agent.manager.registry.get(pid).runner
                 await runner.adopted.wait()
                 assert agent.manager.registry.get(pid).state == before[pid]
+            assert agent.manager.readopting() == 0  # the metric an operator watches
             await agent.notifier.wait_idle()
             assert {pid: published(fakes, pid) for pid in pids} == heard  # nothing new
             assert all(fakes.propolis[pid].ensured is not None for pid in pids)
