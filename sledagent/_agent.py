@@ -144,6 +144,8 @@ class SledAgent:
         #: Set once the snapshots an earlier run left are archived (``recover_snapshots``).
         self.recovered = trio.Event()
         self._readopting: list[uuid.UUID] = []
+        #: Set once every VMM taken back at start has had its Propolis's answer (or none).
+        self.readoption_done = trio.Event()
 
     async def startup_scan(self) -> tuple[list[Snapshot], list[Zone]]:
         """What an earlier run left, found before anything new is made: open the store,
@@ -199,6 +201,7 @@ class SledAgent:
             seconds=round(trio.current_time() - t0, 3),
             states=states,
         )
+        self.readoption_done.set()
 
     async def recover_snapshots(self, leftovers: list[Snapshot]) -> None:
         """Archive the snapshots a crash left: their bundles would otherwise be lost (the
@@ -270,6 +273,8 @@ async def open_sled_agent(
         agent.reconcile(journaled, zones, host_rebooted=host_rebooted)
         if agent._readopting:
             nursery.start_soon(agent.report_readoption)
+        else:
+            agent.readoption_done.set()
         await nursery.start(agent.reaper.run)
         nursery.start_soon(agent.recover_snapshots, leftovers)
         await nursery.start(agent.jobs.run)

@@ -354,7 +354,7 @@ async def test_a_bundle_download_never_serves_a_file_outside_the_debug_directori
                 r = await api.client.get(f"/zones/bundles/{zone}/{bundle_id}")
                 assert r.status_code == 404, (zone, r.status_code)
                 message = r.json()["message"]
-                assert ("no bundle" in message or "no whole bundle" in message), message
+                assert "no bundle" in message or "no whole bundle" in message, message
                 assert data not in r.content
             # A bundle that is inside is served: the refusal is the path's, not the route's.
             pid = await api.harness.start_vmm()
