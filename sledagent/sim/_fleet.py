@@ -17,6 +17,7 @@ from .._local_zones import LogSpec
 from .._server import serve_api
 from ..testing._propolis import FakePropolis
 from ._logs import SimLogWriter
+from ._migrate import HttpSourceLink
 from ._propolis import sim_propolis_app
 
 
@@ -103,10 +104,17 @@ class SimPropolisFleet:
         *,
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        # The server and the VM's migration tasks end together (``kill``: as a process).
         with scope:
-            await serve_api(
-                sim_propolis_app(vm), listen=listen, shutdown=stop, task_status=task_status
-            )
+            async with trio.open_nursery() as nursery:
+                vm.attach(nursery, HttpSourceLink)
+
+                async def serve(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                    app = sim_propolis_app(vm)
+                    await serve_api(app, listen=listen, shutdown=stop, task_status=task_status)
+                    nursery.cancel_scope.cancel()
+
+                task_status.started(await nursery.start(serve))
 
     def vm(self, zone_name: str) -> FakePropolis | None:
         """The state machine behind a zone's Propolis (to act as its guest)."""

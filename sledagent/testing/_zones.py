@@ -10,7 +10,7 @@ deterministic under ``trio.testing.MockClock``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -78,6 +78,8 @@ class FakeZones:
         self.archiving = 0
         self.peak_collecting = 0
         self.peak_archiving = 0
+        #: Called with each zone once torn down (its Propolis dies with it).
+        self.on_halted: Callable[[Zone], None] | None = None
 
     # --- ZoneBackend --------------------------------------------------------------------
 
@@ -150,8 +152,11 @@ class FakeZones:
         if self.fail_halt > 0:
             self.fail_halt -= 1
             raise InjectedFault("zone halt failed")
-        if self.zones.pop(zone.name, None) is not None and timeline is not None:
-            timeline.halted_at = trio.current_time()
+        if self.zones.pop(zone.name, None) is not None:
+            if timeline is not None:
+                timeline.halted_at = trio.current_time()
+            if self.on_halted is not None:
+                self.on_halted(zone)
 
     # --- the archiver that goes with it -------------------------------------------------
 
