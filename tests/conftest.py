@@ -96,11 +96,17 @@ def _stop_sim_hosts(request: pytest.FixtureRequest) -> Any:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Kill zone processes a failed test left running (they are detached daemons)."""
+    """Kill zone processes a failed test left running (they are detached daemons): those
+    under this session's own temporary directory only (another session on the same
+    machine may be running its own)."""
     import os
     import signal
     from pathlib import Path
 
+    try:
+        basetemp = str(session.config._tmp_path_factory.getbasetemp()).encode()  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -109,7 +115,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         except OSError:
             continue
         ours = b"_logwriter" in cmdline or (b"sledagent._cli" in cmdline and b"sim-host" in cmdline)
-        if ours and b"pytest-of-" in cmdline:
+        if ours and basetemp in cmdline:
             try:
                 os.killpg(int(proc.name), signal.SIGKILL)
             except OSError:

@@ -180,3 +180,12 @@ class MigrationLedger:
             elif _ORDER[m.state] < _ORDER[last.state]:
                 record.problems.append(f"{side} went back from {last.state} to {m.state}")
         reports.append(report)
+
+
+def migration_ended(record: MigrationRecord, both_sides: bool = True) -> bool:
+    """The migration has an outcome; with ``both_sides``, its source (if it reported at
+    all) has ended too: a target can fail before its source learns of it."""
+    if record.outcome == "in_progress":
+        return False
+    source = record.source_state
+    return not both_sides or source is None or source.is_terminal

@@ -35,7 +35,7 @@ from .._wire import (
 )
 from ._examples import ensure_body
 from ._harness import FakeHost, fast_config
-from ._ledger import MigrationRecord
+from ._ledger import MigrationRecord, migration_ended
 from ._migrate import LocalNetwork
 from ._nexus import FakeNexus
 from ._propolis import FakePropolis, FakePropolisFleet
@@ -149,16 +149,9 @@ class TwoSleds:
         """Wait until Nexus has the migration's end (``both_sides``: and the source's
         end too, when the source took part)."""
 
-        def ended(r: MigrationRecord) -> bool:
-            if r.outcome == "in_progress":
-                return False
-            return (
-                not both_sides
-                or not r.source
-                or (r.source_state is not None and (r.source_state.is_terminal))
-            )
-
-        return await self.nexus.wait_migration(migration.migration_id, ended)
+        return await self.nexus.wait_migration(
+            migration.migration_id, lambda r: migration_ended(r, both_sides)
+        )
 
     async def restart(self, sled: str, *, kill: bool = False) -> SledAgent:
         """Stop ``sled``'s agent (``kill``: cancelled at once, as kill -9; else it drains
