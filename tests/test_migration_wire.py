@@ -19,13 +19,15 @@ from typing import Any
 import pytest
 import trio
 
+from sledagent._host import zone_name_for
 from sledagent.sim._sleds import SledPair, free_loopback_addr, open_sled_pair
 
 
 @pytest.fixture
 async def sleds(tmp_path: Path) -> AsyncIterator[SledPair]:
     with trio.fail_after(60):
-        async with open_sled_pair(tmp_path) as pair:
+        # Bundles compressed in threads: no archive worker processes to start.
+        async with open_sled_pair(tmp_path, extra='archive_in = "thread"\n') as pair:
             yield pair
 
 
@@ -45,6 +47,11 @@ def side(updates: list[dict[str, Any]], key: str) -> list[str]:
 
 async def no_zones_left(pair: SledPair, sled: str) -> None:
     while pair.sleds[sled].zones():  # noqa: ASYNC110 (zones are directories: nothing to wait on)
+        await trio.sleep(0.05)
+
+
+async def no_zone(pair: SledPair, sled: str, propolis_id: uuid.UUID) -> None:
+    while zone_name_for(propolis_id) in pair.sleds[sled].zones():  # noqa: ASYNC110
         await trio.sleep(0.05)
 
 
@@ -124,131 +131,135 @@ async def kill_propolis(sleds: SledPair, sled: str, propolis_id: uuid.UUID) -> N
     assert r.status_code == 204
 
 
-async def test_a_source_that_dies_mid_migration_fails_both_sides_and_both_zones_go(
-    sleds: SledPair,
-) -> None:
-    with trio.fail_after(90):
-        m = await held_migration(sleds)
-        await kill_propolis(sleds, "a", m.source)  # the target's request is cut
-        [record] = await sleds.wait_migrations([m.migration_id])
-        assert record["outcome"] == "failed"
-        # The source's agent finds its Propolis gone (propolis_unreachable_s): failed.
-        await sleds.wait_vmms([m.source, m.target], "failed")
-        assert side(await sleds.updates(m.source), "migration_out")[-1] == "failed"
-        assert side(await sleds.updates(m.target), "migration_in")[-1] == "failed"
-        assert await sleds.problems() == []
-        await no_zones_left(sleds, "a")
-        await no_zones_left(sleds, "b")
+# --- the failures: each scenario is its own migration; all run at once in one pair ----
 
 
-async def test_a_target_that_dies_mid_migration_leaves_the_source_running(
-    sleds: SledPair,
-) -> None:
-    with trio.fail_after(90):
-        m = await held_migration(sleds)
-        await sleds.propolis("a", m.source, "POST", "/sim/migration-timing?idle_s=1")
-        await kill_propolis(sleds, "b", m.target)
-        await release(sleds, m)  # the source finishes the phase; its target is silent
-        [record] = await sleds.wait_migrations([m.migration_id])
-        assert record["outcome"] == "failed"
-        await sleds.wait_vmms([m.target], "failed")
-        answer = (await sleds.state("a", m.source)).json()
-        assert answer["vmm_state"]["state"] == "running"
-        assert answer["migration_out"]["state"] == "failed"
-        assert await sleds.problems() == []
-        await no_zones_left(sleds, "b")
-        assert len(sleds.a.zones()) == 1  # the source's, still running
+async def source_dies(sleds: SledPair) -> None:
+    m = await held_migration(sleds)
+    await kill_propolis(sleds, "a", m.source)  # the target's request is cut
+    [record] = await sleds.wait_migrations([m.migration_id])
+    assert record["outcome"] == "failed"
+    # The source's agent finds its Propolis gone (propolis_unreachable_s): failed.
+    await sleds.wait_vmms([m.source, m.target], "failed")
+    assert side(await sleds.updates(m.source), "migration_out")[-1] == "failed"
+    assert side(await sleds.updates(m.target), "migration_in")[-1] == "failed"
+    await no_zone(sleds, "a", m.source)
+    await no_zone(sleds, "b", m.target)
 
 
-async def test_a_source_that_refuses_the_connection_fails_the_target_at_once(
-    sleds: SledPair,
-) -> None:
-    with trio.fail_after(60):
-        [src] = await sleds.start_vmms("a", 1)
-        nowhere = free_loopback_addr()  # nothing listens there
-        m = await sleds.migrate(src, "a", src_addr=nowhere)
-        [record] = await sleds.wait_migrations([m.migration_id])
-        assert record["outcome"] == "failed" and record["source"] == []
-        updates = await sleds.updates(m.target)
-        assert vmm_states(updates)[-1] == "failed"
-        assert side(updates, "migration_in")[-1] == "failed"  # never under way
-        assert "in_progress" not in side(updates, "migration_in")
-        assert (await sleds.state("a", src)).json()["vmm_state"]["state"] == "running"
-        assert await sleds.problems() == []
-        await no_zones_left(sleds, "b")
+async def target_dies(sleds: SledPair) -> None:
+    m = await held_migration(sleds)
+    await sleds.propolis("a", m.source, "POST", "/sim/migration-timing?idle_s=1")
+    await kill_propolis(sleds, "b", m.target)
+    await release(sleds, m)  # the source finishes the phase; its target is silent
+    [record] = await sleds.wait_migrations([m.migration_id])
+    assert record["outcome"] == "failed"
+    await sleds.wait_vmms([m.target], "failed")
+    answer = (await sleds.state("a", m.source)).json()
+    assert answer["vmm_state"]["state"] == "running"  # the guest never left
+    assert answer["migration_out"]["state"] == "failed"
+    await no_zone(sleds, "b", m.target)
+    assert zone_name_for(m.source) in sleds.a.zones()
 
 
-async def test_a_source_that_never_answers_fails_the_target_at_the_deadline(
-    sleds: SledPair,
-) -> None:
+async def source_refuses_connections(sleds: SledPair) -> None:
+    [src] = await sleds.start_vmms("a", 1)
+    m = await sleds.migrate(src, "a", src_addr=free_loopback_addr())  # nothing listens
+    [record] = await sleds.wait_migrations([m.migration_id])
+    assert record["outcome"] == "failed" and record["source"] == []
+    updates = await sleds.updates(m.target)
+    assert vmm_states(updates)[-1] == "failed"
+    assert side(updates, "migration_in")[-1] == "failed"  # never under way
+    assert "in_progress" not in side(updates, "migration_in")
+    assert (await sleds.state("a", src)).json()["vmm_state"]["state"] == "running"
+    await no_zone(sleds, "b", m.target)
+
+
+async def source_never_answers(sleds: SledPair) -> None:
     """``migration_source_timeout_s`` (5 s here): the source accepts the connection and
     says nothing, forever."""
-    silent: list[trio.SocketStream] = []
+    heard: list[trio.SocketStream] = []
 
     async def accept_and_say_nothing(stream: trio.SocketStream) -> None:
-        silent.append(stream)
+        heard.append(stream)
         await trio.sleep_forever()
 
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            addr = free_loopback_addr()
-            host, port = addr.split(":")
-            await nursery.start(
-                functools.partial(trio.serve_tcp, host=host), accept_and_say_nothing, int(port)
-            )
-            [src] = await sleds.start_vmms("a", 1)
-            t0 = trio.current_time()
-            m = await sleds.migrate(src, "a", src_addr=addr)
-            [record] = await sleds.wait_migrations([m.migration_id])
-            waited = trio.current_time() - t0
-            nursery.cancel_scope.cancel()
-        assert silent, "the target never connected to its source"
-        assert record["outcome"] == "failed"
-        assert waited >= 5.0  # not before the deadline
-        assert side(await sleds.updates(m.target), "migration_in")[-1] == "failed"
-        await no_zones_left(sleds, "b")
+    async with trio.open_nursery() as nursery:
+        addr = free_loopback_addr()
+        host, port = addr.split(":")
+        serve = functools.partial(trio.serve_tcp, host=host)
+        await nursery.start(serve, accept_and_say_nothing, int(port))
+        [src] = await sleds.start_vmms("a", 1)
+        t0 = trio.current_time()
+        m = await sleds.migrate(src, "a", src_addr=addr)
+        [record] = await sleds.wait_migrations([m.migration_id])
+        waited = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    assert heard, "the target never connected to its source"
+    assert record["outcome"] == "failed"
+    assert waited >= 5.0  # not before the deadline
+    assert side(await sleds.updates(m.target), "migration_in")[-1] == "failed"
+    await no_zone(sleds, "b", m.target)
 
 
-async def test_a_migration_that_fails_in_a_phase_leaves_the_source_running_and_reaps_the_target(
+async def a_phase_fails(sleds: SledPair) -> None:
+    [src] = await sleds.start_vmms("a", 1)
+    await sleds.propolis("a", src, "POST", "/sim/migration-fail?phase=Device")
+    m = await sleds.migrate(src, "a")
+    [record] = await sleds.wait_migrations([m.migration_id])
+    assert record["outcome"] == "failed"
+    answer = (await sleds.state("a", src)).json()
+    assert answer["vmm_state"]["state"] == "running"
+    assert answer["migration_out"]["state"] == "failed"
+    await sleds.wait_vmms([m.target], "failed")
+    assert side(await sleds.updates(m.target), "migration_in")[-1] == "failed"
+    await no_zone(sleds, "b", m.target)
+
+
+async def test_each_injected_failure_fails_the_target_keeps_or_fails_the_source_and_leaks_nothing(
     sleds: SledPair,
 ) -> None:
-    with trio.fail_after(60):
-        [src] = await sleds.start_vmms("a", 1)
-        await sleds.propolis("a", src, "POST", "/sim/migration-fail?phase=Device")
-        m = await sleds.migrate(src, "a")
-        [record] = await sleds.wait_migrations([m.migration_id])
-        assert record["outcome"] == "failed"
-        answer = (await sleds.state("a", src)).json()
-        assert answer["vmm_state"]["state"] == "running"
-        assert answer["migration_out"]["state"] == "failed"
-        await sleds.wait_vmms([m.target], "failed")
-        assert side(await sleds.updates(m.target), "migration_in")[-1] == "failed"
-        assert await sleds.problems() == []
-        await no_zones_left(sleds, "b")
-
-
-@pytest.mark.parametrize("sled", ["a", "b"], ids=["source-sled", "target-sled"])
-async def test_a_sled_killed_mid_migration_takes_it_back_and_nothing_regresses(
-    sleds: SledPair, sled: str
-) -> None:
+    """Source dies mid-migration; target dies; source unreachable; source silent; a
+    phase fails on the source. Each is a migration of its own, all at once."""
     with trio.fail_after(120):
-        m = await held_migration(sleds)
-        pid = m.source if sled == "a" else m.target
-        key = "migration_out" if sled == "a" else "migration_in"
-        # Nexus has both sides under way: what it was told is on disk (journal first).
-        await both_sides_in_progress(sleds, m.migration_id)
-        told = (await sleds.updates(pid))[-1]
-        await sleds.sleds[sled].stop(signal.SIGKILL)
-        await sleds.sleds[sled].start()
-        # The journal answers at once, with the migration as Nexus last heard it.
-        after = (await sleds.state(sled, pid)).json()
-        assert after[key] == told[key]
-        assert after["vmm_state"]["gen"] >= told["vmm_state"]["gen"]
-        await release(sleds, m)
-        [record] = await sleds.wait_migrations([m.migration_id])
-        assert record["outcome"] == "completed"
-        await sleds.wait_vmms([m.source], "destroyed")
-        assert (await sleds.state("b", m.target)).json()["vmm_state"]["state"] == "running"
-        # Each side's generations only rose, across the restart (the ledger checks all).
+        async with trio.open_nursery() as nursery:
+            for scenario in (
+                source_dies,
+                target_dies,
+                source_refuses_connections,
+                source_never_answers,
+                a_phase_fails,
+            ):
+                nursery.start_soon(scenario, sleds)
         assert await sleds.problems() == []
-        await no_zones_left(sleds, "a")
+        assert sleds.b.zones() == []  # every target failed and was reaped
+
+
+async def test_either_sled_killed_mid_migration_takes_it_back_and_nothing_regresses(
+    sleds: SledPair,
+) -> None:
+    """kill -9 of the source's sled during one migration, then of the target's during
+    another; each restarted agent takes its side back from its journal and Propolis."""
+    with trio.fail_after(150):
+        for sled in ("a", "b"):
+            m = await held_migration(sleds)
+            pid = m.source if sled == "a" else m.target
+            key = "migration_out" if sled == "a" else "migration_in"
+            # Nexus has both sides under way: what it was told is on disk (journal first).
+            await both_sides_in_progress(sleds, m.migration_id)
+            told = (await sleds.updates(pid))[-1]
+            await sleds.sleds[sled].stop(signal.SIGKILL)
+            await sleds.sleds[sled].start()
+            # The journal answers at once, with the migration as Nexus last heard it.
+            after = (await sleds.state(sled, pid)).json()
+            assert after[key] == told[key]
+            assert after["vmm_state"]["gen"] >= told["vmm_state"]["gen"]
+            await release(sleds, m)
+            [record] = await sleds.wait_migrations([m.migration_id])
+            assert record["outcome"] == "completed"
+            await sleds.wait_vmms([m.source], "destroyed")
+            target = (await sleds.state("b", m.target)).json()
+            assert target["vmm_state"]["state"] == "running"
+            await no_zone(sleds, "a", m.source)
+        # Each side's generations only rose, across the restarts (the ledger checks all).
+        assert await sleds.problems() == []

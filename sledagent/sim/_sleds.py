@@ -232,15 +232,26 @@ async def open_sled_pair(
 ) -> AsyncIterator[SledPair]:
     """Start the shared Nexus and sleds ``a`` and ``b`` under ``root``; stop them all (and
     the sleds' simulated hosts, guests included) when the block ends."""
-    async with sim_process() as (nexus_url, _fleet_url), httpx.AsyncClient(timeout=60) as client:
-        sleds = {
-            name: SledProcess(name, root, nexus_url, agent, log_rate_bps, extra)
-            for name in ("a", "b")
-        }
+    # The Nexus's address is chosen first, so that it and both sleds start at once (each
+    # sled spawns its own simulated host too); a sled's first reports wait for it.
+    nexus_url = f"http://{free_loopback_addr()}"
+    sleds = {
+        name: SledProcess(name, root, nexus_url, agent, log_rate_bps, extra) for name in ("a", "b")
+    }
+    async with httpx.AsyncClient(timeout=60) as client, trio.open_nursery() as nursery:
+        ready = [trio.Event() for _ in sleds]
+
+        async def start(sled: SledProcess, done: trio.Event) -> None:
+            await sled.start()
+            done.set()
+
+        for sled, done in zip(sleds.values(), ready, strict=True):
+            nursery.start_soon(start, sled, done)
         try:
-            for sled in sleds.values():
-                await sled.start()
-            yield SledPair(client, nexus_url, sleds)
+            async with sim_process(nexus_url.removeprefix("http://")):
+                for done in ready:
+                    await done.wait()
+                yield SledPair(client, nexus_url, sleds)
         finally:
             with trio.CancelScope(shield=True):
                 for sled in sleds.values():
