@@ -196,7 +196,6 @@ async def run_daemon(
     task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until ``shutdown`` is set; reports where it listens."""
-    log.info("daemon_starting", pid=os.getpid(), data_dir=str(config.data_dir))
     token = config.token or os.environ.get(TOKEN_ENV) or None
     if config.backend == "illumos":
         try:
@@ -206,6 +205,8 @@ async def run_daemon(
     async with trio.open_nursery() as nursery:
         servers_stop = trio.Event()
         async with hold_data_dir(config.data_dir):
+            # Once the data directory is ours: a second agent on it is refused in one line.
+            log.info("daemon_starting", pid=os.getpid(), data_dir=str(config.data_dir))
             sled_id = await trio.to_thread.run_sync(sled_id_of, config.data_dir)
             rebooted = await trio.to_thread.run_sync(host_rebooted, config.data_dir)
             peers = await _peers(config, nursery, servers_stop)
@@ -362,5 +363,7 @@ async def _serve_agent(
     finally:
         with trio.CancelScope(shield=True):
             await nexus_pool.aclose()
+            if isinstance(peers.recording, RemoteNexusView):
+                await peers.recording.aclose()  # its kept-alive sockets to the sim host
             if isinstance(archiver, ProcessArchiver):
                 await archiver.aclose()

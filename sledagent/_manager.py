@@ -160,7 +160,7 @@ class InstanceManager:
         if entry is None:
             return VmmUnregisterResponse(updated_runtime=None)
         runner: InstanceRunner = entry.runner
-        state = runner.terminate(force=unregister_state(entry.state))
+        state = await runner.end_vmm(unregister_state(entry.state))
         if self.inline:
             await runner.finished.wait()  # omicron answers after the zone is gone
             state = entry.state

@@ -39,7 +39,7 @@ from ._errors import (
     VmNotRunning,
 )
 from ._host import DefunctZone, PropolisClient, Zone, ZoneSpec
-from ._migration import migration_pending, migration_target_init, spec_init
+from ._migration import migration_active, migration_pending, migration_target_init, spec_init
 from ._monitor import follow_propolis
 from ._registry import VmmEntry, VmmPhase
 from ._requests import (
@@ -206,6 +206,22 @@ class InstanceRunner:
         self._source_deadline.cancel()
         return entry.state
 
+    async def end_vmm(self, force: VmmState) -> SledVmmState:
+        """``terminate(force)``; if a migration is active, only once the VMM's Propolis is
+        stopped (``stop_vmm``, within ``command_timeout_s``): a target the agent declares
+        failed must not complete the migration afterwards (the source would hand the
+        guest to a VMM Nexus was told had failed), nor a failed source hand it over.
+        omicron removes the zone before it returns (``fail_vmm_and_terminate``)."""
+        zone = self._zone
+        if zone is not None and not self._halted and migration_active(self.entry.state):
+            with trio.move_on_after(self._ctx.config.command_timeout_s):
+                try:
+                    await self._ctx.backend.stop_vmm(zone)
+                    self._log.info("vmm_stopped_mid_migration", zone_name=zone.name)
+                except Exception as exc:  # the zone is reaped (halted) anyway
+                    self._log.warning("vmm_stop_failed", error=repr(exc))
+        return self.terminate(force=force)
+
     def _hand_off(self, zone: Zone) -> None:
         """Give up a defunct zone: to the reaper, or (inline) to run()'s own teardown."""
         self._ctx.connector.forget(zone)
@@ -284,6 +300,8 @@ class InstanceRunner:
             except AgentError as exc:
                 request.reply.fail(exc)
             except PeerError as exc:
+                if isinstance(exc, PropolisGone) and self.seen_live:
+                    await self.end_vmm(VmmState.FAILED)  # (a target still migrating in)
                 request.reply.fail(self._propolis_error(exc))
             except Exception as exc:  # a bug must not take the runner (and its VMM) down
                 self._log.exception("put_state_error")
@@ -461,13 +479,16 @@ class InstanceRunner:
         if not migration_pending(self.entry.state):
             return
 
+        nursery = self._nursery
+        assert nursery is not None
+
         def expired() -> None:
             if self._halted or not migration_pending(self.entry.state):
                 return
             self._log.warning(
                 "migration_source_silent", timeout_s=self._ctx.config.migration_source_timeout_s
             )
-            self.terminate(force=VmmState.FAILED)  # migration_in: failed (generation + 1)
+            # failed, and migration_in failed (generation + 1)
+            nursery.start_soon(self.end_vmm, VmmState.FAILED)
 
-        assert self._nursery is not None
-        self._source_deadline.start(self._nursery, remaining_s, expired)
+        self._source_deadline.start(nursery, remaining_s, expired)

@@ -63,7 +63,7 @@ class SimPropolisFleet:
             try:
                 stop, scope = trio.Event(), trio.CancelScope()
                 binds = await self._nursery.start(self._serve, vm, stop, scope, addr)
-            except (OSError, ValueError):
+            except* (OSError, ValueError):
                 binds = None  # taken, or not an address of this host
         if binds is None:
             stop, scope = trio.Event(), trio.CancelScope()

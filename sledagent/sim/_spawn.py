@@ -107,30 +107,48 @@ async def attach_sim_host(data_dir: Path) -> SimHost:
         return found
     await trio.to_thread.run_sync(lambda: data_dir.mkdir(parents=True, exist_ok=True))
     state_file = data_dir / STATE_NAME
+    log_path = data_dir / LOG_NAME
     argv = [
-        sys.executable, "-c", "from sledagent._cli import main; main()",
+        sys.executable, "-c", _DETACH, str(log_path),
         "sim", "--state-file", str(state_file), "--idle-exit-s", str(IDLE_EXIT_S),
     ]  # fmt: skip
-    log_path = data_dir / LOG_NAME
-    out = await trio.to_thread.run_sync(open, log_path, "ab")
-    try:
-        # A session of its own: a kill of the agent's process group (Ctrl-C at its
-        # terminal, a service manager) does not reach the guests.
-        proc = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-        )
-    finally:
-        out.close()
+    # A session of its own: a kill of the agent's process group (Ctrl-C at its
+    # terminal, a service manager) does not reach the guests. Detached (the launcher
+    # forks it and exits): not the agent's child, so nothing of it is left to reap.
+    launched = await trio.run_process(
+        argv, stdin=subprocess.DEVNULL, capture_stdout=True, start_new_session=True
+    )
+    pid = int(launched.stdout)
     with trio.move_on_after(_START_TIMEOUT_S):
-        while proc.poll() is None:
+        while _alive(pid):
             host = read_state(data_dir)
-            if host is not None and host.pid == proc.pid and await _answers(host):
+            if host is not None and host.pid == pid and await _answers(host):
                 log.info("sim_host_started", pid=host.pid, fleet=host.fleet_url)
                 return host
             await trio.sleep(0.05)
-    if proc.poll() is None:
-        proc.kill()
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
     raise SimHostError(f"the simulated host did not start (its log: {log_path})")
+
+
+#: ``python -c _DETACH <log> <sledagent args>``: fork; the child runs ``sledagent`` with
+#: its output appended to ``<log>``; the parent prints the child's pid and exits.
+_DETACH = """\
+import os, sys
+pid = os.fork()
+if pid:
+    print(pid, flush=True)
+    os._exit(0)
+log = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+os.dup2(log, 1)
+os.dup2(log, 2)
+os.close(log)
+sys.argv = ["sledagent", *sys.argv[2:]]
+from sledagent._cli import main
+main()
+"""
 
 
 async def renew_lease(host: SimHost) -> None:

@@ -50,7 +50,7 @@ class FakeHost:
     journal_path: Path | None = None
 
     def __attrs_post_init__(self) -> None:
-        self.zones.on_halted = self.propolis.zone_halted  # a zone's Propolis dies with it
+        self.zones.on_vmm_gone = self.propolis.zone_halted  # a zone's Propolis dies with it
 
     def host(self) -> Host:
         return Host(

@@ -6,6 +6,8 @@ Registered as a pytest plugin (entry point ``sledagent``); needs pytest-trio wit
 - ``fake_host``: fresh ``FakeHost`` (zones, Propolis fleet, Nexus, bundle store).
 - ``agent_config``: ``fast_config()``; override the fixture to change timings.
 - ``fake_agent``: an ``AgentHarness`` running for the test, on ``fake_host``.
+- ``two_sleds``: ``TwoSleds``, sleds ``a`` and ``b`` on fakes against one ``FakeNexus``
+  (live migration between them; no journal: a restart takes nothing back).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 
 from .._config import AgentConfig
 from ._harness import AgentHarness, FakeHost, fast_config, open_fake_agent
+from ._two_sleds import TwoSleds, open_two_sleds
 
 
 @pytest.fixture
@@ -32,3 +35,9 @@ def agent_config() -> AgentConfig:
 async def fake_agent(agent_config: AgentConfig, fake_host: FakeHost) -> AsyncIterator[AgentHarness]:
     async with open_fake_agent(agent_config, fake_host) as harness:
         yield harness
+
+
+@pytest.fixture
+async def two_sleds(agent_config: AgentConfig) -> AsyncIterator[TwoSleds]:
+    async with open_two_sleds(agent_config) as sleds:
+        yield sleds

@@ -78,8 +78,10 @@ class FakeZones:
         self.archiving = 0
         self.peak_collecting = 0
         self.peak_archiving = 0
-        #: Called with each zone once torn down (its Propolis dies with it).
-        self.on_halted: Callable[[Zone], None] | None = None
+        #: Called with a zone whose VMM is stopped or torn down (its Propolis dies).
+        self.on_vmm_gone: Callable[[Zone], None] | None = None
+        #: Zones whose VMM the agent stopped before reaping them (``stop_vmm``).
+        self.vmm_stopped: set[str] = set()
 
     # --- ZoneBackend --------------------------------------------------------------------
 
@@ -155,8 +157,14 @@ class FakeZones:
         if self.zones.pop(zone.name, None) is not None:
             if timeline is not None:
                 timeline.halted_at = trio.current_time()
-            if self.on_halted is not None:
-                self.on_halted(zone)
+            if self.on_vmm_gone is not None:
+                self.on_vmm_gone(zone)
+
+    async def stop_vmm(self, zone: Zone) -> None:
+        await trio.lowlevel.checkpoint()
+        self.vmm_stopped.add(zone.name)
+        if self.on_vmm_gone is not None:
+            self.on_vmm_gone(zone)
 
     # --- the archiver that goes with it -------------------------------------------------
 
