@@ -28,6 +28,7 @@ from typing import Any
 import structlog
 import trio
 
+from ._ending import RunnerEnding
 from ._errors import (
     AgentError,
     ChannelFull,
@@ -39,7 +40,7 @@ from ._errors import (
     VmNotRunning,
 )
 from ._host import DefunctZone, PropolisClient, Zone, ZoneSpec
-from ._migration import migration_active, migration_pending, migration_target_init, spec_init
+from ._migration import migration_pending, migration_target_init, spec_init
 from ._monitor import follow_propolis
 from ._registry import VmmEntry, VmmPhase
 from ._requests import (
@@ -67,7 +68,7 @@ from ._wire import (
 )
 
 
-class InstanceRunner:
+class InstanceRunner(RunnerEnding):
     def __init__(
         self,
         entry: VmmEntry,
@@ -205,22 +206,6 @@ class InstanceRunner:
         self._stop_grace.cancel()
         self._source_deadline.cancel()
         return entry.state
-
-    async def end_vmm(self, force: VmmState) -> SledVmmState:
-        """``terminate(force)``; if a migration is active, only once the VMM's Propolis is
-        stopped (``stop_vmm``, within ``command_timeout_s``): a target the agent declares
-        failed must not complete the migration afterwards (the source would hand the
-        guest to a VMM Nexus was told had failed), nor a failed source hand it over.
-        omicron removes the zone before it returns (``fail_vmm_and_terminate``)."""
-        zone = self._zone
-        if zone is not None and not self._halted and migration_active(self.entry.state):
-            with trio.move_on_after(self._ctx.config.command_timeout_s):
-                try:
-                    await self._ctx.backend.stop_vmm(zone)
-                    self._log.info("vmm_stopped_mid_migration", zone_name=zone.name)
-                except Exception as exc:  # the zone is reaped (halted) anyway
-                    self._log.warning("vmm_stop_failed", error=repr(exc))
-        return self.terminate(force=force)
 
     def _hand_off(self, zone: Zone) -> None:
         """Give up a defunct zone: to the reaper, or (inline) to run()'s own teardown."""
@@ -452,43 +437,3 @@ class InstanceRunner:
             return
         self.entry.state = state
         self._ctx.notifier.publish(self.propolis_id, state)
-
-    def _start_stop_timer(self) -> None:
-        # Started by the first stop only: repeated stops do not reset the clock.
-        if not self._stop_grace.started:
-            self._journal_mark(stop_requested_at=utcnow())
-        self.resume_stop_grace(self._ctx.config.stop_grace_s)
-
-    def resume_stop_grace(self, remaining_s: float) -> None:
-        """Run the stop grace timer for ``remaining_s`` (a re-adopted VMM whose stop was
-        asked for before the restart resumes it where it was)."""
-
-        def expired() -> None:
-            self._log.warning("stop_grace_expired", grace_s=self._ctx.config.stop_grace_s)
-            # destroyed, not failed: a failed VMM might be restarted by Nexus although
-            # the user asked for it to stop (omicron's reasoning).
-            self.terminate(force=VmmState.DESTROYED)
-
-        assert self._nursery is not None
-        self._stop_grace.start(self._nursery, remaining_s, expired)
-
-    def resume_source_deadline(self, remaining_s: float) -> None:
-        """A migration target fails if its Propolis has not reported the migration under
-        way (its source answered) within ``remaining_s`` (``migration_source_timeout_s``;
-        docs/design.md, "Live migration"). Nothing to watch once it has."""
-        if not migration_pending(self.entry.state):
-            return
-
-        nursery = self._nursery
-        assert nursery is not None
-
-        def expired() -> None:
-            if self._halted or not migration_pending(self.entry.state):
-                return
-            self._log.warning(
-                "migration_source_silent", timeout_s=self._ctx.config.migration_source_timeout_s
-            )
-            # failed, and migration_in failed (generation + 1)
-            nursery.start_soon(self.end_vmm, VmmState.FAILED)
-
-        self._source_deadline.start(nursery, remaining_s, expired)
