@@ -75,9 +75,10 @@ class SimPropolisFleet:
         return addr
 
     async def retire(self, zone_name: str) -> None:
-        """Stop the zone's Propolis; idempotent."""
-        await trio.lowlevel.checkpoint()
+        """Stop the zone's Propolis; idempotent. Returns once its log gets no more
+        writes (the zone's directory is removed next)."""
         self.retire_now(zone_name)
+        await self.logs.settled()
 
     def retire_now(self, zone_name: str) -> None:
         """``retire``, synchronously."""

@@ -29,6 +29,8 @@ class SimLogWriter:
         self._specs: dict[str, LogSpec] = {}
         self._rng = random.Random(seed)
         self.written_bytes = 0
+        self._idle = trio.Event()
+        self._idle.set()
 
     def add(self, zone_name: str, spec: LogSpec) -> None:
         self._specs[zone_name] = spec
@@ -42,8 +44,17 @@ class SimLogWriter:
             t0 = trio.current_time()
             if self._specs:
                 batch = list(self._specs.values())
-                self.written_bytes += await trio.to_thread.run_sync(self._write, batch)
+                self._idle = trio.Event()
+                try:
+                    self.written_bytes += await trio.to_thread.run_sync(self._write, batch)
+                finally:
+                    self._idle.set()
             await trio.sleep(max(0.0, self._interval - (trio.current_time() - t0)))
+
+    async def settled(self) -> None:
+        """Return once no write is under way: a zone ``remove``d before this call gets no
+        more bytes after it (its directory can be removed without one coming back)."""
+        await self._idle.wait()
 
     def _write(self, batch: list[LogSpec]) -> int:
         written = 0

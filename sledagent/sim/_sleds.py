@@ -36,7 +36,7 @@ import trio
 from .._host import zone_name_for
 from ..bench._procs import sim_process, start_daemon, stop_process
 from ..testing._examples import ensure_body_json
-from ._spawn import read_state
+from ._spawn import _alive, read_state
 
 #: The ``[agent]`` table of both sleds by default: short bounds, so that a failure
 #: injected into a migration ends within seconds.
@@ -259,3 +259,6 @@ async def open_sled_pair(
                     host = read_state(sled.data_dir)
                     if host is not None:
                         host.kill()
+                        with trio.move_on_after(10):  # gone before its files are
+                            while _alive(host.pid):
+                                await trio.sleep(0.02)

@@ -133,14 +133,16 @@ async def attach_sim_host(data_dir: Path) -> SimHost:
     raise SimHostError(f"the simulated host did not start (its log: {log_path})")
 
 
-#: ``python -c _DETACH <log> <sledagent args>``: fork; the child runs ``sledagent`` with
-#: its output appended to ``<log>``; the parent prints the child's pid and exits.
+#: ``python -c _DETACH <log> <sledagent args>``: fork; the child leads a session of its
+#: own (its pid is its process group: ``SimHost.kill``) and runs ``sledagent`` with its
+#: output appended to ``<log>``; the parent prints the child's pid and exits.
 _DETACH = """\
 import os, sys
 pid = os.fork()
 if pid:
     print(pid, flush=True)
     os._exit(0)
+os.setsid()
 log = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 os.dup2(log, 1)
 os.dup2(log, 2)
