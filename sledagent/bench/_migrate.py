@@ -10,7 +10,8 @@ while the other migrations go on.
 
 Per migration: from the moment its target's registration is sent to the moment Nexus
 holds ``completed`` from both sides (``/sim/migrations``: the later of the two arrival
-times). The floor: the same N registrations on B with no migration (register, then
+times), split at the target's first ``in_progress`` at Nexus (its zone and Propolis are
+up and the source has answered). The floor: the same N registrations on B with no migration (register, then
 ``running``), from the registration sent to ``running`` at Nexus. Times at Nexus are on
 the sim process's clock, lined up with this process's from the least-delayed of a few
 ``GET /sim/clock`` round trips (error: half that round trip, well under a millisecond
@@ -108,11 +109,16 @@ async def run_migrate_bench(*, vmms: int = 100, log_mb: float = 1.0) -> dict[str
                     await trio.sleep(0.2)
             problems = await pair.problems()
     outcomes: dict[str, int] = {}
-    latencies = []
+    latencies, under_way, exchange = [], [], []
     for row in rows:
         outcomes[row["outcome"]] = outcomes.get(row["outcome"], 0) + 1
+        t0 = sent[uuid.UUID(row["migration_id"])]
         if row["completed_at"] is not None:
-            latencies.append(float(row["completed_at"]) - sent[uuid.UUID(row["migration_id"])])
+            latencies.append(float(row["completed_at"]) - t0)
+        began = next((r["time"] for r in row["target"] if r["state"] == "in_progress"), None)
+        if began is not None and row["completed_at"] is not None:
+            under_way.append(float(began) - t0)
+            exchange.append(float(row["completed_at"]) - float(began))
     mig, flo = summary(latencies, digits=3), summary(floor, digits=3)
     report: dict[str, Any] = {
         "vmms": vmms,
@@ -121,6 +127,10 @@ async def run_migrate_bench(*, vmms: int = 100, log_mb: float = 1.0) -> dict[str
         "floor_s": flo,
         "p50_over_floor": round(mig["p50"] / flo["p50"], 2) if flo["p50"] else None,
         "p99_over_floor": round(mig["p99"] / flo["p99"], 2) if flo["p99"] else None,
+        # Where a migration's time goes: registration -> Nexus has the target under way
+        # (zone, Propolis, the source's first answer); then -> both sides completed.
+        "to_under_way_s": summary(under_way, digits=3),
+        "under_way_to_completed_s": summary(exchange, digits=3),
         "all_completed_s": round(all_done_s, 3),
         "sources_reaped_s": round(reaped_s, 3),
         "source_bundles": sum(1 for b in bundles if b["cause"] == "terminated_instance"),
