@@ -21,6 +21,7 @@ reported the migration under way has not heard from its source.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from ._errors import BadRequest
@@ -48,8 +49,7 @@ def migration_target_init(
             "`migration_target` needs the VMM to be registered with a `migration_id` "
             "(PUT /vmms/{propolis_id} with `migration_id` set)"
         )
-    if not params.src_propolis_addr:
-        raise BadRequest("`value.src_propolis_addr` must name the source Propolis (host:port)")
+    socket_addr(params.src_propolis_addr, "value.src_propolis_addr")
     return {
         "method": "MigrationTarget",
         "value": {
@@ -58,6 +58,27 @@ def migration_target_init(
             "src_addr": params.src_propolis_addr,
         },
     }
+
+
+def socket_addr(text: str, field: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """``ip:port`` or ``[ipv6]:port``, as omicron's ``SocketAddr`` (no host names);
+    ``BadRequest`` naming ``field`` otherwise."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        want_v6 = True
+    else:
+        want_v6 = False
+    try:
+        ip = ipaddress.ip_address(host) if sep else None
+        number = int(port)
+    except ValueError:
+        ip, number = None, -1
+    if ip is None or not 0 <= number <= 65535 or (ip.version == 6) != want_v6:
+        raise BadRequest(
+            f"`{field}` must be a socket address (`ip:port` or `[ipv6]:port`), not {text!r}"
+        )
+    return ip, number
 
 
 def spec_init(body: InstanceEnsureBody) -> dict[str, Any]:

@@ -125,7 +125,7 @@ async def test_migration_target_of_a_vmm_registered_without_a_migration_id_is_re
         src = await sleds.start_vmm("a")
         manager = sleds.b.running.manager
         pid = uuid.uuid4()
-        manager.register(pid, ensure_body(propolis_addr="fd00:b::99:12400"))
+        manager.register(pid, ensure_body(propolis_addr="[fd00:b::99]:12400"))
         params = InstanceMigrationTargetParams(src_propolis_addr=sleds._addrs[src])
         with pytest.raises(BadRequest, match="migration_id"):
             await manager.put_state(
@@ -268,7 +268,7 @@ async def test_a_source_unreachable_fails_the_target_at_once(
 ) -> None:
     async with open_two_sleds() as sleds:
         src = await sleds.start_vmm("a")
-        sleds._addrs[src] = "fd00:a::dead:12400"  # Nexus hands out an address nobody has
+        sleds._addrs[src] = "[fd00:a::dead]:12400"  # Nexus hands out an address nobody has
         m = await sleds.migrate(src)
         record = await sleds.wait(m)
         assert record.outcome == "failed"

@@ -63,8 +63,20 @@ def test_the_target_init_carries_the_registered_migration_id_and_the_source_addr
 def test_a_target_init_needs_a_registered_migration_id_and_a_source() -> None:
     with pytest.raises(BadRequest, match="migration_id"):
         migration_target_init(ensure_body(), InstanceMigrationTargetParams("10.0.0.5:12400"))
-    with pytest.raises(BadRequest, match="src_propolis_addr"):
-        migration_target_init(ensure_body(migration_id=MID), InstanceMigrationTargetParams(""))
+    for bad in (
+        "",
+        "propolis:12400",
+        "10.0.0.5",
+        "10.0.0.5:99999",
+        "fd00::1:12400",
+        "[10.0.0.5]:1",
+    ):
+        with pytest.raises(BadRequest, match="src_propolis_addr"):
+            migration_target_init(ensure_body(migration_id=MID), InstanceMigrationTargetParams(bad))
+    ok = migration_target_init(
+        ensure_body(migration_id=MID), InstanceMigrationTargetParams("[fd00::1]:12400")
+    )
+    assert ok["value"]["src_addr"] == "[fd00::1]:12400"
 
 
 def test_an_unregister_fails_a_vmm_only_while_a_migration_is_active() -> None:

@@ -11,11 +11,11 @@ while the other migrations go on.
 Per migration: from the moment its target's registration is sent to the moment Nexus
 holds ``completed`` from both sides (``/sim/migrations``: the later of the two arrival
 times), split at the target's first ``in_progress`` at Nexus (its zone and Propolis are
-up and the source has answered). The floor: the same N registrations on B with no migration (register, then
-``running``), from the registration sent to ``running`` at Nexus. Times at Nexus are on
-the sim process's clock, lined up with this process's from the least-delayed of a few
-``GET /sim/clock`` round trips (error: half that round trip, well under a millisecond
-on loopback). Nexus's checks of the protocol (``/sim/problems``) must come back empty.
+up and the source has answered). The floor: the same N registrations on B with no
+migration (register, then ``running``), from the registration sent to ``running`` at
+Nexus. Times at Nexus are on the sim process's clock, lined up with this process's from
+the least-delayed of a few ``GET /sim/clock`` round trips (error: half that round trip,
+well under a millisecond on loopback). Nexus's checks of the protocol (``/sim/problems``) must come back empty.
 """
 
 from __future__ import annotations

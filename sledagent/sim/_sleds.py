@@ -260,5 +260,5 @@ async def open_sled_pair(
                     if host is not None:
                         host.kill()
                         with trio.move_on_after(10):  # gone before its files are
-                            while _alive(host.pid):
+                            while _alive(host.pid):  # noqa: ASYNC110 (another process)
                                 await trio.sleep(0.02)

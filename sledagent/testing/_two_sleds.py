@@ -182,7 +182,7 @@ class TwoSleds:
 
     def _addr(self, sled: str, propolis_id: uuid.UUID) -> str:
         # Nexus gives each Propolis zone its own address (omicron: the zone's IP).
-        addr = f"fd00:{sled}::{next(_ids)}:12400"
+        addr = f"[fd00:{sled}::{next(_ids):x}]:12400"
         self._addrs[propolis_id] = addr
         return addr
 
