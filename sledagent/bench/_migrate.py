@@ -15,7 +15,8 @@ up and the source has answered). The floor: the same N registrations on B with n
 migration (register, then ``running``), from the registration sent to ``running`` at
 Nexus. Times at Nexus are on the sim process's clock, lined up with this process's from
 the least-delayed of a few ``GET /sim/clock`` round trips (error: half that round trip,
-well under a millisecond on loopback). Nexus's checks of the protocol (``/sim/problems``) must come back empty.
+well under a millisecond on loopback). Nexus's checks of the protocol
+(``/sim/problems``) must come back empty.
 """
 
 from __future__ import annotations
