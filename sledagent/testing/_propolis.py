@@ -333,7 +333,6 @@ class FakePropolis:
     # --- the target's side (driven by ``run_migration_in``) ---------------------------
 
     def migrate_in_phase(self, info: MigrationTargetInfo, phase: Phase) -> None:
-        self._check()
         self._set_migration(False, info.migration_id, phase, InstanceState.MIGRATING)
 
     def import_console(self, history: list[str], info: MigrationTargetInfo) -> None:
