@@ -14,6 +14,11 @@ for bundling or teardown: that is the fix for omicron #5237/#5235. A request in 
 is cancelled; it and every queued request get ``Terminating`` (410), but for reads and
 stops, which get the terminal state.
 
+A migration target is created in Propolis with ``init: MigrationTarget`` (the
+registered migration id, the source's address: ``_migration``) and watched by the source
+deadline; an end the agent forces while a migration is active stops the VMM's Propolis
+first (``end_vmm``). Both live in ``_ending`` (docs/design.md, "Live migration").
+
 Under the ``inline`` policy (the measured baseline) the runner instead bundles and halts
 the zone itself after terminating, and publishes only then, as omicron does.
 """

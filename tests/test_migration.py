@@ -308,3 +308,23 @@ async def test_a_migration_back_and_forth_keeps_one_guest_and_clean_records(
         assert "guest: one" in sleds.propolis(pid).console
         zones = list(sleds.a.fakes.zones.zones) + list(sleds.b.fakes.zones.zones)
         assert zones == [f"oxz_propolis-server_{pid}"]
+
+
+async def test_a_repeated_migration_target_request_is_answered_and_changes_nothing(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Nexus's saga steps are retried: the same request again must be an answer, not a
+    second VM (omicron #447's idempotency requirement)."""
+    async with open_two_sleds() as sleds:
+        m = await migrate_held(sleds)
+        target_vm = sleds.propolis(m.target)
+        ensured = target_vm.ensured
+        params = InstanceMigrationTargetParams(src_propolis_addr=sleds._addrs[m.source])
+        again = await sleds.b.running.manager.put_state(
+            m.target, VmmStateRequested(VmmStateRequestedType.MIGRATION_TARGET, params)
+        )
+        assert again.updated_runtime == sleds.state("b", m.target)
+        assert sleds.propolis(m.target) is target_vm and target_vm.ensured is ensured
+        sleds.propolis(m.source).hold(Phase.DEVICE, on=False)
+        assert (await sleds.wait(m)).outcome == "completed"
+        assert sleds.nexus.ledger.problems == []
