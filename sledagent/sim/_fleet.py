@@ -10,10 +10,13 @@ it, writes the zone's Propolis log (one ``SimLogWriter`` for the whole fleet).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import attrs
 import trio
 
 from .._local_zones import LogSpec
+from .._logwriter import SERVICE_LOG
 from .._server import serve_api
 from ..testing._propolis import FakePropolis
 from ._logs import SimLogWriter
@@ -71,6 +74,9 @@ class SimPropolisFleet:
         addr = str(binds[0]).removeprefix("http://")
         self._running[zone_name] = _Running(vm, addr, stop, scope)
         if logs is not None:
+            # The log exists once the Propolis does (the writer's first lines may be a
+            # tick away), as a real Propolis opens its log at start.
+            await trio.to_thread.run_sync(_touch, logs.log_dir / SERVICE_LOG)
             self.logs.add(zone_name, logs)
         return addr
 
@@ -121,3 +127,11 @@ class SimPropolisFleet:
         """The state machine behind a zone's Propolis (to act as its guest)."""
         running = self._running.get(zone_name)
         return None if running is None else running.vm
+
+
+def _touch(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError:
+        pass  # the zone is going away already
