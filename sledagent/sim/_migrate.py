@@ -33,6 +33,7 @@ the guest writing to it.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -170,8 +171,8 @@ def migration_control_routes(vm: FakePropolis) -> list[Route]:
             idle_s = float(q.get("idle_s", vm.migration_idle_s))
         except ValueError as exc:
             return _error(400, str(exc))
-        if phase_s < 0 or idle_s <= 0:
-            return _error(400, "phase_s must be >= 0 and idle_s > 0")
+        if not (math.isfinite(phase_s) and math.isfinite(idle_s)) or phase_s < 0 or idle_s <= 0:
+            return _error(400, "phase_s must be >= 0 and idle_s > 0 (finite seconds)")
         vm.migration_phase_s, vm.migration_idle_s = phase_s, idle_s
         return Response(status_code=204)
 
@@ -180,6 +181,8 @@ def migration_control_routes(vm: FakePropolis) -> list[Route]:
         try:
             held = None if "held" not in q else Phase(q["held"])
             timeout = float(q.get("timeout_s", "30"))
+            if not math.isfinite(timeout) or timeout < 0:
+                raise ValueError(f"timeout_s must be finite seconds >= 0, not {timeout}")
         except ValueError as exc:
             return _error(400, str(exc))
         if held is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 
+import structlog
 import trio
 
 from .._errors import PeerError, PropolisGone
@@ -41,6 +42,8 @@ from ._migrate import (
     run_migration_in,
 )
 from ._migration_sides import MigrationSides, _not_created, _Outgoing
+
+log = structlog.get_logger("sledagent.sim")
 
 
 class FakePropolis(MigrationSides):
@@ -208,6 +211,8 @@ class FakePropolis(MigrationSides):
             try:
                 with scope:
                     await fn(*args)  # type: ignore[misc]
+            except Exception:  # a bug here must not take the other VMs' host down
+                log.exception("propolis_task_failed", propolis_id=str(self.propolis_id))
             finally:
                 self._task_scopes.discard(scope)
 
