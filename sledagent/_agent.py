@@ -56,7 +56,7 @@ from ._nics import NicReservations
 from ._notifier import NexusNotifier
 from ._readopt import plan as readopt_plan
 from ._reaper import Reaper
-from ._runner import RunnerContext
+from ._requests import RunnerContext
 from ._wire import ZoneBundleCause, utcnow
 
 log = structlog.get_logger("sledagent.agent")

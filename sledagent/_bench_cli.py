@@ -25,6 +25,7 @@ from .bench._faults import problems as fault_problems
 from .bench._load import LoadParams, run_load_bench
 from .bench._load import problems as load_problems
 from .bench._mass_stop import MassStopParams, run_mass_stop
+from .bench._migrate import run_migrate_bench
 from .bench._restart import run_restart_bench
 from .bench._scale import run_scale_bench
 from .bench._sweep import SweepParams, run_sweep
@@ -336,6 +337,28 @@ async def restart_bench(*, vmms: int = 1000, reads_per_s: float = 400.0) -> int:
     restart: dict[str, object] = result["restart"]  # type: ignore[assignment]
     lost = restart["failed_published"] or restart["running_after"] != vmms
     return 1 if lost else 0
+
+
+@bench.command(name="migrate")
+async def migrate_bench(*, vmms: int = 100, log_mb: float = 1.0) -> int:
+    """VMMS live migrations at once from sled A to sled B (two daemons, one recording
+    Nexus) while A reaps the sources' zones: p50/p99 from the target's registration to
+    ``completed`` at Nexus from both sides, beside the same registrations with no
+    migration (the floor). Exits 1 if a migration did not complete or Nexus found the
+    protocol broken.
+
+    Parameters
+    ----------
+    vmms
+        Migrations at once (VMMs running on sled A).
+    log_mb
+        MB of logs seeded in each zone (what A bundles when it reaps a source).
+    """
+    configure_logging(json=True, level="error")
+    result = await run_migrate_bench(vmms=vmms, log_mb=log_mb)
+    print(jsonlib.dumps({"command": command_line(), **result}), flush=True)
+    outcomes: dict[str, int] = result["outcomes"]  # type: ignore[assignment]
+    return 1 if result["problems"] or outcomes.get("completed", 0) != vmms else 0
 
 
 @bench.command(name="faults")

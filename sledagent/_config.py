@@ -91,6 +91,12 @@ class AgentConfig:
     #: first state-monitor question before the VMM is re-adopted anyway (the monitor
     #: then keeps asking, up to ``propolis_unreachable_s``).
     readopt_probe_s: float = attrs.field(default=5.0, validator=_positive)
+    #: A migration target whose Propolis has not reported the migration under way this
+    #: long after it was asked to migrate in (its source never answered) is failed, and
+    #: its zone reaped. Propolis's own target has no such deadline and omicron waits
+    #: for Nexus's saga to unwind; a longer RAM transfer is not limited by it (only the
+    #: wait for the source's first answer is). docs/design.md, "Live migration".
+    migration_source_timeout_s: float = attrs.field(default=60.0, validator=_positive)
     #: After an agent restart, how long a state change for a VMM still being re-adopted
     #: waits for it before the caller gets 503 (retry).
     readopt_wait_s: float = attrs.field(default=10.0, validator=_positive)

@@ -160,6 +160,7 @@ async def run_daemon(
     async with trio.open_nursery() as nursery:
         servers_stop = trio.Event()
         async with hold_data_dir(config.data_dir):
+            # Once the data directory is ours: a second agent on it is refused in one line.
             log.info("daemon_starting", pid=os.getpid(), data_dir=str(config.data_dir))
             sled_id = await trio.to_thread.run_sync(sled_id_of, config.data_dir)
             rebooted = await trio.to_thread.run_sync(host_rebooted, config.data_dir)

@@ -196,6 +196,13 @@ class ZoneBackend(Protocol):
         """Stop the zone's processes and remove it; idempotent."""
         ...
 
+    async def stop_vmm(self, zone: Zone) -> None:
+        """Stop the zone's VMM process now, leaving the zone (and its logs, for the
+        bundle) to ``halt_and_remove``: a VMM the agent ends while its Propolis may still
+        be migrating must not finish that migration behind the agent's back. Idempotent;
+        a VMM already gone is not an error."""
+        ...
+
 
 class PropolisClient(Protocol):
     """Drives one Propolis. Errors are ``PeerError``; ``PropolisGone`` when it has no VM."""

@@ -222,6 +222,13 @@ class IllumosZoneBackend:
             await self._check(self._priv("zoneadm", "-z", zone.name, "uninstall", "-F"))
         await self._check(self._priv("zonecfg", "-z", zone.name, "delete", "-F"))
 
+    async def stop_vmm(self, zone: Zone) -> None:
+        """Kill the zone's ``propolis-server`` (``pkill`` exits 1 when none runs: fine)."""
+        argv = self._in_zone(zone, "pkill", "-KILL", "-x", "propolis-server")
+        result = await self.runner.run(argv)
+        if result.exit_status not in (0, 1):
+            raise CommandFailed(argv, result.exit_status, result.output)
+
     # --- diagnostics ------------------------------------------------------------------
 
     def _in_zone(self, zone: Zone, *argv: str) -> tuple[str, ...]:

@@ -257,6 +257,14 @@ class LocalZoneBackend:
         await self._thread(shutil.rmtree, _zone_dir(self.config, name), True)
         await self._thread(shutil.rmtree, self.config.root / "archive" / name, True)
 
+    async def stop_vmm(self, zone: Zone) -> None:
+        """The zone's launched Propolis is stopped (its server and any migration it was
+        running); a Propolis of its own elsewhere (``external``) is not ours to stop."""
+        if self.launcher is not None:
+            await self.launcher.retire(zone.name)
+        else:
+            await trio.lowlevel.checkpoint()
+
     # --- diagnostics ------------------------------------------------------------------
 
     async def bundle_commands(self, zone: Zone) -> Sequence[ZoneCommand]:

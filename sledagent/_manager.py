@@ -28,8 +28,10 @@ from ._errors import (
 )
 from ._host import ZONE_PREFIX, DefunctZone, Zone
 from ._journal import JournaledVmm
+from ._migration import unregister_state
 from ._registry import Registry, VmmEntry, VmmPhase
-from ._runner import Adoption, InstanceRunner, PutState, ReadState, RunnerContext
+from ._requests import Adoption, PutState, ReadState, RunnerContext
+from ._runner import InstanceRunner
 from ._stats import HALT_TO_PUBLISH_BUCKETS, Histogram
 from ._vmm_state import initial_state, transition
 from ._wire import (
@@ -154,13 +156,15 @@ class InstanceManager:
         return VmmPutStateResponse(updated_runtime=await request.reply.wait())
 
     async def unregister(self, propolis_id: uuid.UUID) -> VmmUnregisterResponse:
-        """Terminate the VMM at once (destroyed); an unknown VMM is not an error."""
+        """Terminate the VMM at once; an unknown VMM is not an error. It ends
+        ``destroyed``, or ``failed`` with its migration if one is under way (omicron's
+        rule: ``_migration.unregister_state``)."""
         _require(propolis_id, uuid.UUID, "propolis_id")
         entry = self.registry.find(propolis_id)
         if entry is None:
             return VmmUnregisterResponse(updated_runtime=None)
         runner: InstanceRunner = entry.runner
-        state = runner.terminate(force=VmmState.DESTROYED)
+        state = await runner.end_vmm(unregister_state(entry.state))
         if self.inline:
             await runner.finished.wait()  # omicron answers after the zone is gone
             state = entry.state

@@ -25,6 +25,9 @@ in docs/design.md ("Restart: the reconciliation table"):
   re-adopted with its zone (the next ``running`` creates the VM);
 - live, zone, no answer within ``readopt_probe_s``: re-adopted; the monitor fails it
   after ``propolis_unreachable_s`` without an answer;
+- a migration in or out journaled: Propolis's answer carries the migration; it is
+  applied as any observation (each side's generation only moves forward), and a target
+  still waiting for its source gets its ``migration_source_timeout_s`` again;
 - no journal entry, zone: ``unexpected_zone``, bundled and torn down;
 - the host rebooted since the journal was written (its boot id changed): no guest
   survived; every live VMM is ``failed`` at once and its zone reaped.
@@ -50,7 +53,8 @@ from ._journal import JournaledVmm
 from ._wire import InstanceStateMonitorResponse, utcnow
 
 if TYPE_CHECKING:
-    from ._runner import Adoption, InstanceRunner
+    from ._requests import Adoption
+    from ._runner import InstanceRunner
 
 log = structlog.get_logger("sledagent.readopt")
 
@@ -125,6 +129,9 @@ async def readopt(runner: InstanceRunner, adoption: Adoption) -> None:
     if vmm.stop_requested_at is not None:
         waited = (utcnow() - vmm.stop_requested_at).total_seconds()
         runner.resume_stop_grace(config.stop_grace_s - waited)
+    # A migration target still waiting for its source: the deadline starts over (the
+    # journal does not keep when it began; at worst the wait doubles).
+    runner.resume_source_deadline(config.migration_source_timeout_s)
     bound.debug(
         "vmm_readopted",
         zone_name=zone.name,

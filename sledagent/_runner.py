@@ -14,6 +14,11 @@ for bundling or teardown: that is the fix for omicron #5237/#5235. A request in 
 is cancelled; it and every queued request get ``Terminating`` (410), but for reads and
 stops, which get the terminal state.
 
+A migration target is created in Propolis with ``init: MigrationTarget`` (the
+registered migration id, the source's address: ``_migration``) and watched by the source
+deadline; an end the agent forces while a migration is active stops the VMM's Propolis
+first (``end_vmm``). Both live in ``_ending`` (docs/design.md, "Live migration").
+
 Under the ``inline`` policy (the measured baseline) the runner instead bundles and halts
 the zone itself after terminating, and publishes only then, as omicron does.
 """
@@ -23,42 +28,42 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-import attrs
 import structlog
 import trio
 
-from ._config import AgentConfig
+from ._ending import RunnerEnding
 from ._errors import (
     AgentError,
     ChannelFull,
     GenerationExhausted,
     PeerError,
     PropolisGone,
-    PropolisRefused,
     Terminating,
     Unavailable,
     VmNotRunning,
 )
-from ._host import DefunctZone, PropolisClient, PropolisConnector, Zone, ZoneBackend, ZoneSpec
-from ._inline import InlineTeardown
-from ._journal import JournaledVmm
+from ._host import DefunctZone, PropolisClient, Zone, ZoneSpec
+from ._migration import migration_pending, migration_target_init, spec_init
 from ._monitor import follow_propolis
-from ._nics import NicReservations
-from ._notifier import NexusNotifier
-from ._reaper import Reaper
 from ._registry import VmmEntry, VmmPhase
+from ._requests import (
+    Adoption,
+    OneShotTimer,
+    PutState,
+    ReadState,
+    Request,
+    RunnerContext,
+    caller_error,
+    ensure_request,
+)
 from ._vmm_state import Observation, apply_observation, transition
 from ._wire import (
     U64_MAX,
     InstanceEnsureBody,
-    InstanceEnsureRequest,
-    InstanceMigrationTargetParams,
-    InstanceProperties,
     InstanceStateMonitorResponse,
     InstanceStateRequested,
-    PropolisInstanceMetadata,
     SledVmmState,
     VmmState,
     VmmStateRequested,
@@ -67,80 +72,8 @@ from ._wire import (
     utcnow,
 )
 
-T = TypeVar("T")
 
-
-class Reply(Generic[T]):
-    """A one-shot answer from the runner to a waiting caller."""
-
-    def __init__(self) -> None:
-        self._done = trio.Event()
-        self._value: T | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def ok(self, value: T) -> None:
-        if not self.done:
-            self._value = value
-            self._done.set()
-
-    def fail(self, error: BaseException) -> None:
-        if not self.done:
-            self._error = error
-            self._done.set()
-
-    async def wait(self) -> T:
-        await self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value  # type: ignore[return-value]
-
-
-@attrs.frozen
-class PutState:
-    requested: VmmStateRequested
-    reply: Reply[SledVmmState] = attrs.field(factory=Reply)
-
-
-@attrs.frozen
-class ReadState:
-    """Only used by the inline baseline, where reads queue behind the runner."""
-
-    reply: Reply[SledVmmState] = attrs.field(factory=Reply)
-
-
-Request = PutState | ReadState
-
-
-@attrs.frozen
-class Adoption:
-    """A VMM taken back after an agent restart: what the journal holds of it, and its
-    zone as found on the host (``None``: no zone)."""
-
-    vmm: JournaledVmm
-    zone: Zone | None
-
-
-@attrs.frozen
-class RunnerContext:
-    """What every runner shares; built once by the agent."""
-
-    config: AgentConfig
-    backend: ZoneBackend
-    connector: PropolisConnector
-    notifier: NexusNotifier
-    reaper: Reaper
-    nics: NicReservations
-    sled_id: uuid.UUID
-    inline: InlineTeardown | None = None
-    #: Re-adoptions asking their Propolis at once (32), after a restart (``_readopt``).
-    readopt_limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(32))
-
-
-class InstanceRunner:
+class InstanceRunner(RunnerEnding):
     def __init__(
         self,
         entry: VmmEntry,
@@ -169,7 +102,9 @@ class InstanceRunner:
         # (An idle runner just sees its queue close; no Cancelled is thrown through it.)
         self._request_scope: trio.CancelScope | None = None
         self._monitor_scope = trio.CancelScope()
-        self._grace_scope = trio.CancelScope()
+        self._stop_grace = OneShotTimer()
+        #: A migration target's deadline for its source to answer.
+        self._source_deadline = OneShotTimer()
         self._nursery: trio.Nursery | None = None
         # A re-adopted VMM's zone is its own from the start: a terminate() during the
         # adoption hands it to the reaper like any other.
@@ -177,7 +112,6 @@ class InstanceRunner:
         self._inline_zone: Zone | None = None
         self._deferred: list[Request] = []
         self._client: PropolisClient | None = None
-        self._stop_timer = False
         self._observing = False
         self._halted = False
         #: Propolis has answered the state monitor about this VM: from then on its
@@ -282,8 +216,8 @@ class InstanceRunner:
             self._request_scope.cancel()  # a request in flight gets Terminating
         if not self._observing:
             self._monitor_scope.cancel()  # (from the monitor itself: it returns by itself)
-        if self._stop_timer:
-            self._grace_scope.cancel()
+        self._stop_grace.cancel()
+        self._source_deadline.cancel()
         return entry.state
 
     def _hand_off(self, zone: Zone) -> None:
@@ -364,6 +298,8 @@ class InstanceRunner:
             except AgentError as exc:
                 request.reply.fail(exc)
             except PeerError as exc:
+                if isinstance(exc, PropolisGone) and self.seen_live:
+                    await self.end_vmm(VmmState.FAILED)  # (a target still migrating in)
                 request.reply.fail(self._propolis_error(exc))
             except Exception as exc:  # a bug must not take the runner (and its VMM) down
                 self._log.exception("put_state_error")
@@ -380,17 +316,7 @@ class InstanceRunner:
             # Propolis restarted under a VM it had run: the VM is gone for good.
             self._log.error("propolis_lost_vm", error=str(exc))
             self.terminate(force=VmmState.FAILED)
-            return Terminating(self.propolis_id, "has failed: Propolis no longer has its VM")
-        if isinstance(exc, PropolisGone):
-            # Propolis answers NoInstance while it is still creating the VM.
-            return Unavailable(f"Propolis has no VM yet (still initializing?); retry: {exc}")
-        if exc.status is not None and 400 <= exc.status < 500 and not exc.transient:
-            return PropolisRefused(
-                f"Propolis refused the request: {exc.peer_message or exc}",
-                status=exc.status,
-                code=exc.code,
-            )
-        return Unavailable(f"Propolis request failed: {exc}")
+        return caller_error(exc, self.propolis_id, seen_live=self.seen_live)
 
     async def _put_state(self, requested: VmmStateRequested) -> SledVmmState:
         if self.entry.state.gen >= U64_MAX:
@@ -400,9 +326,11 @@ class InstanceRunner:
             )
         kind = requested.type
         if kind is VmmStateRequestedType.MIGRATION_TARGET:
-            await self._ensure(requested.value)
+            assert requested.value is not None  # the wire model requires it
+            await self._ensure(migration_target_init(self._body, requested.value))
+            self.resume_source_deadline(self._ctx.config.migration_source_timeout_s)
         elif kind is VmmStateRequestedType.RUNNING:
-            client = await self._ensure(None)
+            client = await self._ensure(spec_init(self._body))
             await client.put_state(InstanceStateRequested.RUN)
         elif kind is VmmStateRequestedType.STOPPED:
             if self._client is None:
@@ -418,8 +346,9 @@ class InstanceRunner:
             self._set_state(transition(self.entry.state, VmmState.REBOOTING, utcnow()))
         return self.entry.state
 
-    async def _ensure(self, migration: InstanceMigrationTargetParams | None) -> PropolisClient:
-        """Install the zone and create the VM in Propolis, once."""
+    async def _ensure(self, init: dict[str, Any]) -> PropolisClient:
+        """Install the zone and create the VM in Propolis (``init``: a ``Spec`` or a
+        ``MigrationTarget``), once."""
         if self._client is not None:
             return self._client
         ctx = self._ctx
@@ -428,7 +357,7 @@ class InstanceRunner:
         zone = self._zone if self._zone is not None else await self._install()
         client = ctx.connector.client_for(zone)
         try:
-            await client.ensure(self._ensure_request(migration))
+            await client.ensure(ensure_request(self._body, ctx.sled_id, init))
         except PeerError:
             self.terminate(force=VmmState.FAILED)  # the zone goes to the reaper
             raise
@@ -467,39 +396,6 @@ class InstanceRunner:
         if journal is not None:
             journal.mark(self.propolis_id, **facts)
 
-    def _ensure_request(
-        self, migration: InstanceMigrationTargetParams | None
-    ) -> InstanceEnsureRequest:
-        body = self._body
-        init: dict[str, Any]
-        if migration is None:
-            init = {"method": "Spec", "value": {"spec": body.vmm_spec}}
-        else:
-            init = {
-                "method": "MigrationTarget",
-                "value": {
-                    "migration_id": str(body.migration_id or uuid.uuid4()),
-                    "replace_components": {},
-                    "src_addr": migration.src_propolis_addr,
-                },
-            }
-        return InstanceEnsureRequest(
-            init=init,
-            properties=InstanceProperties(
-                description="",
-                id=body.instance_id,
-                name=body.local_config.hostname,
-                metadata=PropolisInstanceMetadata(
-                    project_id=body.metadata.project_id,
-                    silo_id=body.metadata.silo_id,
-                    sled_id=self._ctx.sled_id,
-                    sled_model="sledagent",
-                    sled_revision=0,
-                    sled_serial=str(self._ctx.sled_id),
-                ),
-            ),
-        )
-
     async def _monitor(self, client: PropolisClient, zone: Zone, gen: int) -> None:
         with self._monitor_scope:
             await follow_propolis(
@@ -534,6 +430,8 @@ class InstanceRunner:
             self._observing = True
             self.terminate()
             return True
+        if not migration_pending(new):
+            self._source_deadline.cancel()  # the source answered: Propolis owns the rest
         self._ctx.notifier.publish(self.propolis_id, new)
         return False
 
@@ -552,27 +450,3 @@ class InstanceRunner:
             return
         self.entry.state = state
         self._ctx.notifier.publish(self.propolis_id, state)
-
-    def _start_stop_timer(self) -> None:
-        # Started by the first stop only: repeated stops do not reset the clock.
-        if not self._stop_timer:
-            self._journal_mark(stop_requested_at=utcnow())
-        self.resume_stop_grace(self._ctx.config.stop_grace_s)
-
-    def resume_stop_grace(self, remaining_s: float) -> None:
-        """Run the stop grace timer for ``remaining_s`` (a re-adopted VMM whose stop was
-        asked for before the restart resumes it where it was)."""
-        if self._stop_timer:
-            return
-        self._stop_timer = True
-
-        async def grace() -> None:
-            with self._grace_scope:
-                await trio.sleep(max(0.0, remaining_s))
-                self._log.warning("stop_grace_expired", grace_s=self._ctx.config.stop_grace_s)
-                # destroyed, not failed: a failed VMM might be restarted by Nexus although
-                # the user asked for it to stop (omicron's reasoning).
-                self.terminate(force=VmmState.DESTROYED)
-
-        assert self._nursery is not None
-        self._nursery.start_soon(grace)

@@ -390,3 +390,26 @@ async def test_metrics_are_served_without_the_token_and_count_what_happened(
     busy = re.search(r"^sledagent_bundle_archive_busy_seconds_total (\S+)$", text, re.M)
     assert busy is not None and float(busy.group(1)) > 0  # phase 2 took slot time
     assert re.search(r"^sledagent_bundle_archive_input_bytes_total [1-9]", text, re.M)
+
+
+async def test_migration_target_is_refused_with_400_when_it_cannot_be_one(
+    sled_agent_contract: Contract,
+) -> None:
+    """A source address that is not a socket address (omicron's ``SocketAddr``), or a
+    VMM registered without a ``migration_id``: 400 naming what is wrong, nothing made."""
+    with trio.fail_after(30):
+        async with await open_api(FakeHost(), sled_agent_contract) as api:
+            target, plain = str(uuid.uuid4()), str(uuid.uuid4())
+            body = ensure_body_json(migration_id=uuid.uuid4())
+            await api.call("PUT", VMM, 200, path={"propolis_id": target}, json=body)
+            await api.call("PUT", VMM, 200, path={"propolis_id": plain}, json=ensure_body_json())
+            state = "/vmms/{propolis_id}/state"
+            for pid, addr, named in (
+                (target, "propolis.example:12400", "src_propolis_addr"),
+                (plain, "127.0.0.1:12400", "migration_id"),
+            ):
+                body = {"state": {"type": "migration_target", "value": {"src_propolis_addr": addr}}}
+                r = await api.call("PUT", state, 400, path={"propolis_id": pid}, json=body)
+                assert r.json()["error_code"] == "INVALID_REQUEST" and named in r.json()["message"]
+            r = await api.call("GET", state, 200, path={"propolis_id": target})
+            assert r.json()["migration_in"]["state"] == "pending"  # untouched

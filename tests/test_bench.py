@@ -27,3 +27,15 @@ async def test_bench_scale_reports_what_each_vmm_costs_and_leaves_nothing_runnin
     assert running["tasks"] > idle["tasks"] and running["fds"] > idle["fds"]  # type: ignore[index]
     # after the mass stop no VMM's tasks are left (runners, monitors)
     assert report["after_mass_stop"]["tasks"] < running["tasks"]  # type: ignore[index]
+
+
+async def test_bench_migrate_moves_every_guest_and_times_it_beside_the_floor() -> None:
+    from sledagent.bench._migrate import run_migrate_bench
+
+    with trio.fail_after(240):
+        report = await run_migrate_bench(vmms=3, log_mb=0.1)
+    assert report["outcomes"] == {"completed": 3}
+    assert report["problems"] == []
+    assert report["source_bundles"] == 3  # sled A reaped every source's zone
+    assert report["migration_s"]["p99"] >= report["migration_s"]["p50"] > 0  # type: ignore[index]
+    assert report["floor_s"]["p50"] > 0  # type: ignore[index]

@@ -89,6 +89,16 @@ async def test_removal_is_idempotent_an_installed_zone_skips_halt_and_a_gone_one
     ]
 
 
+async def test_stopping_a_zones_vmm_kills_its_propolis_and_tolerates_none_running() -> None:
+    kill = ("pfexec", "zlogin", RUNNING, "pkill", "-KILL", "-x", "propolis-server")
+    runner = RecordedRunner({kill: RunResult(1, b"")})  # pkill: 1 = nothing matched
+    await backend(runner).stop_vmm(Zone(RUNNING, None, ""))
+    assert runner.calls == [kill]
+    runner = RecordedRunner({kill: RunResult(2, b"pkill: bad zone")})
+    with pytest.raises(CommandFailed):
+        await backend(runner).stop_vmm(Zone(RUNNING, None, ""))
+
+
 async def test_install_configures_installs_and_boots_and_cleans_up_on_failure() -> None:
     pid = uuid.UUID(RUNNING.rsplit("_", 1)[1])
     spec = ZoneSpec(pid, uuid.uuid4(), "[fd00::21]:12400")

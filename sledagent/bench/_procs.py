@@ -38,9 +38,10 @@ def daemon_config(
 
 
 @asynccontextmanager
-async def sim_process() -> AsyncIterator[tuple[str, str]]:
-    """Start ``sledagent sim``; yields (nexus_url, fleet_url); stops it with SIGTERM."""
-    argv = [*_CLI, "sim"]
+async def sim_process(nexus_listen: str | None = None) -> AsyncIterator[tuple[str, str]]:
+    """Start ``sledagent sim`` (its Nexus at ``nexus_listen``, default any free port);
+    yields (nexus_url, fleet_url); stops it with SIGTERM."""
+    argv = [*_CLI, "sim"] + ([] if nexus_listen is None else ["--nexus-listen", nexus_listen])
     proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert proc.stdout is not None

@@ -13,6 +13,7 @@ machine and, when the zone asks for it, writes the zone's Propolis log (one
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -23,6 +24,7 @@ from .._local_zones import LogSpec
 from .._server import serve_api
 from ..testing._propolis import FakePropolis
 from ._logs import SimLogWriter
+from ._migrate import HttpSourceLink
 from ._propolis import sim_propolis_app
 
 
@@ -72,7 +74,7 @@ class SimPropolisFleet:
             scope = trio.CancelScope()
             try:
                 binds = await self._nursery.start(self._serve, vm, stop, scope, addr)
-            except (OSError, ValueError):
+            except* (OSError, ValueError):
                 binds = None  # taken, or not an address of this host
         if binds is None:
             binds, scope = await self._start(vm, stop)
@@ -86,9 +88,10 @@ class SimPropolisFleet:
         return addr
 
     async def retire(self, zone_name: str) -> None:
-        """Stop the zone's Propolis; idempotent."""
-        await trio.lowlevel.checkpoint()
+        """Stop the zone's Propolis; idempotent. Returns once its log gets no more
+        writes (the zone's directory is removed next)."""
         self.retire_now(zone_name)
+        await self.logs.settled()
 
     def retire_now(self, zone_name: str) -> None:
         """``retire``, synchronously."""
@@ -137,14 +140,23 @@ class SimPropolisFleet:
         *,
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        # The server and the VM's migration tasks end together (``kill``: as a process).
         with scope:
-            await serve_api(
-                sim_propolis_app(vm),
-                listen=listen,
-                shutdown=stop,
-                announce=False,  # one per zone: not worth a log line each
-                task_status=task_status,
-            )
+            async with trio.open_nursery() as nursery:
+                vm.attach(nursery, HttpSourceLink)
+
+                async def serve(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                    app = sim_propolis_app(vm)
+                    await serve_api(
+                        app,
+                        listen=listen,
+                        shutdown=stop,
+                        announce=False,  # one per zone: not worth a log line each
+                        task_status=task_status,
+                    )
+                    nursery.cancel_scope.cancel()
+
+                task_status.started(await nursery.start(serve))
 
     def addresses(self) -> dict[str, str]:
         """Each running zone's Propolis address (``host:port``)."""
@@ -154,3 +166,11 @@ class SimPropolisFleet:
         """The state machine behind a zone's Propolis (to act as its guest)."""
         running = self._running.get(zone_name)
         return None if running is None else running.vm
+
+
+def _touch(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError:
+        pass  # the zone is going away already

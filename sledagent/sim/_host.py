@@ -68,8 +68,9 @@ def fleet_app(fleet: SimPropolisFleet, *, on_lease: Callable[[], None] = lambda:
     async def retire(request: Request) -> Response:
         if request.query_params.get("kill") == "true":
             fleet.kill(request.path_params["zone_name"])
+            await fleet.logs.settled()
         else:
-            fleet.retire_now(request.path_params["zone_name"])
+            await fleet.retire(request.path_params["zone_name"])
         return Response(status_code=204)
 
     async def halt(request: Request) -> Response:

@@ -39,6 +39,8 @@ class SimLogWriter:
         if the log cannot be created."""
         await trio.to_thread.run_sync(start_log, spec.log_dir, zone_name)
         self.add(zone_name, spec)
+        self._idle = trio.Event()
+        self._idle.set()
 
     def add(self, zone_name: str, spec: LogSpec) -> None:
         self._specs[zone_name] = spec
@@ -52,9 +54,18 @@ class SimLogWriter:
             t0 = trio.current_time()
             if self._specs:
                 batch = list(self._specs.values())
-                self.written_bytes += await trio.to_thread.run_sync(self._write, batch)
+                self._idle = trio.Event()
+                try:
+                    self.written_bytes += await trio.to_thread.run_sync(self._write, batch)
+                finally:
+                    self._idle.set()
             self.ticks += 1
             await trio.sleep(max(0.0, self._interval - (trio.current_time() - t0)))
+
+    async def settled(self) -> None:
+        """Return once no write is under way: a zone ``remove``d before this call gets no
+        more bytes after it (its directory can be removed without one coming back)."""
+        await self._idle.wait()
 
     def _write(self, batch: list[LogSpec]) -> int:
         written = 0

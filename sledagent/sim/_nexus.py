@@ -6,6 +6,16 @@ The recording and the fault injection (latency, 5xx for a while, refusals) are
 with arrival times; ``POST /sim/wait`` answers once given VMMs reached a state;
 ``POST /sim/fail?seconds=S&status=503`` and ``POST /sim/latency?seconds=S``
 inject faults.
+
+Migrations (``testing/_ledger.py`` checks every update against the protocol):
+``GET /sim/migrations`` lists each migration's two sides as received (every report
+with its generation, state and arrival time), its outcome (``completed``, ``failed``,
+``inconsistent``, ``in_progress``) and the breaks found; ``GET /sim/problems`` every
+break (VMMs' and migrations'); ``POST /sim/migrations/wait`` with ``{"ids": [...],
+"timeout_s": S, "both_sides": true}`` answers those migrations once each has ended
+(with ``both_sides``, once its source has ended too, if it took part); 504 otherwise.
+``GET /sim/clock`` is this process's clock (the times above), for a benchmark in
+another process to line its own clock up with.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from starlette.routing import Route
 from .._codec import decode, encode
 from .._errors import BadRequest, PeerError
 from .._wire import Error, SledVmmState, VmmState
+from ..testing._ledger import migration_ended
 from ..testing._nexus import FakeNexus
 
 
@@ -67,6 +78,32 @@ def recording_nexus_app(nexus: FakeNexus) -> Starlette:
             return Response(encode(times), media_type="application/json")
         return _error(504, f"not every VMM reached {wanted.value} in {timeout} s")
 
+    async def migrations(request: Request) -> Response:
+        rows = [r.as_dict() for r in nexus.ledger.migrations.values()]
+        return Response(encode(rows), media_type="application/json")
+
+    async def problems(request: Request) -> Response:
+        return Response(encode(nexus.ledger.problems), media_type="application/json")
+
+    async def clock(request: Request) -> Response:
+        return Response(encode({"now": trio.current_time()}), media_type="application/json")
+
+    async def wait_migrations(request: Request) -> Response:
+        try:
+            body = json.loads(await request.body())
+            ids = [uuid.UUID(i) for i in body["ids"]]
+            timeout = float(body.get("timeout_s", 600))
+            both = bool(body.get("both_sides", True))
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, f"expected {{ids, timeout_s, both_sides}}: {exc}", "InvalidRequest")
+        with trio.move_on_after(timeout):
+            rows = [
+                (await nexus.wait_migration(mid, lambda r: migration_ended(r, both))).as_dict()
+                for mid in ids
+            ]
+            return Response(encode(rows), media_type="application/json")
+        return _error(504, f"not every migration ended in {timeout} s")
+
     async def control(request: Request) -> Response:
         action, q = request.path_params["action"], request.query_params
         try:
@@ -87,6 +124,10 @@ def recording_nexus_app(nexus: FakeNexus) -> Starlette:
             Route("/vmms/{propolis_id}", put_vmm, methods=["PUT"]),
             Route("/sim/updates", updates, methods=["GET"]),
             Route("/sim/wait", wait, methods=["POST"]),
+            Route("/sim/migrations", migrations, methods=["GET"]),
+            Route("/sim/migrations/wait", wait_migrations, methods=["POST"]),
+            Route("/sim/problems", problems, methods=["GET"]),
+            Route("/sim/clock", clock, methods=["GET"]),
             Route("/sim/{action}", control, methods=["POST"]),
         ]
     )

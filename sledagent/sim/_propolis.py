@@ -6,7 +6,9 @@ the contract models, so an agent that sends a malformed request gets a 400 and t
 that drives it fails. A small control surface of our own (``/sim/...``) lets a test or
 an operator act as the guest: halt, fail, hang the state monitor, drop requests (503),
 vanish, refuse the next state requests (``refuse?status=&code=&message=&times=``), or
-answer the state monitor without waiting (``eager``).
+answer the state monitor without waiting (``eager``). Live migration (the source's side
+of the exchange, and its controls: hold a phase, fail one, timings, the guest's console)
+is ``sim/_migrate.py``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .._wire import (
     InstanceStateRequested,
 )
 from ..testing._propolis import FakePropolis
+from ._migrate import migration_control_routes, migration_routes
 
 
 def _error(status: int, message: str, code: str | None) -> Response:
@@ -55,8 +58,15 @@ def sim_propolis_app(vm: FakePropolis) -> Starlette:
 
     @handler
     async def ensure(request: Request) -> Response:
-        await vm.ensure(decode(await request.body(), InstanceEnsureRequest))
-        return Response(b'{"migrate":null}', status_code=201, media_type="application/json")
+        try:
+            await vm.ensure(decode(await request.body(), InstanceEnsureRequest))
+        except ValueError as exc:  # a malformed MigrationTarget
+            raise BadRequest(str(exc)) from None
+        # ``InstanceEnsureResponse``: the migration this VM was created for, if any.
+        migrate = None if vm.target is None else {"migration_id": str(vm.target.migration_id)}
+        return Response(
+            encode({"migrate": migrate}), status_code=201, media_type="application/json"
+        )
 
     @handler
     async def get_instance(request: Request) -> Response:
@@ -110,6 +120,8 @@ def sim_propolis_app(vm: FakePropolis) -> Starlette:
             Route("/instance", get_instance, methods=["GET"]),
             Route("/instance/state", put_state, methods=["PUT"]),
             Route("/instance/state-monitor", state_monitor, methods=["GET"]),
+            *migration_routes(vm),
+            *migration_control_routes(vm),
             Route("/sim/{action}", control, methods=["POST"]),
         ]
     )

@@ -119,12 +119,12 @@ async def attach_sim_host(
         return found
     await trio.to_thread.run_sync(lambda: data_dir.mkdir(parents=True, exist_ok=True))
     state_file = data_dir / STATE_NAME
+    log_path = data_dir / LOG_NAME
     argv = [
         sys.executable, "-c", "from sledagent._cli import main; main()",
         "sim", "--state-file", str(state_file), "--idle-exit-s", str(IDLE_EXIT_S),
         "--nexus-listen", nexus_listen, "--propolis-listen", propolis_listen,
     ]  # fmt: skip
-    log_path = data_dir / LOG_NAME
     # Through a launcher that exits at once: the host is nobody's child (no zombie for
     # the agent to reap, nothing the agent's process holds), and in a session of its own
     # (a Ctrl-C at the agent's terminal, a service manager's kill of the agent's process
@@ -192,6 +192,31 @@ class RemoteNexusView:
         response = await self._pool.request("GET", "/sim/updates", timeout_s=30.0)
         rows: list[dict[str, Any]] = json.loads(response.body)
         return rows
+
+    async def migrations(self) -> list[dict[str, Any]]:
+        """Every migration's two sides as received, outcome and breaks (``/sim/migrations``)."""
+        response = await self._pool.request("GET", "/sim/migrations", timeout_s=30.0)
+        rows: list[dict[str, Any]] = json.loads(response.body)
+        return rows
+
+    async def wait_migrations(
+        self, ids: list[uuid.UUID], *, timeout_s: float = 600.0, both_sides: bool = True
+    ) -> list[dict[str, Any]]:
+        """Those migrations once each has ended (``/sim/migrations/wait``)."""
+        body = {"ids": [str(i) for i in ids], "timeout_s": timeout_s, "both_sides": both_sides}
+        response = await self._pool.request(
+            "POST", "/sim/migrations/wait", json.dumps(body).encode(), timeout_s=timeout_s + 5
+        )
+        if response.status != 200:
+            raise TimeoutError(f"migrations did not end: {response.body!r}")
+        rows: list[dict[str, Any]] = json.loads(response.body)
+        return rows
+
+    async def problems(self) -> list[str]:
+        """Every break of the protocol the recording Nexus found (``/sim/problems``)."""
+        response = await self._pool.request("GET", "/sim/problems", timeout_s=30.0)
+        found: list[str] = json.loads(response.body)
+        return found
 
     async def aclose(self) -> None:
         await self._pool.aclose()

@@ -11,10 +11,17 @@ from ._harness import FakeHost as FakeHost
 from ._harness import LocalHost as LocalHost
 from ._harness import fast_config as fast_config
 from ._harness import open_fake_agent as open_fake_agent
+from ._ledger import MigrationLedger as MigrationLedger
+from ._ledger import MigrationRecord as MigrationRecord
+from ._migrate import LocalNetwork as LocalNetwork
 from ._nexus import FakeNexus as FakeNexus
 from ._nexus import NexusUpdate as NexusUpdate
 from ._propolis import FakePropolis as FakePropolis
 from ._propolis import FakePropolisFleet as FakePropolisFleet
+from ._two_sleds import Migration as Migration
+from ._two_sleds import Sled as Sled
+from ._two_sleds import TwoSleds as TwoSleds
+from ._two_sleds import open_two_sleds as open_two_sleds
 from ._zones import FakeArchiver as FakeArchiver
 from ._zones import FakeZones as FakeZones
 from ._zones import InjectedFault as InjectedFault
@@ -30,10 +37,17 @@ __all__ = [
     "FakeZones",
     "InjectedFault",
     "LocalHost",
+    "LocalNetwork",
+    "Migration",
+    "MigrationLedger",
+    "MigrationRecord",
     "NexusUpdate",
+    "Sled",
+    "TwoSleds",
     "ZoneTimeline",
     "ensure_body",
     "ensure_body_json",
     "fast_config",
     "open_fake_agent",
+    "open_two_sleds",
 ]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import trio
 
 from .._agent import Host, SledAgent, open_sled_agent
 from .._archive import TarArchiver
@@ -47,6 +48,9 @@ class FakeHost:
     nexus: FakeNexus = attrs.field(factory=FakeNexus)
     store: MemoryBundleStore = attrs.field(factory=MemoryBundleStore)
     journal_path: Path | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.zones.on_vmm_gone = self.propolis.zone_halted  # a zone's Propolis dies with it
 
     def host(self) -> Host:
         return Host(
@@ -143,5 +147,8 @@ async def open_fake_agent(
 ) -> AsyncIterator[AgentHarness]:
     """Run a sled agent on fakes (or a ``LocalHost``) for the duration of the block."""
     host = fakes or FakeHost()
-    async with open_sled_agent(config or fast_config(), host.host()) as agent:
-        yield AgentHarness(agent, host)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.propolis.run)  # its VMs' migration tasks
+        async with open_sled_agent(config or fast_config(), host.host()) as agent:
+            yield AgentHarness(agent, host)
+        nursery.cancel_scope.cancel()

@@ -1,14 +1,17 @@
-"""FakeNexus: records every VMM state update with its arrival time."""
+"""FakeNexus: records every VMM state update with its arrival time, and checks the
+protocol of VMMs and migrations (``MigrationLedger``)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 import attrs
 import trio
 
 from .._errors import PeerError
 from .._wire import SledVmmState, VmmState
+from ._ledger import MigrationLedger, MigrationRecord
 
 
 @attrs.frozen
@@ -22,6 +25,8 @@ class FakeNexus:
     """A ``NexusClient`` with injectable latency, 5xx, refusals and connection failures.
 
     Only acknowledged updates are recorded in ``updates``; ``attempts`` counts every call.
+    ``ledger`` checks each acknowledged update against the protocol (per VMM and per
+    migration, both sides): ``ledger.problems`` lists every break.
     """
 
     def __init__(self, *, latency_s: float = 0.0) -> None:
@@ -35,6 +40,7 @@ class FakeNexus:
         self._refusals = 0
         self._refuse_status = 400
         self._arrived = trio.Event()
+        self.ledger = MigrationLedger()
 
     # --- scripting ----------------------------------------------------------------------
 
@@ -64,6 +70,7 @@ class FakeNexus:
         self.updates.append(update)
         self._by_vmm.setdefault(propolis_id, []).append(update)
         self._first.setdefault((propolis_id, state.vmm_state.state), update.time)
+        self.ledger.observe(update.time, propolis_id, state)
         self._arrived.set()
         self._arrived = trio.Event()
 
@@ -84,3 +91,17 @@ class FakeNexus:
         while (t := self.first_time(propolis_id, state)) is None:
             await self._arrived.wait()
         return t
+
+    def migration(self, migration_id: uuid.UUID) -> MigrationRecord | None:
+        """Both sides of a migration as received (``None``: no report yet)."""
+        return self.ledger.migrations.get(migration_id)
+
+    async def wait_migration(
+        self,
+        migration_id: uuid.UUID,
+        until: Callable[[MigrationRecord], bool] = lambda r: r.outcome != "in_progress",
+    ) -> MigrationRecord:
+        """Wait until the migration's record satisfies ``until`` (default: it ended)."""
+        while (record := self.migration(migration_id)) is None or not until(record):
+            await self._arrived.wait()
+        return record

@@ -6,6 +6,8 @@ Registered as a pytest plugin (entry point ``sledagent``); needs pytest-trio wit
 - ``fake_host``: fresh ``FakeHost`` (zones, Propolis fleet, Nexus, bundle store).
 - ``agent_config``: ``fast_config()``; override the fixture to change timings.
 - ``fake_agent``: an ``AgentHarness`` running for the test, on ``fake_host``.
+- ``two_sleds``: ``TwoSleds``, sleds ``a`` and ``b`` on fakes against one ``FakeNexus``
+  (live migration between them; no journal: a restart takes nothing back).
 
 And a real-time deadline for every test (``_deadline.py``): a test that hangs fails
 with its name, on a ``MockClock`` too.
@@ -23,6 +25,7 @@ from ._deadline import pytest_configure as pytest_configure
 from ._deadline import pytest_runtest_call as pytest_runtest_call
 from ._deadline import pytest_runtest_protocol as pytest_runtest_protocol
 from ._harness import AgentHarness, FakeHost, fast_config, open_fake_agent
+from ._two_sleds import TwoSleds, open_two_sleds
 
 
 @pytest.fixture
@@ -39,3 +42,9 @@ def agent_config() -> AgentConfig:
 async def fake_agent(agent_config: AgentConfig, fake_host: FakeHost) -> AsyncIterator[AgentHarness]:
     async with open_fake_agent(agent_config, fake_host) as harness:
         yield harness
+
+
+@pytest.fixture
+async def two_sleds(agent_config: AgentConfig) -> AsyncIterator[TwoSleds]:
+    async with open_two_sleds(agent_config) as sleds:
+        yield sleds

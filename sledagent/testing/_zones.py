@@ -10,7 +10,7 @@ so everything is deterministic under ``trio.testing.MockClock``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -83,6 +83,10 @@ class FakeZones:
         self.peak_archiving = 0
         self.halting = 0
         self.peak_halting = 0
+        #: Called with a zone whose VMM is stopped or torn down (its Propolis dies).
+        self.on_vmm_gone: Callable[[Zone], None] | None = None
+        #: Zones whose VMM the agent stopped before reaping them (``stop_vmm``).
+        self.vmm_stopped: set[str] = set()
 
     # --- ZoneBackend --------------------------------------------------------------------
 
@@ -163,8 +167,17 @@ class FakeZones:
         if self.fail_halt > 0:
             self.fail_halt -= 1
             raise InjectedFault("zone halt failed")
-        if self.zones.pop(zone.name, None) is not None and timeline is not None:
-            timeline.halted_at = trio.current_time()
+        if self.zones.pop(zone.name, None) is not None:
+            if timeline is not None:
+                timeline.halted_at = trio.current_time()
+            if self.on_vmm_gone is not None:
+                self.on_vmm_gone(zone)
+
+    async def stop_vmm(self, zone: Zone) -> None:
+        await trio.lowlevel.checkpoint()
+        self.vmm_stopped.add(zone.name)
+        if self.on_vmm_gone is not None:
+            self.on_vmm_gone(zone)
 
     # --- the archiver that goes with it -------------------------------------------------
 
