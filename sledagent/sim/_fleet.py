@@ -121,11 +121,14 @@ class SimPropolisFleet:
         start = self._next_port
         for port in [*range(start, 65536), *range(self._first_port, start)]:
             listen, scope = f"{self._host}:{port}", trio.CancelScope()  # one per attempt
+            taken = False
             try:
                 binds = await self._nursery.start(self._serve, vm, stop, scope, listen)
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
+            except* OSError as group:  # (raised through the server's own nursery)
+                if any(e.errno != errno.EADDRINUSE for e in _oserrors(group)):
                     raise
+                taken = True
+            if taken:
                 continue
             self._next_port = port + 1 if port < 65535 else self._first_port
             return binds, scope
@@ -166,6 +169,13 @@ class SimPropolisFleet:
         """The state machine behind a zone's Propolis (to act as its guest)."""
         running = self._running.get(zone_name)
         return None if running is None else running.vm
+
+
+def _oserrors(group: BaseExceptionGroup[OSError]) -> list[OSError]:
+    found: list[OSError] = []
+    for exc in group.exceptions:
+        found += _oserrors(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
 
 
 def _touch(path: Path) -> None:

@@ -32,6 +32,8 @@ class SimLogWriter:
         #: Ticks done (a tick's writes are on disk when it counts): a caller waits for
         #: a tick begun after a change (``remove``) to know the change holds on disk.
         self.ticks = 0
+        self._idle = trio.Event()
+        self._idle.set()
 
     async def start(self, zone_name: str, spec: LogSpec) -> None:
         """Create the zone's log now (``start_log``: a real service's log exists from
@@ -39,8 +41,6 @@ class SimLogWriter:
         if the log cannot be created."""
         await trio.to_thread.run_sync(start_log, spec.log_dir, zone_name)
         self.add(zone_name, spec)
-        self._idle = trio.Event()
-        self._idle.set()
 
     def add(self, zone_name: str, spec: LogSpec) -> None:
         self._specs[zone_name] = spec
