@@ -13,7 +13,6 @@ machine and, when the zone asks for it, writes the zone's Propolis log (one
 from __future__ import annotations
 
 import errno
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -176,11 +175,3 @@ def _oserrors(group: BaseExceptionGroup[OSError]) -> list[OSError]:
     for exc in group.exceptions:
         found += _oserrors(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
     return found
-
-
-def _touch(path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
-    except OSError:
-        pass  # the zone is going away already
