@@ -192,6 +192,14 @@ class SledAgent:
         finally:
             self.recovered.set()
 
+    def publication_backlog(self) -> int:
+        """Publications under way now: monitor answers received and waiting to be
+        handled (``answers_waiting`` of an HTTP Propolis connector), and states waiting
+        for the journal, a delivery slot or Nexus's answer (not those backing off from a
+        failing Nexus). While it is not 0, state reads step aside (``_admission``)."""
+        waiting = getattr(self.host.connector, "answers_waiting", 0)
+        return self.notifier.under_way + waiting
+
     async def drain(self) -> None:
         """Wait until the start's leftover snapshots are archived, the reaper holds no
         zone and the notifier has nothing pending."""

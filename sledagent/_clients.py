@@ -147,6 +147,11 @@ class HttpPropolisConnector:
                     await pool.aclose()
                 self._pools.clear()
 
+    @property
+    def answers_waiting(self) -> int:
+        """Monitor answers arrived and waiting for a token to be parsed and handled."""
+        return self._answer_gate.statistics().tasks_waiting
+
     def client_for(self, zone: Zone) -> HttpPropolisClient:
         pool = self._pools.get(zone.name)
         if pool is None:

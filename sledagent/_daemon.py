@@ -277,7 +277,7 @@ async def _serve_agent(
             config.agent, host, sled_id=sled_id, host_rebooted=rebooted
         ) as agent:
             api_stop = trio.Event()
-            api_app = build_app(agent, token=token)
+            api_app = build_app(agent, token=token, reads=config.reads)
             api_url = await _start_server(
                 nursery, api_app, config.listen, api_stop, limits=config.http
             )

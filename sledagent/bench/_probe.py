@@ -10,10 +10,11 @@ Protocol on stdin/stdout (one line each): argv[1] is a JSON object
 ``{"api": url, "ids": [...], "interval_s": s, "timeout_s": s, "seed": n, "token": t}``;
 the process connects every reader and prints ``ready``; on ``go`` each reader starts,
 from a random offset within ``interval_s``, a read every ``interval_s``; on ``stop`` it
-prints ``{"latencies_s": [...], "timeouts": n, "errors": n, "status": {code: n}}`` and
-exits. With ``"count": n`` in the spec each reader makes n reads back to back and the
-result is printed when all are done (``sledagent bench api``). ``errors``: connections
-that failed; every answer, whatever its status, is timed.
+prints ``{"latencies_s": [...], "refused_latencies_s": [...], "timeouts": n, "errors": n,
+"status": {code: n}}`` and exits (``refused_latencies_s``: the 503s' alone). With
+``"count": n`` in the spec each reader makes n reads back to back and the result is
+printed when all are done (``sledagent bench api``). ``errors``: connections that failed;
+every answer, whatever its status, is timed.
 
 Only the standard library, trio and h11: it starts in a fraction of a second.
 """
@@ -90,8 +91,12 @@ async def _reader(
                 out["errors"] += 1
                 await conn.close()
             else:
-                # 404 is an answer too: a VMM that was published is then removed.
-                out["latencies_s"].append(time.monotonic() - t0)
+                # 404 is an answer too: a VMM that was published is then removed; a 503
+                # (the agent shedding reads) too, and its latency is also kept apart.
+                took = time.monotonic() - t0
+                out["latencies_s"].append(took)
+                if status == 503:
+                    out["refused_latencies_s"].append(took)
                 out["status"][str(status)] = out["status"].get(str(status), 0) + 1
         if scope.cancelled_caught:
             out["timeouts"] += 1
@@ -105,7 +110,13 @@ async def _main(spec: dict[str, Any]) -> None:
     headers = [("host", url.netloc)]
     if spec.get("token"):
         headers.append(("authorization", f"Bearer {spec['token']}"))
-    out: dict[str, Any] = {"latencies_s": [], "timeouts": 0, "errors": 0, "status": {}}
+    out: dict[str, Any] = {
+        "latencies_s": [],
+        "refused_latencies_s": [],
+        "timeouts": 0,
+        "errors": 0,
+        "status": {},
+    }
     go = trio.Event()
     stdin = trio.lowlevel.FdStream(0)
     async with trio.open_nursery() as nursery:
