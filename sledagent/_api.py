@@ -188,6 +188,9 @@ def build_app(
                         if not hmac.compare_digest(given, expected):
                             raise Unauthorized("missing or wrong bearer token")
                     response = await handler(request)
+                except Overloaded as exc:  # shed: counted and logged per burst, not here
+                    headers = {"retry-after": str(exc.retry_after_s)}
+                    return _error(exc, request_id, headers)
                 except AgentError as exc:
                     # Every error answer is in the log under the id the client was given.
                     (log.warning if exc.status >= 500 else log.info)(
@@ -199,10 +202,7 @@ def build_app(
                         error_code=exc.error_code,
                         message=exc.message,
                     )
-                    headers = None
-                    if isinstance(exc, Overloaded):
-                        headers = {"retry-after": str(exc.retry_after_s)}
-                    return _error(exc, request_id, headers)
+                    return _error(exc, request_id)
                 except ClientDisconnect:
                     raise  # the server ended the request (bad, slow or cut-off body): no bug
                 except Exception:  # a bug: logged with its request id, never a traceback
@@ -390,18 +390,20 @@ def build_app(
             return None  # the router answers 400 naming the parameter
         request_id = _request_id()
         reason = admission.check()
-        if reason is not None:
+        if reason is not None:  # counted and logged per burst by the admission
             exc: AgentError = refused_read(reason)
-            extra = b"retry-after: %d\r\n" % admission.retry_after_s
-        else:
-            entry = registry.find(propolis_id)
-            if entry is not None:
-                if debug_requests:
-                    log.debug("api_request", request_id=request_id, method="GET",
-                              path=target.decode(), status=200)  # fmt: skip
-                return _answer(200, encode(entry.state), request_id)
-            exc, extra = NoSuchVmm(propolis_id), b""
-        (log.warning if exc.status >= 500 else log.info)(
+            body = encode(
+                Error(message=exc.message, request_id=request_id, error_code=exc.error_code)
+            )
+            return _answer(503, body, request_id, b"retry-after: %d\r\n" % admission.retry_after_s)
+        entry = registry.find(propolis_id)
+        if entry is not None:
+            if debug_requests:
+                log.debug("api_request", request_id=request_id, method="GET",
+                          path=target.decode(), status=200)  # fmt: skip
+            return _answer(200, encode(entry.state), request_id)
+        exc = NoSuchVmm(propolis_id)
+        log.info(
             "api_refused",
             request_id=request_id,
             method="GET",
@@ -411,7 +413,7 @@ def build_app(
             message=exc.message,
         )
         body = encode(Error(message=exc.message, request_id=request_id, error_code=exc.error_code))
-        return _answer(exc.status, body, request_id, extra)
+        return _answer(exc.status, body, request_id)
 
     return _Api(Router(routes=routes), quick_get=quick_get, admission=admission)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import select
 import uuid
@@ -235,7 +236,7 @@ class _Connection:
                     deadline = trio.current_time() + self.limits.keep_alive_s
                     with trio.CancelScope(deadline=deadline) as idle:
                         self.idle_scope = idle  # shed or shutdown: closes it
-                        data = await self.stream.receive_some(_RECV)
+                        data = await _receive_idle(self.stream)
                 finally:
                     self.idle_scope = None
                     table.idle.pop(self, None)
@@ -302,7 +303,16 @@ class _Connection:
         answer = quick_get(match[1], data)
         if answer is None:
             return False
-        await self.stream.send_all(answer)
+        # One write(2) almost always takes a small answer whole; the rest, if any, the
+        # usual way. (trio's send_all first enters a conflict detector and two contexts.)
+        try:
+            sent = os.write(self.stream.socket.fileno(), answer)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            raise _Close from None  # reset, broken pipe: the client left
+        if sent < len(answer):
+            await self.stream.send_all(answer[sent:])
         return True
 
     async def _refuse(
@@ -483,6 +493,24 @@ class _Exchange:
         """Declared body bytes not read yet (a chunked body: 0, unknown)."""
         length = self.conn.body_length
         return 0 if length is None else length - self.received
+
+
+async def _receive_idle(stream: trio.SocketStream) -> bytes:
+    """The next bytes of an idle connection (b"": the peer closed).
+
+    ``stream.receive_some`` first tries a ``recv`` that, on a connection waiting for its
+    next request, fails with ``EAGAIN``, and goes through trio's socket wrappers; this
+    waits for readability, then reads once: one system call and a few Python calls fewer
+    per request on the path every state read takes."""
+    fd = stream.socket.fileno()
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.read(fd, _RECV)
+        except BlockingIOError:
+            continue  # readable, then not: wait again
+        except OSError as exc:  # reset by the peer, and the like
+            raise trio.BrokenResourceError(str(exc)) from exc
 
 
 def _readable(sock: trio.socket.SocketType) -> bool:
