@@ -118,8 +118,9 @@ class ReadAdmission:
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.limits = limits or ReadLimits()
-        self._backlog = backlog
-        self._lag = lag
+        self.backlog = backlog
+        #: How long a request waits for the thread now (seconds); tests set their own.
+        self.lag = lag
         self._clock = clock
         self._admitted = 0
         self._shed = dict.fromkeys(REASONS, 0)
@@ -134,12 +135,12 @@ class ReadAdmission:
 
     def check(self) -> str | None:
         """None: serve the read now. Else the reason it is refused (answer 503 at once)."""
-        lag = self._lag()
+        lag = self.lag()
         limits = self.limits
         reason = None
         if lag > limits.late_s:
             reason = LATE
-        elif lag > limits.publishing_lag_s and self._backlog() > 0:
+        elif lag > limits.publishing_lag_s and self.backlog() > 0:
             reason = PUBLICATION_FIRST
         if reason is None:
             self._admitted += 1
@@ -162,7 +163,7 @@ class ReadAdmission:
                 "reads_shedding",
                 reason=reason,
                 lag_ms=round(lag * 1000, 1),
-                publications_under_way=self._backlog(),
+                publications_under_way=self.backlog(),
                 retry_after_s=self.limits.retry_after_s,
             )
             return

@@ -140,6 +140,8 @@ class SledAgent:
             )
         )
 
+        if hasattr(host.connector, "close_after"):  # HTTP Propolis pools: close later
+            host.connector.close_after = self.notifier.wait_settled
         self.jobs = BundleJobs(self.bundler, self.manager.live_zone)
         #: Set once the snapshots an earlier run left are archived (``recover_snapshots``).
         self.recovered = trio.Event()
@@ -197,8 +199,8 @@ class SledAgent:
         handled (``answers_waiting`` of an HTTP Propolis connector), and states waiting
         for the journal, a delivery slot or Nexus's answer (not those backing off from a
         failing Nexus). While it is not 0, state reads step aside (``_admission``)."""
-        waiting = getattr(self.host.connector, "answers_waiting", 0)
-        return self.notifier.under_way + waiting
+        under_way = self.notifier.under_way
+        return under_way or getattr(self.host.connector, "answers_waiting", 0)
 
     async def drain(self) -> None:
         """Wait until the start's leftover snapshots are archived, the reaper holds no

@@ -171,7 +171,7 @@ def build_app(
     manager, store, jobs = agent.manager, agent.store, agent.jobs
     admission = ReadAdmission(agent.publication_backlog, reads)
     expected = f"Bearer {token}".encode() if token else None
-    metrics_registry = registry_for(agent)
+    metrics_registry = registry_for(agent, admission)
     roots: list[Path] = list(getattr(agent.host.store, "debug_dirs", []))
     # Decided once (logging is configured before the app is built): a filtered-out
     # structlog call through the module's lazy proxy still costs microseconds, and this
