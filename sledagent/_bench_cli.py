@@ -438,13 +438,14 @@ async def sweep_bench(
     *,
     vmms: Annotated[tuple[int, ...], Many] = (10, 50, 200, 1000),
     log_mb: Annotated[tuple[float, ...], Many] = (1.0, 10.0, 50.0),
+    read_rates: Annotated[tuple[float, ...], Many] = (0.0, 400.0, 2000.0),
     inline_max_mb: float = 2000.0,
     omicron_max_mb: float = 500.0,
     out_dir: Path = Path("docs/bench/sweep"),
 ) -> int:
-    """Mass stop over the wire at every N x log volume (reaper, floor; the inline
-    policies where they fit), the bundling rate per phase-2 slot count; writes
-    ``sweep.json`` and PNG plots into ``out_dir``.
+    """Mass stop over the wire at every N x log volume x offered read rate (reaper,
+    floor; the inline policies where they fit), the bundling rate per phase-2 slot
+    count; writes ``sweep.json`` and PNG plots into ``out_dir``.
 
     Parameters
     ----------
@@ -452,6 +453,9 @@ async def sweep_bench(
         The N values (VMMs stopped at once).
     log_mb
         MB of logs per VMM.
+    read_rates
+        State reads offered per second in all (0: none); the inline policies run at
+        400 only (or the highest rate given).
     inline_max_mb
         Run the inline policy (one bundle at a time) only up to this much log in all.
     omicron_max_mb
@@ -461,7 +465,11 @@ async def sweep_bench(
     """
     configure_logging(json=True, level="error")
     params = SweepParams(
-        vmms=vmms, log_mb=log_mb, inline_max_mb=inline_max_mb, omicron_max_mb=omicron_max_mb
+        vmms=vmms,
+        log_mb=log_mb,
+        read_rates=read_rates,
+        inline_max_mb=inline_max_mb,
+        omicron_max_mb=omicron_max_mb,
     )
     report = await run_sweep(params, out_dir, progress=lambda line: print(line, flush=True))
     print(jsonlib.dumps({"command": command_line(), "out_dir": str(out_dir)}))
