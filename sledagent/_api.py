@@ -373,7 +373,7 @@ def build_app(
 
     registry = manager.registry
 
-    def quick_get(target: bytes, head: bytes) -> bytes | None:
+    async def quick_get(target: bytes, head: bytes) -> bytes | None:
         """``GET /vmms/{id}/state`` answered from the registry as whole bytes (the
         server's quick path: no ASGI exchange, no router); None: the router answers.
         The same answers, headers, refusals and log lines as ``vmm_get_state``."""
@@ -388,8 +388,8 @@ def build_app(
             propolis_id = uuid.UUID(match[1].decode())
         except ValueError:
             return None  # the router answers 400 naming the parameter
+        reason = await admission.admit()
         request_id = _request_id()
-        reason = admission.check()
         if reason is not None:  # counted and logged per burst by the admission
             exc: AgentError = refused_read(reason)
             body = encode(
@@ -431,7 +431,7 @@ class _Api:
         self,
         router: Router,
         *,
-        quick_get: Callable[[bytes, bytes], bytes | None] | None = None,
+        quick_get: Callable[[bytes, bytes], Awaitable[bytes | None]] | None = None,
         admission: ReadAdmission | None = None,
     ) -> None:
         self.router = router

@@ -46,10 +46,10 @@ ASGIApp = Callable[
     Awaitable[None],
 ]
 
-#: ``quick_get(target, head) -> whole answer bytes | None`` (an app's optional
+#: ``await quick_get(target, head) -> whole answer bytes | None`` (an app's optional
 #: attribute): answers a bodyless ``GET`` without h11, the ASGI exchange or the router;
 #: ``None`` hands the request to the app as usual. See ``_Connection._quick``.
-QuickGet = Callable[[bytes, bytes], "bytes | None"]
+QuickGet = Callable[[bytes, bytes], Awaitable["bytes | None"]]
 
 _RECV = 64 * 1024
 _DISCONNECT: Message = {"type": "http.disconnect"}
@@ -300,7 +300,7 @@ class _Connection:
         headers = match[2]
         if _NOT_SIMPLE.search(headers) or not _HOST.search(headers):
             return False
-        answer = quick_get(match[1], data)
+        answer = await quick_get(match[1], data)
         if answer is None:
             return False
         # One write(2) almost always takes a small answer whole; the rest, if any, the

@@ -254,3 +254,42 @@ def test_a_long_burst_of_refusals_is_logged_again_with_its_count() -> None:
     assert [e["event"] for e in events] == ["reads_shedding", "reads_shedding", "reads_shed"]
     assert events[1]["shed_in_burst"] == 5 and events[1]["lasted_s"] == 12.0
     assert events[2]["shed"] == 5 and events[2]["lasted_s"] == 15.0
+
+
+async def test_while_the_thread_lags_reads_take_turns_a_few_per_scheduler_batch() -> None:
+    class Batches(trio.abc.Instrument):
+        count = 0
+
+        def before_io_wait(self, timeout: float) -> None:
+            self.count += 1
+
+    batches = Batches()
+    trio.lowlevel.add_instrument(batches)
+    try:
+        a = ReadAdmission(
+            lambda: 0, ReadLimits(reads_per_batch=2), lag=lambda: 0.02, now=lambda: 0.0
+        )
+        served_in: list[int] = []
+
+        async def read() -> None:
+            assert await a.admit() is None
+            served_in.append(batches.count)
+
+        with trio.fail_after(DEADLINE_S):
+            async with trio.open_nursery() as nursery:
+                for _ in range(7):
+                    nursery.start_soon(read)
+        assert len(served_in) == 7
+        per_batch = [served_in.count(b) for b in set(served_in)]
+        assert max(per_batch) <= 2 and len(per_batch) >= 4, served_in
+        assert a.statistics().admitted == 7
+    finally:
+        trio.lowlevel.remove_instrument(batches)
+
+
+async def test_a_read_whose_turn_comes_after_its_bound_is_refused_as_late() -> None:
+    clock = iter([10.0, 10.5])  # arrived (now - lag), then when its turn came
+    a = ReadAdmission(lambda: 0, ReadLimits(), lag=lambda: 0.02, now=lambda: next(clock))
+    with trio.fail_after(DEADLINE_S):
+        assert await a.admit() == LATE
+    assert a.statistics().shed[LATE] == 1
