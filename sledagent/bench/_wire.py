@@ -62,6 +62,8 @@ class WireParams:
     #: Reads offered per second in all (each VMM every ``vmms / reads_per_s`` s); 0: no
     #: reader. None: each VMM every ``get_interval_s``.
     reads_per_s: float | None = None
+    #: Phase-2 slots (``bundle_archive_concurrency``); None: the agent's default.
+    archive_slots: int | None = None
 
     def read_interval_s(self) -> float | None:
         """Each VMM's read period, seconds; None: no reads."""
@@ -182,6 +184,8 @@ async def _run_wire(
         reaper_backoff=BackoffPolicy(initial_s=0.05, max_s=1.0),
         shutdown_drain_s=3600.0,
     )
+    if p.archive_slots is not None:
+        agent = attrs.evolve(agent, bundle_archive_concurrency=p.archive_slots)
     with tempfile.TemporaryDirectory(prefix="sledagent-wire-") as tmp:
         config = DaemonConfig(
             listen="127.0.0.1:0",
