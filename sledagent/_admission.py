@@ -43,6 +43,8 @@ import structlog
 import trio
 from attrs import validators as v
 
+from ._stats import Histogram
+
 log = structlog.get_logger("sledagent.admission")
 
 #: A burst of refusals is logged again this often while it lasts, with its count.
@@ -111,6 +113,10 @@ class AdmissionStatistics:
     shed: dict[str, int]
 
 
+#: ``sledagent_read_wait_seconds`` buckets: how long a state read waited for the thread.
+READ_WAIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
 class ReadAdmission:
     """Decides, for each state read, whether it is served now or refused at once.
 
@@ -135,6 +141,8 @@ class ReadAdmission:
         self.now = now
         self._clock = clock
         self._turns = trio.CapacityLimiter(self.limits.reads_per_batch)
+        #: How long each read waited for the thread before it was decided (its lag).
+        self.waited = Histogram(READ_WAIT_BUCKETS)
         self._admitted = 0
         self._shed = dict.fromkeys(REASONS, 0)
         # The burst of refusals being logged: its start, count and last log line.
@@ -177,6 +185,7 @@ class ReadAdmission:
         return self._decided(LATE if waited > limits.late_s else None, waited)
 
     def _decided(self, reason: str | None, lag: float) -> str | None:
+        self.waited.observe(lag)
         if reason is None:
             self._admitted += 1
             if self._burst_start is not None:

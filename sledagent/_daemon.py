@@ -24,6 +24,7 @@ import attrs
 import structlog
 import trio
 
+from ._admission import ReadAdmission
 from ._agent import Host, SledAgent, open_sled_agent
 from ._api import build_app
 from ._archive import TarArchiver
@@ -121,6 +122,8 @@ class DaemonInfo:
     recording_nexus: FakeNexus | RemoteNexusView | None
     #: The ``sledagent sim`` process that runs the simulated guests (``propolis = "sim"``).
     sim_host: SimHost | None = None
+    #: The API's state-read admission (what was served and shed, how long reads waited).
+    admission: ReadAdmission | None = None
 
 
 async def run_daemon(
@@ -286,7 +289,15 @@ async def _serve_agent(
             )
             _freeze_startup_heap()
             task_status.started(
-                DaemonInfo(api_url, nexus_url, agent, peers.fleet, peers.recording, peers.sim_host)
+                DaemonInfo(
+                    api_url,
+                    nexus_url,
+                    agent,
+                    peers.fleet,
+                    peers.recording,
+                    peers.sim_host,
+                    api_app.admission,
+                )
             )
             await shutdown.wait()
             log.info("daemon_stopping")

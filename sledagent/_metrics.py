@@ -189,6 +189,12 @@ class ReadsCollector(Collector):
         for reason, count in stats.shed.items():
             shed.add_metric([reason], count)
         yield shed
+        yield _histogram(
+            "sledagent_read_wait_seconds",
+            "How long each VMM-state read waited for the agent's thread (its estimated "
+            "queueing before it was answered or refused).",
+            self._admission.waited,
+        )
         yield GaugeMetricFamily(
             "sledagent_publications_under_way",
             "Monitor answers and states on their way to Nexus (not those backing off).",

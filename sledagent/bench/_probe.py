@@ -14,7 +14,8 @@ Protocol on stdin/stdout (one line each): argv[1] is a JSON object
 the process connects every reader and prints ``ready``; on ``go`` each reader starts,
 from a random offset within ``interval_s``, a read every ``interval_s``; on ``stop`` it
 prints ``{"latencies_s": [...], "refused_latencies_s": [...], "timeouts": n, "errors": n,
-"status": {code: n}}`` and exits (``refused_latencies_s``: the 503s' alone). With
+"status": {code: n}, "own_lag_s": [...]}`` and exits (``refused_latencies_s``: the 503s'
+alone; ``own_lag_s``: how late this process's own loop ran, sampled every 10 ms). With
 ``"count": n`` in the spec each reader makes n reads back to back and the result is
 printed when all are done (``sledagent bench api``). ``errors``: connections that failed;
 every answer, whatever its status, is timed.
@@ -130,6 +131,17 @@ async def _reader(
         await trio.sleep(max(0.0, wait))
 
 
+async def _own_lag(go: trio.Event, out: dict[str, Any]) -> None:
+    """How late this process's own loop runs (a 10 ms sleep's overshoot, seconds): a
+    latency the readers report includes it, and it is not the agent's."""
+    lags: list[float] = out.setdefault("own_lag_s", [])
+    await go.wait()
+    while True:
+        t0 = time.monotonic()
+        await trio.sleep(0.01)
+        lags.append(time.monotonic() - t0 - 0.01)
+
+
 async def _main(spec: dict[str, Any]) -> None:
     url = urlsplit(spec["api"])
     headers = [("host", url.netloc)]
@@ -151,6 +163,7 @@ async def _main(spec: dict[str, Any]) -> None:
         async with trio.open_nursery() as readers:
             for conn, vmm in zip(conns, spec["ids"], strict=True):
                 readers.start_soon(_reader, conn, f"/vmms/{vmm}/state", spec, go, out)
+            readers.start_soon(_own_lag, go, out)
             print("ready", flush=True)
             buf = b""
             while b"stop" not in buf:

@@ -37,6 +37,7 @@ import attrs
 import httpx
 import trio
 
+from .._admission import ReadAdmission
 from .._config import AgentConfig, BackoffPolicy, TerminationPolicy
 from .._daemon import DaemonConfig, run_daemon
 from .._host import zone_name_for
@@ -281,6 +282,12 @@ async def _run_wire(
             # how quickly they came.
             "refused": len(refused),
             "refused_p99": summary(refused)["p99"],
+            # The readers' own loop lag (their process on the same 2 cores): part of every
+            # latency above that is not the agent's.
+            "readers_own_lag_p99": summary(read_result.get("own_lag_s", []))["p99"],  # type: ignore[arg-type]
+            # The agent's own view: how long reads waited for its thread (p99 estimated
+            # from the histogram's buckets: the bucket's upper bound).
+            "agent_wait_p99_bucket": _bucket_p99(info.admission),
         },
         "zone_held_s": {k: v for k, v in summary(held).items() if k != "max"},
         "drain_s": round(drain_s, 3),
@@ -300,6 +307,17 @@ async def _run_wire(
         },
         "peak_rss_mb": _peak_rss_mb(),
     }
+
+
+def _bucket_p99(admission: ReadAdmission | None) -> float | None:
+    if admission is None:
+        return None
+    snap = admission.waited.snapshot()
+    total = snap.buckets[-1][1] if snap.buckets else 0
+    for bound, count in snap.buckets:
+        if total and count >= 0.99 * total:
+            return bound
+    return None
 
 
 async def run_wire_bench(
