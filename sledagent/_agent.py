@@ -197,9 +197,12 @@ class SledAgent:
     def publication_backlog(self) -> int:
         """Publications under way now: monitor answers received and waiting to be
         handled (``answers_waiting`` of an HTTP Propolis connector), and states waiting
-        for the journal, a delivery slot or Nexus's answer (not those backing off from a
-        failing Nexus). While it is not 0, state reads step aside (``_admission``)."""
-        under_way = self.notifier.under_way
+        for the journal, a delivery slot or Nexus's answer, while Nexus takes them (not
+        while its last delivery failed: those cannot complete sooner for reads stepping
+        aside). While it is not 0 and the thread lags, state reads are refused
+        (``_admission``)."""
+        notifier = self.notifier
+        under_way = notifier.under_way if notifier.last_error is None else 0
         return under_way or getattr(self.host.connector, "answers_waiting", 0)
 
     async def drain(self) -> None:

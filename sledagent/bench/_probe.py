@@ -160,10 +160,10 @@ async def _main(spec: dict[str, Any]) -> None:
         conns = [_Conn(url.hostname or "127.0.0.1", url.port or 80, headers) for _ in spec["ids"]]
         for conn in conns:  # connect before "ready": the measurement has no handshakes
             conn.stream = await trio.open_tcp_stream(conn.host, conn.port)
+        nursery.start_soon(_own_lag, go, out)  # cancelled with the outer nursery
         async with trio.open_nursery() as readers:
             for conn, vmm in zip(conns, spec["ids"], strict=True):
                 readers.start_soon(_reader, conn, f"/vmms/{vmm}/state", spec, go, out)
-            readers.start_soon(_own_lag, go, out)
             print("ready", flush=True)
             buf = b""
             while b"stop" not in buf:
