@@ -18,6 +18,10 @@ and ``Transfer-Encoding`` is refused: request smuggling); ``HEAD`` answered with
 headers of ``GET`` and no body; ``100 Continue``; a body the app did not read is read
 and dropped up to a bound, else the connection is closed; ``500`` if the app fails before
 answering. Listening, the connection cap and accept errors are ``_server.py``'s.
+
+One shortcut (issue 21): an app may offer ``quick_get``; a bodyless ``GET`` that arrives
+whole in one read, in a strict shape, is offered to it before h11 sees it, and answered
+with the bytes it returns (the API's state reads: ``_api.py``). Anything else is h11's.
 """
 
 from __future__ import annotations

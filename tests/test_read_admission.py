@@ -14,11 +14,13 @@ from contextlib import asynccontextmanager
 
 import attrs
 import httpx
+import pytest
 import structlog
 import trio
 
 from sledagent._admission import LATE, PUBLICATION_FIRST, ReadAdmission, ReadLimits
 from sledagent._api import _Api, build_app
+from sledagent._daemon_config import ConfigError, config_from_toml
 from sledagent._server import serve_api
 from sledagent._wire import SledVmmState
 from sledagent.testing import AgentHarness, fast_config, open_fake_agent
@@ -293,3 +295,13 @@ async def test_a_read_whose_turn_comes_after_its_bound_is_refused_as_late() -> N
     with trio.fail_after(DEADLINE_S):
         assert await a.admit() == LATE
     assert a.statistics().shed[LATE] == 1
+
+
+def test_the_daemon_config_takes_a_reads_table_and_names_a_bad_value() -> None:
+    config = config_from_toml("[reads]\nlate_s = 0.25\nretry_after_s = 2\n")
+    assert config.reads == ReadLimits(late_s=0.25, retry_after_s=2)
+    assert config_from_toml("").reads == ReadLimits()
+    with pytest.raises(ConfigError, match=r"reads\.late_s: expected a number > 0, got 0"):
+        config_from_toml("[reads]\nlate_s = 0\n")
+    with pytest.raises(ConfigError, match=r"reads\.reads_per_batch: expected an integer >= 1"):
+        config_from_toml("[reads]\nreads_per_batch = 0\n")
