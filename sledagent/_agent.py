@@ -140,6 +140,8 @@ class SledAgent:
             )
         )
 
+        if hasattr(host.connector, "close_after"):  # HTTP Propolis pools: close later
+            host.connector.close_after = self.notifier.wait_settled
         self.jobs = BundleJobs(self.bundler, self.manager.live_zone)
         #: Set once the snapshots an earlier run left are archived (``recover_snapshots``).
         self.recovered = trio.Event()
@@ -214,6 +216,17 @@ class SledAgent:
                     nursery.start_soon(self.reaper.recover, snapshot)
         finally:
             self.recovered.set()
+
+    def publication_backlog(self) -> int:
+        """Publications under way now: monitor answers received and waiting to be
+        handled (``answers_waiting`` of an HTTP Propolis connector), and states waiting
+        for the journal, a delivery slot or Nexus's answer, while Nexus takes them (not
+        while its last delivery failed: those cannot complete sooner for reads stepping
+        aside). While it is not 0 and the thread lags, state reads are refused
+        (``_admission``)."""
+        notifier = self.notifier
+        under_way = notifier.under_way if notifier.last_error is None else 0
+        return under_way or getattr(self.host.connector, "answers_waiting", 0)
 
     async def drain(self) -> None:
         """Wait until the start's leftover snapshots are archived, the reaper holds no

@@ -28,12 +28,15 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Match, Route, Router
 from starlette.types import Receive, Scope, Send
 
+from ._admission import ReadAdmission, ReadLimits
 from ._agent import SledAgent
 from ._codec import decode, encode
 from ._errors import (
     AgentError,
     BadRequest,
+    NoSuchVmm,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     Unauthorized,
     UnsupportedMediaType,
@@ -146,12 +149,29 @@ def _debug_enabled() -> bool:
     return True if check is None else bool(check(logging.DEBUG))
 
 
-def build_app(agent: SledAgent, *, token: str | None = None) -> _Api:
+#: ``GET /vmms/{propolis_id}/state`` as the quick path sees it (a UUID in its usual forms;
+#: anything else, percent-encoded or with a query, goes through the router).
+_STATE_TARGET = re.compile(rb"/vmms/([0-9A-Fa-f-]{32,36})/state")
+_BEARER = re.compile(rb"(?:^|\n)authorization:[ \t]*([!-~ \t]*?)[ \t]*\r\n", re.I)
+
+
+def _answer(status: int, body: bytes, request_id: str, extra: bytes = b"") -> bytes:
+    """A whole keep-alive answer, as h11 writes Starlette's (no reason phrase)."""
+    return b"HTTP/1.1 %d \r\ncontent-length: %d\r\ncontent-type: application/json\r\n%sx-request-id: %s\r\n\r\n%s" % (  # noqa: E501
+        status, len(body), extra, request_id.encode(), body
+    )  # fmt: skip
+
+
+def build_app(
+    agent: SledAgent, *, token: str | None = None, reads: ReadLimits | None = None
+) -> _Api:
     """The sled-agent API over ``agent``; with ``token``, every route but ``/metrics``
-    requires ``Authorization: Bearer <token>`` (compared in constant time)."""
+    requires ``Authorization: Bearer <token>`` (compared in constant time). ``reads``:
+    when VMM-state reads are refused under overload (``_admission``)."""
     manager, store, jobs = agent.manager, agent.store, agent.jobs
+    admission = ReadAdmission(agent.publication_backlog, reads)
     expected = f"Bearer {token}".encode() if token else None
-    metrics_registry = registry_for(agent)
+    metrics_registry = registry_for(agent, admission)
     roots: list[Path] = list(getattr(agent.host.store, "debug_dirs", []))
     # Decided once (logging is configured before the app is built): a filtered-out
     # structlog call through the module's lazy proxy still costs microseconds, and this
@@ -168,6 +188,9 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> _Api:
                         if not hmac.compare_digest(given, expected):
                             raise Unauthorized("missing or wrong bearer token")
                     response = await handler(request)
+                except Overloaded as exc:  # shed: counted and logged per burst, not here
+                    headers = {"retry-after": str(exc.retry_after_s)}
+                    return _error(exc, request_id, headers)
                 except AgentError as exc:
                     # Every error answer is in the log under the id the client was given.
                     (log.warning if exc.status >= 500 else log.info)(
@@ -217,9 +240,19 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> _Api:
     async def vmm_unregister(request: Request) -> Response:
         return _json(await manager.unregister(_uuid_param(request, "propolis_id")))
 
+    def refused_read(reason: str) -> Overloaded:
+        return Overloaded(
+            f"the agent is overloaded ({reason.replace('_', ' ')}): state read refused; "
+            f"retry in {admission.retry_after_s} s",
+            retry_after_s=admission.retry_after_s,
+        )
+
     @route("/vmms/{propolis_id}/state", ["GET"])
     async def vmm_get_state(request: Request) -> Response:
-        return _json(await manager.get_state(_uuid_param(request, "propolis_id")))
+        propolis_id = _uuid_param(request, "propolis_id")
+        if not manager.inline and (reason := admission.check()) is not None:
+            raise refused_read(reason)
+        return _json(await manager.get_state(propolis_id))
 
     @route("/vmms/{propolis_id}/state", ["PUT"])
     async def vmm_put_state(request: Request) -> Response:
@@ -338,7 +371,51 @@ def build_app(agent: SledAgent, *, token: str | None = None) -> _Api:
         zones_cleanup,
     ]
 
-    return _Api(Router(routes=routes))
+    registry = manager.registry
+
+    async def quick_get(target: bytes, head: bytes) -> bytes | None:
+        """``GET /vmms/{id}/state`` answered from the registry as whole bytes (the
+        server's quick path: no ASGI exchange, no router); None: the router answers.
+        The same answers, headers, refusals and log lines as ``vmm_get_state``."""
+        match = _STATE_TARGET.fullmatch(target)
+        if match is None or manager.inline:  # inline: reads queue behind the runner
+            return None
+        if expected is not None:
+            bearer = _BEARER.search(head)
+            if bearer is None or not hmac.compare_digest(bearer[1], expected):
+                return None  # the router answers 401
+        try:
+            propolis_id = uuid.UUID(match[1].decode())
+        except ValueError:
+            return None  # the router answers 400 naming the parameter
+        reason = await admission.admit()
+        request_id = _request_id()
+        if reason is not None:  # counted and logged per burst by the admission
+            exc: AgentError = refused_read(reason)
+            body = encode(
+                Error(message=exc.message, request_id=request_id, error_code=exc.error_code)
+            )
+            return _answer(503, body, request_id, b"retry-after: %d\r\n" % admission.retry_after_s)
+        entry = registry.find(propolis_id)
+        if entry is not None:
+            if debug_requests:
+                log.debug("api_request", request_id=request_id, method="GET",
+                          path=target.decode(), status=200)  # fmt: skip
+            return _answer(200, encode(entry.state), request_id)
+        exc = NoSuchVmm(propolis_id)
+        log.info(
+            "api_refused",
+            request_id=request_id,
+            method="GET",
+            path=target.decode(),
+            status=exc.status,
+            error_code=exc.error_code,
+            message=exc.message,
+        )
+        body = encode(Error(message=exc.message, request_id=request_id, error_code=exc.error_code))
+        return _answer(exc.status, body, request_id)
+
+    return _Api(Router(routes=routes), quick_get=quick_get, admission=admission)
 
 
 class _Api:
@@ -350,8 +427,18 @@ class _Api:
     ``GET /vmms/{id}/state`` from another process: 1.26 ms -> see docs/performance.md.
     """
 
-    def __init__(self, router: Router) -> None:
+    def __init__(
+        self,
+        router: Router,
+        *,
+        quick_get: Callable[[bytes, bytes], Awaitable[bytes | None]] | None = None,
+        admission: ReadAdmission | None = None,
+    ) -> None:
         self.router = router
+        #: The server's quick path for state reads (``_http.QuickGet``).
+        self.quick_get = quick_get
+        #: What state reads were refused (``sledagent_reads_shed_total``).
+        self.admission = admission
 
     @property
     def routes(self) -> list[BaseRoute]:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ._config import TerminationPolicy
+from ._failures import UsageError
 from ._log import configure_logging
 from .bench._api import run_api_bench
 from .bench._bundle import BundleBenchParams, run_bundle_bench
@@ -29,7 +30,7 @@ from .bench._migrate import run_migrate_bench
 from .bench._restart import run_restart_bench
 from .bench._scale import run_scale_bench
 from .bench._sweep import SweepParams, run_sweep
-from .bench._wire import WireParams, run_wire_bench
+from .bench._wire import POLICY_MODES, WireParams, run_wire_bench
 
 #: ``--vmms 10 50 200``: a list option takes every value that follows it.
 Many = cyclopts.Parameter(consume_multiple=True)
@@ -44,7 +45,10 @@ def command_line() -> str:
 def policy_table(report: dict[str, object], title: str) -> Table:
     table = Table(title=title)
     table.add_column("figure")
-    policies: dict[str, dict[str, object]] = report["policies"]  # type: ignore[assignment]
+    policies: dict[str, dict[str, object]] = dict(report["policies"])  # type: ignore[call-overload]
+    for baseline in ("floor", "no_reads"):  # over HTTP: the runs they are compared to
+        if report.get(baseline):
+            policies[baseline] = report[baseline]  # type: ignore[assignment]
     for name in policies:
         table.add_column(name, justify="right")
 
@@ -56,6 +60,10 @@ def policy_table(report: dict[str, object], title: str) -> Table:
     row("halt->publish max (s)", lambda p: p["halt_to_publish_s"]["max"])
     row("GET state p99 (s)", lambda p: p["get_state_s"]["p99"])
     row("GET state timeouts", lambda p: p["get_state_s"]["timeouts"])
+    if any("refused" in p["get_state_s"] for p in policies.values()):  # type: ignore[operator]
+        row("GET state reads", lambda p: p["get_state_s"]["reads"])
+        row("  of them 503 (shed)", lambda p: p["get_state_s"].get("refused"))
+        row("  503 p99 (s)", lambda p: p["get_state_s"].get("refused_p99"))
     row("zone held p99 (s)", lambda p: p["zone_held_s"]["p99"])
     row("drain (s)", lambda p: p["drain_s"])
     row("bundles", lambda p: p["bundles"])
@@ -75,6 +83,7 @@ async def mass_stop(
     backend: Literal["fake", "local"] = "fake",
     log_mb: float = 1.0,
     wire: Literal["memory", "http"] = "memory",
+    reads_per_s: float | None = None,
     json: Annotated[bool, cyclopts.Parameter(negative="")] = False,
 ) -> int:
     """Halt N VMMs at once and measure how long until Nexus is told, per policy.
@@ -103,19 +112,25 @@ async def mass_stop(
     wire
         ``memory``: the agent in process with fake peers. ``http``: the daemon on the
         embedded default, over loopback HTTP (local zones, real bundles, simulated
-        Propolis, recording Nexus), both policies and a floor without logs or bundling.
+        Propolis, recording Nexus): the policy's runs (``both``: reaper, inline,
+        inline_omicron), a floor without logs or bundling and, for the reaper, the same
+        halts with no reader (``no_reads``).
+    reads_per_s
+        With ``--wire http``: state reads offered per second in all, spread over the
+        VMMs (0: none). Default: each VMM every 0.5 s (2 x N per second).
     json
         Print only the JSON report.
     """
     configure_logging(json=True, level="error")
+    if reads_per_s is not None and (reads_per_s < 0 or wire != "http"):
+        raise UsageError("--reads-per-s: >= 0, and only with --wire http")
     if wire == "http":
+        wparams = WireParams(
+            vmms=vmms, log_mb=log_mb, get_timeout_s=get_timeout_s, reads_per_s=reads_per_s
+        )
         wreport = {
             "command": command_line(),
-            **(
-                await run_wire_bench(
-                    WireParams(vmms=vmms, log_mb=log_mb, get_timeout_s=get_timeout_s)
-                )
-            ),
+            **(await run_wire_bench(wparams, POLICY_MODES[policy])),
         }
         print(jsonlib.dumps(wreport, indent=None if json else 2))
         if not json:
@@ -446,13 +461,14 @@ async def sweep_bench(
     *,
     vmms: Annotated[tuple[int, ...], Many] = (10, 50, 200, 1000),
     log_mb: Annotated[tuple[float, ...], Many] = (1.0, 10.0, 50.0),
+    read_rates: Annotated[tuple[float, ...], Many] = (0.0, 400.0, 2000.0),
     inline_max_mb: float = 2000.0,
     omicron_max_mb: float = 500.0,
     out_dir: Path = Path("docs/bench/sweep"),
 ) -> int:
-    """Mass stop over the wire at every N x log volume (reaper, floor; the inline
-    policies where they fit), the bundling rate per phase-2 slot count; writes
-    ``sweep.json`` and PNG plots into ``out_dir``.
+    """Mass stop over the wire at every N x log volume x offered read rate (reaper,
+    floor; the inline policies where they fit), the bundling rate per phase-2 slot
+    count; writes ``sweep.json`` and PNG plots into ``out_dir``.
 
     Parameters
     ----------
@@ -460,6 +476,9 @@ async def sweep_bench(
         The N values (VMMs stopped at once).
     log_mb
         MB of logs per VMM.
+    read_rates
+        State reads offered per second in all (0: none); the inline policies run at
+        400 only (or the highest rate given).
     inline_max_mb
         Run the inline policy (one bundle at a time) only up to this much log in all.
     omicron_max_mb
@@ -469,7 +488,11 @@ async def sweep_bench(
     """
     configure_logging(json=True, level="error")
     params = SweepParams(
-        vmms=vmms, log_mb=log_mb, inline_max_mb=inline_max_mb, omicron_max_mb=omicron_max_mb
+        vmms=vmms,
+        log_mb=log_mb,
+        read_rates=read_rates,
+        inline_max_mb=inline_max_mb,
+        omicron_max_mb=omicron_max_mb,
     )
     report = await run_sweep(params, out_dir, progress=lambda line: print(line, flush=True))
     print(jsonlib.dumps({"command": command_line(), "out_dir": str(out_dir)}))

@@ -24,6 +24,7 @@ import attrs
 import structlog
 import trio
 
+from ._admission import ReadAdmission
 from ._agent import Host, SledAgent, open_sled_agent
 from ._api import build_app
 from ._archive import TarArchiver
@@ -141,6 +142,8 @@ class DaemonInfo:
     recording_nexus: FakeNexus | RemoteNexusView | None
     #: The ``sledagent sim`` process that runs the simulated guests (``propolis = "sim"``).
     sim_host: SimHost | None = None
+    #: The API's state-read admission (what was served and shed, how long reads waited).
+    admission: ReadAdmission | None = None
 
 
 async def run_daemon(
@@ -299,7 +302,7 @@ async def _serve_agent(
             config.agent, host, sled_id=sled_id, host_rebooted=rebooted
         ) as agent:
             api_stop = trio.Event()
-            api_app = build_app(agent, token=token)
+            api_app = build_app(agent, token=token, reads=config.reads)
             api_url = await _start_server(
                 nursery, api_app, config.listen, api_stop, limits=config.http
             )
@@ -308,7 +311,15 @@ async def _serve_agent(
             )
             nursery.start_soon(_freeze_after_readoption, agent)
             task_status.started(
-                DaemonInfo(api_url, nexus_url, agent, peers.fleet, peers.recording, peers.sim_host)
+                DaemonInfo(
+                    api_url,
+                    nexus_url,
+                    agent,
+                    peers.fleet,
+                    peers.recording,
+                    peers.sim_host,
+                    api_app.admission,
+                )
             )
             await shutdown.wait()
             log.info("daemon_stopping")

@@ -18,6 +18,7 @@ import attrs
 from attrs import validators as v
 
 from ._addr import LISTEN_FORMAT, URL_FORMAT, check_http_url, parse_listen
+from ._admission import ReadLimits
 from ._config import AgentConfig
 from ._failures import ConfigError as ConfigError
 from ._failures import os_reason
@@ -95,6 +96,8 @@ class DaemonConfig:
     agent: AgentConfig = attrs.field(factory=AgentConfig)
     #: The API server's connection cap, limits and timeouts (``[http]``).
     http: HttpLimits = attrs.field(factory=HttpLimits)
+    #: When VMM-state reads are refused under overload (``[reads]``, ``_admission``).
+    reads: ReadLimits = attrs.field(factory=ReadLimits)
 
     def __attrs_post_init__(self) -> None:
         if self.propolis == "remote" and not self.sim_fleet_url:

@@ -112,6 +112,17 @@ class Unavailable(AgentError):
     error_code = "SERVICE_UNAVAILABLE"
 
 
+class Overloaded(Unavailable):
+    """Refused at once because the agent is overloaded (``_admission``): publishing halts
+    comes first, or the request waited past its bound. Answered with ``Retry-After``."""
+
+    error_code = "OVERLOADED"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class NicsStillHeld(Unavailable):
     """A previous incarnation's zone still holds NICs this VMM needs (503)."""
 

@@ -278,7 +278,13 @@ class H1Pool:
 
     async def aclose(self) -> None:
         """Close idle connections; those in use close when their exchange ends."""
+        self.close_idle_now()
+        await trio.lowlevel.checkpoint()
+
+    def close_idle_now(self) -> None:
+        """``aclose`` without a checkpoint per socket: many pools are retired at once
+        when many guests halt together (see ``HttpPropolisConnector.forget``)."""
         self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
-            await conn.close()
+            conn.stream.socket.close()

@@ -18,12 +18,18 @@ and ``Transfer-Encoding`` is refused: request smuggling); ``HEAD`` answered with
 headers of ``GET`` and no body; ``100 Continue``; a body the app did not read is read
 and dropped up to a bound, else the connection is closed; ``500`` if the app fails before
 answering. Listening, the connection cap and accept errors are ``_server.py``'s.
+
+One shortcut (issue 21): an app may offer ``quick_get``; a bodyless ``GET`` that arrives
+whole in one read, in a strict shape, is offered to it before h11 sees it, and answered
+with the bytes it returns (the API's state reads: ``_api.py``). Anything else is h11's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import select
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -44,8 +50,25 @@ ASGIApp = Callable[
     Awaitable[None],
 ]
 
+#: ``await quick_get(target, head) -> whole answer bytes | None`` (an app's optional
+#: attribute): answers a bodyless ``GET`` without h11, the ASGI exchange or the router;
+#: ``None`` hands the request to the app as usual. See ``_Connection._quick``.
+QuickGet = Callable[[bytes, bytes], Awaitable["bytes | None"]]
+
 _RECV = 64 * 1024
 _DISCONNECT: Message = {"type": "http.disconnect"}
+#: The one shape of request the quick path takes: ``GET <target> HTTP/1.1``, then header
+#: lines with a token name, no space before the colon and visible ASCII values, and the
+#: blank line; nothing after it. Anything else (obs-text, a folded line, HTTP/1.0, a
+#: second request in the same read...) goes to h11, which judges it as before.
+_SIMPLE_GET = re.compile(
+    rb"GET (/[!-~]*) HTTP/1\.1\r\n((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[ \t]*[!-~ \t]*\r\n)+)\r\n"
+)
+#: Headers that give a request a body, or a meaning the quick path does not implement.
+_NOT_SIMPLE = re.compile(
+    rb"(?:^|\n)(?:content-length|transfer-encoding|connection|expect|upgrade|te):", re.I
+)
+_HOST = re.compile(rb"(?:^|\n)host:", re.I)
 log = structlog.get_logger("sledagent.http")
 
 
@@ -108,6 +131,10 @@ def refusal(status: int, message: str, *, head_only: bool = False) -> bytes:
     return head if head_only else head + body
 
 
+#: ``_next_request``'s answer for a request the quick path has answered.
+_QUICK = h11.Request(method="GET", target="/", headers=[("host", "quick")])
+
+
 class _Close(Exception):
     """End the connection (the peer left, or the protocol says so)."""
 
@@ -117,6 +144,7 @@ class ConnectionTable:
 
     def __init__(self, app: ASGIApp, limits: HttpLimits) -> None:
         self.app, self.limits = app, limits
+        self.quick_get: QuickGet | None = getattr(app, "quick_get", None)
         self.draining = False
         self.connections: set[_Connection] = set()
         self.idle: dict[_Connection, None] = {}
@@ -178,6 +206,8 @@ class _Connection:
                 request = await self._next_request()
                 if request is None:
                     break
+                if request is _QUICK:
+                    continue  # answered without h11: it is still between requests
                 await self._handle(request)
                 conn = self.h11
                 if conn.their_state is h11.SEND_BODY and not await self._discard_body():
@@ -210,12 +240,15 @@ class _Connection:
                     deadline = trio.current_time() + self.limits.keep_alive_s
                     with trio.CancelScope(deadline=deadline) as idle:
                         self.idle_scope = idle  # shed or shutdown: closes it
-                        self.h11.receive_data(await self.stream.receive_some(_RECV))
+                        data = await _receive_idle(self.stream)
                 finally:
                     self.idle_scope = None
                     table.idle.pop(self, None)
                 if idle.cancelled_caught:
                     return None
+                if table.quick_get is not None and await self._quick(data, table.quick_get):
+                    return _QUICK
+                self.h11.receive_data(data)
             with trio.move_on_after(self.limits.head_timeout_s) as head:
                 event = await self._read_event()
             if head.cancelled_caught:
@@ -256,6 +289,35 @@ class _Connection:
             # No body: take h11's EndOfMessage now, so that nothing is left to discard.
             self.h11.next_event()
         return event
+
+    async def _quick(self, data: bytes, quick_get: QuickGet) -> bool:
+        """Answer ``data`` without h11 if it is exactly one simple bodyless ``GET`` and
+        the app's ``quick_get`` answers it; True if it did. h11 has seen nothing of this
+        exchange (both sides stay idle), so the connection goes on as if it had none.
+
+        Why: a state read costs the agent's one thread about 750 Python calls through
+        h11, the ASGI exchange and Starlette's router; readers polling every VMM are the
+        load that competes with publishing halts (issue 21; docs/performance.md)."""
+        match = _SIMPLE_GET.fullmatch(data)
+        if match is None or len(data) > self.limits.max_head_bytes:
+            return False
+        headers = match[2]
+        if _NOT_SIMPLE.search(headers) or not _HOST.search(headers):
+            return False
+        answer = await quick_get(match[1], data)
+        if answer is None:
+            return False
+        # One write(2) almost always takes a small answer whole; the rest, if any, the
+        # usual way. (trio's send_all first enters a conflict detector and two contexts.)
+        try:
+            sent = os.write(self.stream.socket.fileno(), answer)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            raise _Close from None  # reset, broken pipe: the client left
+        if sent < len(answer):
+            await self.stream.send_all(answer[sent:])
+        return True
 
     async def _refuse(
         self, status: int, message: str, *, head_only: bool = False, linger: bool = True
@@ -435,6 +497,24 @@ class _Exchange:
         """Declared body bytes not read yet (a chunked body: 0, unknown)."""
         length = self.conn.body_length
         return 0 if length is None else length - self.received
+
+
+async def _receive_idle(stream: trio.SocketStream) -> bytes:
+    """The next bytes of an idle connection (b"": the peer closed).
+
+    ``stream.receive_some`` first tries a ``recv`` that, on a connection waiting for its
+    next request, fails with ``EAGAIN``, and goes through trio's socket wrappers; this
+    waits for readability, then reads once: one system call and a few Python calls fewer
+    per request on the path every state read takes."""
+    fd = stream.socket.fileno()
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.read(fd, _RECV)
+        except BlockingIOError:
+            continue  # readable, then not: wait again
+        except OSError as exc:  # reset by the peer, and the like
+            raise trio.BrokenResourceError(str(exc)) from exc
 
 
 def _readable(sock: trio.socket.SocketType) -> bool:

@@ -75,6 +75,11 @@ class LocalZonesConfig:
     #: A host-wide command's output is shared by the bundles taken within this long of
     #: its run (0: every bundle runs its own).
     host_command_ttl_s: float = 1.0
+    #: Filesystem calls (snapshots, teardown, pid lookups) in worker threads at once.
+    #: Each is a few system calls whose thread waits for the GIL after every one while
+    #: the trio thread is busy: the calls are latency-bound, not disk-bound. 4 made them
+    #: the mass stop's bottleneck at N=1000 (docs/performance.md, "Session 7").
+    fs_concurrency: int = 16
 
 
 def _zone_dir(cfg: LocalZonesConfig, name: str) -> Path:
@@ -119,7 +124,7 @@ class LocalZoneBackend:
         address the VMM was registered with (``propolis = "external"``)."""
         self.config = config
         self.launcher = launcher
-        self._fs_limiter = trio.CapacityLimiter(4)
+        self._fs_limiter = trio.CapacityLimiter(config.fs_concurrency)
         self.host_commands = SharedCommands(config.host_command_ttl_s)
 
     # --- lifecycle --------------------------------------------------------------------
@@ -247,15 +252,20 @@ class LocalZoneBackend:
         if self.launcher is not None:
             await self.launcher.retire(name)
         pids = await self._thread(self._pids, name)
-        for pid in pids:
-            _signal_group(pid, signal.SIGTERM)
-        with trio.move_on_after(self.config.term_timeout_s):
+        if pids:
+            for pid in pids:
+                _signal_group(pid, signal.SIGTERM)
+            with trio.move_on_after(self.config.term_timeout_s):
+                await _wait_all_exit(pids)
+            for pid in await self._thread(self._pids, name):
+                _signal_group(pid, signal.SIGKILL)
             await _wait_all_exit(pids)
-        for pid in await self._thread(self._pids, name):
-            _signal_group(pid, signal.SIGKILL)
-        await _wait_all_exit(pids)
-        await self._thread(shutil.rmtree, _zone_dir(self.config, name), True)
-        await self._thread(shutil.rmtree, self.config.root / "archive" / name, True)
+        # One call for both trees (each thread call costs a GIL round trip per syscall).
+        await self._thread(self._remove_trees, name)
+
+    def _remove_trees(self, name: str) -> None:
+        shutil.rmtree(_zone_dir(self.config, name), ignore_errors=True)
+        shutil.rmtree(self.config.root / "archive" / name, ignore_errors=True)
 
     async def stop_vmm(self, zone: Zone) -> None:
         """The zone's launched Propolis is stopped (its server and any migration it was

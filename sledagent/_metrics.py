@@ -17,6 +17,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from ._admission import ReadAdmission
 from ._agent import SledAgent
 from ._http import STATS as HTTP_STATS
 from ._registry import VmmPhase
@@ -167,8 +168,44 @@ def metrics_text(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
-def registry_for(agent: SledAgent) -> CollectorRegistry:
+class ReadsCollector(Collector):
+    """State reads served and refused (``_admission.ReadAdmission``)."""
+
+    def __init__(self, admission: ReadAdmission) -> None:
+        self._admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._admission.statistics()
+        yield CounterMetricFamily(
+            "sledagent_reads_admitted", "VMM-state reads served.", value=stats.admitted
+        )
+        shed = CounterMetricFamily(
+            "sledagent_reads_shed",
+            "VMM-state reads refused at once with 503 and Retry-After, by reason "
+            "(publication_first: halts were being published and the thread lagged; "
+            "late: the read waited past its bound).",
+            labels=["reason"],
+        )
+        for reason, count in stats.shed.items():
+            shed.add_metric([reason], count)
+        yield shed
+        yield _histogram(
+            "sledagent_read_wait_seconds",
+            "How long each VMM-state read waited for the agent's thread (its estimated "
+            "queueing before it was answered or refused).",
+            self._admission.waited,
+        )
+        yield GaugeMetricFamily(
+            "sledagent_publications_under_way",
+            "Monitor answers and states on their way to Nexus (not those backing off).",
+            value=self._admission.backlog(),
+        )
+
+
+def registry_for(agent: SledAgent, admission: ReadAdmission | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(agent))
     registry.register(HttpCollector())
+    if admission is not None:
+        registry.register(ReadsCollector(admission))
     return registry

@@ -125,6 +125,12 @@ class NexusNotifier:
         while not self._settled.is_set():
             await self._settled.wait()
 
+    @property
+    def under_way(self) -> int:
+        """Deliveries under way: waiting for the journal, for a slot, or in flight (not
+        those sleeping in backoff)."""
+        return self._active
+
     def _busy(self, delta: int) -> None:
         self._active += delta
         if self._active == 0:

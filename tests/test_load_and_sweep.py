@@ -28,15 +28,18 @@ async def test_every_request_under_load_is_answered_while_zones_are_reaped() -> 
 
 
 @pytest.mark.deadline_s(240)  # processes; its own fail_after bounds it
-async def test_a_sweep_writes_its_report_and_five_plots(tmp_path: Path) -> None:
+async def test_a_sweep_writes_its_report_and_its_plots_at_each_read_rate(tmp_path: Path) -> None:
     params = SweepParams(
         vmms=(2,), log_mb=(0.25,), inline_max_mb=0, omicron_max_mb=0,
-        archive_slots=(1,), rate_log_mb=0.5,
+        archive_slots=(1,), rate_log_mb=0.5, read_rates=(0.0, 40.0),
     )  # fmt: skip
     lines: list[str] = []
     with trio.fail_after(180):
         report = await run_sweep(params, tmp_path, progress=lines.append)
-    (point,) = report["points"]
+    quiet, point = report["points"]  # one per read rate, the reference (highest) last
+    assert (quiet["reads_per_s"], point["reads_per_s"]) == (0.0, 40.0)
+    assert quiet["reaper"]["get_state_reads"] == quiet["floor"]["get_state_reads"] == 0
+    assert point["reaper"]["get_state_reads"] > 0 and point["reaper"]["get_state_timeouts"] == 0
     assert point["reaper"]["bundles"] == 2 and point["floor"]["bundles"] == 0
     assert "inline" not in point  # over its budget: not run
     assert point["drain_predicted_s"] > 0 and point["reaper_p99_over_floor_p99_plus_50ms"] > 0
@@ -49,7 +52,8 @@ async def test_a_sweep_writes_its_report_and_five_plots(tmp_path: Path) -> None:
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == [
         "bundle-rate-vs-slots.png", "drain-vs-volume.png", "get-state-p99.png",
-        "halt-to-publish-p99.png", "zone-held-p99.png",
+        "halt-to-publish-p99.png", "halt-to-publish-vs-read-rate.png",
+        "reads-vs-read-rate.png", "zone-held-p99.png",
     ]  # fmt: skip
     for name in pngs:
         assert (tmp_path / name).read_bytes()[:8] == PNG
@@ -65,4 +69,4 @@ def test_plots_survive_a_point_with_no_samples(tmp_path: Path) -> None:
         "bundle_mb_per_s_all_slots_busy": 190.0,
         "points": [{"vmms": 2, "log_mb": 0.25, "total_mb": 0.5, "floor": empty, "reaper": empty}],
     }  # fmt: skip
-    assert len(plot_sweep(report, tmp_path)) == 5
+    assert len(plot_sweep(report, tmp_path)) == 7

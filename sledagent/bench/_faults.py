@@ -177,7 +177,7 @@ async def _outage_run(
     pids = [uuid.uuid4() for _ in range(p.vmms)]
     extra = uuid.uuid4()  # registered, run and stopped during the outage
     reads: list[float] = []
-    read_failures = 0
+    read_failures = read_refused = 0
     during: list[float] = []
     async with httpx.AsyncClient(timeout=30) as client:
         proc, url = await start_daemon(config, log)
@@ -200,7 +200,7 @@ async def _outage_run(
             t_fault = trio.current_time()
 
             async def read_all() -> None:
-                nonlocal read_failures
+                nonlocal read_failures, read_refused
                 while True:  # every VMM read at least once, however slow the machine
                     for pid in pids:
                         t0 = trio.current_time()
@@ -212,6 +212,8 @@ async def _outage_run(
                         # 404: Nexus acknowledged its terminal state, so it is gone.
                         if r.status_code in (200, 404):
                             reads.append(trio.current_time() - t0)
+                        elif r.status_code == 503 and _overloaded(r):
+                            read_refused += 1  # shed at once, Retry-After: an answer
                         else:
                             read_failures += 1
                     if trio.current_time() - t_fault >= p.down_s:
@@ -259,6 +261,7 @@ async def _outage_run(
         "get_state_during_fault": summary(reads),
         "get_state_answered": len(reads),
         "get_state_failures": read_failures,
+        "get_state_refused": read_refused,
         "register_run_stop_during_fault_s": [round(t, 3) for t in during],
         "zones_bundled": len({b["id"]["zone_name"] for b in bundles}),
         "settled": settled,
@@ -339,6 +342,15 @@ async def propolis_faults(p: FaultParams) -> dict[str, Any]:
         "settled": settled,
         "exit_status": exit_status,
     }
+
+
+def _overloaded(r: httpx.Response) -> bool:
+    """The agent shed the read (issue 21): 503 ``OVERLOADED`` with ``Retry-After``."""
+    try:
+        code = r.json().get("error_code")
+    except ValueError:
+        return False
+    return code == "OVERLOADED" and "retry-after" in r.headers
 
 
 def problems(result: dict[str, Any], *, latency_bounds: bool = True) -> list[str]:

@@ -10,8 +10,9 @@ VMM's runner queue), spread over every VMM. Waves repeat until the reaper is idl
 least ``min_waves``).
 
 Every request must get an answer: the state, or an error body the contract allows
-(503 ``INSTANCE_CHANNEL_FULL`` when a runner's queue is full; 404/409/410 for a VMM
-that halted, is being torn down or is gone). A timeout, a cut connection, a 500 or any
+(503 ``INSTANCE_CHANNEL_FULL`` when a runner's queue is full; 503 ``OVERLOADED``, with
+``Retry-After``, for a state read the agent sheds while it publishes halts (issue 21);
+404/409/410 for a VMM that halted, is being torn down or is gone). A timeout, a cut connection, a 500 or any
 other status is a request dropped, and the run fails.
 """
 
@@ -45,6 +46,7 @@ JSON = (("content-type", "application/json"),)
 ANSWERS = {
     (200, None),
     (503, "INSTANCE_CHANNEL_FULL"),
+    (503, "OVERLOADED"),
     (404, "NO_SUCH_INSTANCE"),
     (409, "VM_NOT_RUNNING"),
     (410, "NO_SUCH_INSTANCE"),
