@@ -12,8 +12,8 @@ least ``min_waves``).
 Every request must get an answer: the state, or an error body the contract allows
 (503 ``INSTANCE_CHANNEL_FULL`` when a runner's queue is full; 503 ``OVERLOADED``, with
 ``Retry-After``, for a state read the agent sheds while it publishes halts (issue 21);
-404/409/410 for a VMM that halted, is being torn down or is gone). A timeout, a cut connection, a 500 or any
-other status is a request dropped, and the run fails.
+404/409/410 for a VMM that halted, is being torn down or is gone). A timeout, a cut
+connection, a 500 or any other status is a request dropped, and the run fails.
 """
 
 from __future__ import annotations
