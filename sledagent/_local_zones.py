@@ -17,9 +17,7 @@ local analogues of ``pargs``/``pfiles``/``pstack`` (``cat /proc/<pid>/cmdline``,
 with the same output, rather than spawned). A missing tool is recorded by the bundler,
 not raised.
 
-A snapshot is a directory ``<root>/snapshots/<bundle_id>/`` tagged with
-``.zone-bundle-snapshot`` (so the startup sweep finds leftovers): rotated and archived
-files are immutable and hard-linked; the live log is copied, newest bytes, size-capped.
+A snapshot is a directory ``<root>/snapshots/<bundle_id>/`` (``_local_snapshots``).
 Every filesystem walk runs in a worker thread.
 """
 
@@ -41,15 +39,19 @@ import attrs
 import structlog
 import trio
 
-from ._host import CommandOutput, LogSource, Snapshot, Zone, ZoneCommand, ZoneSpec
-from ._logwriter import SERVICE_LOG
-from ._seed import link_or_copy, seed_from_cache, seed_logs
+from ._host import CommandOutput, Snapshot, Zone, ZoneCommand, ZoneSpec
+from ._local_snapshots import (
+    leftover_snapshots,
+    make_snapshot,
+    remove_snapshot,
+    sweep_snapshots,
+)
+from ._seed import seed_from_cache, seed_logs
 from ._shared_commands import SharedCommands
 
 log = structlog.get_logger("sledagent.zones.local")
 R = TypeVar("R")
 
-SNAPSHOT_TAG = ".zone-bundle-snapshot"
 LOG_SUBDIR = Path("root/var/svc/log")
 MAX_COMMAND_OUTPUT = 1 << 20
 #: Commands whose output is about the host, not the zone (local zones share the host's).
@@ -229,7 +231,16 @@ class LocalZoneBackend:
 
     def _list_zones(self) -> list[Zone]:
         zones = []
-        for path in sorted((self.config.root / "zones").glob("*/zone.json")):
+        root = self.config.root / "zones"
+        for zdir in sorted(root.iterdir() if root.is_dir() else []):
+            if not zdir.is_dir():
+                continue
+            path = zdir / "zone.json"
+            if not path.exists():
+                # A kill mid-install or mid-teardown leaves a tree without its record:
+                # still a zone to tear down, or it stays on the host unseen.
+                zones.append(Zone(zdir.name, None, ""))
+                continue
             try:
                 meta = json.loads(path.read_text())
                 pid = meta.get("propolis_id")
@@ -264,8 +275,10 @@ class LocalZoneBackend:
         await self._thread(self._remove_trees, name)
 
     def _remove_trees(self, name: str) -> None:
-        shutil.rmtree(_zone_dir(self.config, name), ignore_errors=True)
+        # The zone's own tree last: while it is there, a kill in between leaves a zone the
+        # next start lists and removes again (with the archive tree).
         shutil.rmtree(self.config.root / "archive" / name, ignore_errors=True)
+        shutil.rmtree(_zone_dir(self.config, name), ignore_errors=True)
 
     async def stop_vmm(self, zone: Zone) -> None:
         """The zone's launched Propolis is stopped (its server and any migration it was
@@ -329,98 +342,29 @@ class LocalZoneBackend:
         )
 
     async def snapshot(self, zone: Zone, bundle_id: uuid.UUID) -> Snapshot:
-        return await self._thread(self._snapshot, zone, bundle_id)
-
-    def _snapshot(self, zone: Zone, bundle_id: uuid.UUID) -> Snapshot:
         c = self.config
-        snap_dir = c.root / "snapshots" / str(bundle_id)
-        snap_dir.mkdir(parents=True)
-        tag = {"zone_name": zone.name, "bundle_id": str(bundle_id), "created": time.time()}
-        (snap_dir / SNAPSHOT_TAG).write_text(json.dumps(tag))
-        files: list[LogSource] = []
-        try:
-            sources = sorted((_zone_dir(c, zone.name) / LOG_SUBDIR).glob(f"{SERVICE_LOG}*"))
-            sources += sorted((c.root / "archive" / zone.name).glob(f"{SERVICE_LOG}.*"))
-            for src in sources:
-                dst = snap_dir / src.name
-                start = 0
-                if src.name != SERVICE_LOG:
-                    link_or_copy(src, dst)  # rotated / archived: immutable
-                    size = dst.stat().st_size
-                else:
-                    # The live log is only appended to (rotation renames it): a link and
-                    # its length now are a snapshot of it, without copying megabytes per
-                    # zone in phase 1. Phase 2 archives bytes [start, size) only.
-                    size = _link_or_copy_tail(src, dst, c.max_live_copy_bytes)
-                    start = max(0, size - c.max_live_copy_bytes)
-                files.append(LogSource(src.name, str(dst), size, start))
-        except BaseException:
-            shutil.rmtree(snap_dir, ignore_errors=True)
-            raise
-        return Snapshot(str(snap_dir), zone.name, bundle_id, tuple(files), _missing(files))
+        return await self._thread(
+            make_snapshot,
+            c.root / "snapshots",
+            zone.name,
+            bundle_id,
+            [_zone_dir(c, zone.name) / LOG_SUBDIR, c.root / "archive" / zone.name],
+            c.max_live_copy_bytes,
+        )
 
     async def destroy_snapshot(self, snapshot: Snapshot) -> None:
-        await self._thread(shutil.rmtree, snapshot.name, True)
+        await self._thread(remove_snapshot, Path(snapshot.name))
 
     async def sweep_snapshots(self) -> int:
         """Remove every tagged snapshot; returns how many."""
-        return await self._thread(self._sweep_snapshots)
-
-    def _sweep_snapshots(self) -> int:
-        removed = 0
-        for tag in (self.config.root / "snapshots").glob(f"*/{SNAPSHOT_TAG}"):
-            shutil.rmtree(tag.parent, ignore_errors=True)
-            removed += 1
-        return removed
+        return await self._thread(sweep_snapshots, self.config.root / "snapshots")
 
     async def leftover_snapshots(self) -> list[Snapshot]:
-        return await self._thread(self._leftover_snapshots)
-
-    def _leftover_snapshots(self) -> list[Snapshot]:
-        found = []
-        for tag_path in sorted((self.config.root / "snapshots").glob(f"*/{SNAPSHOT_TAG}")):
-            snap_dir = tag_path.parent
-            try:
-                tag = json.loads(tag_path.read_text())
-                zone_name, bundle_id = tag["zone_name"], uuid.UUID(tag["bundle_id"])
-            except (OSError, ValueError, KeyError) as exc:
-                # Not readable as ours: nothing to archive, so it only has to go.
-                log.warning("snapshot_tag_unreadable", path=str(snap_dir), error=str(exc))
-                shutil.rmtree(snap_dir, ignore_errors=True)
-                continue
-            files = tuple(
-                LogSource(f.name, str(f), f.stat().st_size)
-                for f in sorted(snap_dir.iterdir())
-                if f.name != SNAPSHOT_TAG and f.is_file()
-            )
-            found.append(Snapshot(str(snap_dir), zone_name, bundle_id, files, _missing(files)))
-        return found
+        return await self._thread(leftover_snapshots, self.config.root / "snapshots")
 
     async def _thread(self, fn: Callable[..., R], *args: object) -> R:
         """Blocking filesystem work, off the trio thread, a few at a time."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self._fs_limiter)
-
-
-def _missing(files: Sequence[LogSource]) -> tuple[str, ...]:
-    """The zone's Propolis service log, if the snapshot has no file of that name: it
-    exists from the service's start, so its absence is worth saying in the bundle."""
-    return () if any(f.name == SERVICE_LOG for f in files) else (SERVICE_LOG,)
-
-
-def _link_or_copy_tail(src: Path, dst: Path, cap: int) -> int:
-    """Link ``src`` at ``dst`` and return its length now; across filesystems, copy its
-    newest ``cap`` bytes (then the copy's length)."""
-    try:
-        os.link(src, dst)
-        return dst.stat().st_size
-    except OSError:
-        pass
-    with open(src, "rb") as f, open(dst, "wb") as out:
-        size = os.fstat(f.fileno()).st_size
-        if size > cap:
-            f.seek(size - cap)
-        shutil.copyfileobj(f, out, 1 << 20)
-        return out.tell()
 
 
 def _cat(path: str) -> tuple[bytes, int]:

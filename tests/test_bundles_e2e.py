@@ -87,16 +87,11 @@ async def test_a_failure_at_any_step_leaves_no_partial_file_and_no_snapshot(
 
         monkeypatch.setattr(local.zones, "run_command", broken_command)
     elif step == "snapshot":
-        original = local.zones._snapshot
 
-        def broken_snapshot(zone: object, bundle_id: uuid.UUID) -> object:
-            def fail(*a: object) -> None:
-                raise OSError("snapshot failed (injected)")
+        def fail(*a: object) -> None:
+            raise OSError("snapshot failed (injected)")
 
-            monkeypatch.setattr("sledagent._local_zones.link_or_copy", fail)
-            return original(zone, bundle_id)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(local.zones, "_snapshot", broken_snapshot)
+        monkeypatch.setattr("sledagent._local_snapshots.link_or_copy", fail)
     elif step == "archive":
 
         def broken_tail(*args: object) -> None:

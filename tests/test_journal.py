@@ -122,10 +122,11 @@ async def test_a_terminal_state_nexus_never_acknowledged_is_delivered_after_a_re
         # The agent is gone (a crash, as far as Nexus knows). Nexus comes back; a new
         # agent starts on the same host and journal.
         assert fakes.nexus.first_time(pid, VmmState.DESTROYED) is None
-        fakes.nexus.fail_for(0.0)
         async with open_sled_agent(fast_config(), fakes.host()) as agent:
-            # Held until Nexus answers: a read is never a 404 meanwhile.
+            # Held until Nexus answers: a read is never a 404 meanwhile. (Nexus stays
+            # down until the read is made, or the entry could already be gone.)
             assert (await agent.manager.get_state(pid)) == halted
+            fakes.nexus.fail_for(0.0)
             await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
             await agent.notifier.wait_idle()  # Nexus's answer reached the agent
             await agent.drain()

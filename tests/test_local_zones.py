@@ -27,7 +27,8 @@ from sledagent import (
     ZoneCommand,
     ZoneSpec,
 )
-from sledagent._local_zones import LOG_SUBDIR, SNAPSHOT_TAG
+from sledagent._local_snapshots import SNAPSHOT_TAG
+from sledagent._local_zones import LOG_SUBDIR
 from sledagent._logwriter import SERVICE_LOG
 from sledagent._seed import seed_logs
 from sledagent._wire import utcnow
@@ -179,6 +180,48 @@ async def test_list_zones_and_sweep_find_what_a_crash_left(tmp_path: Path) -> No
         assert (await backend.list_zones())[0].nic_ids == zone.nic_ids
         assert await backend.sweep_snapshots() == 1
         assert not Path(snap.name).exists() and untagged.exists()
+        await backend.halt_and_remove(zone)
+
+
+async def test_a_zone_a_kill_left_without_its_record_is_still_listed_and_removed(
+    tmp_path: Path,
+) -> None:
+    """A kill mid-teardown (the tree half removed, ``zone.json`` gone) or mid-install left
+    a directory the next start must still see, or it stays on the host for good."""
+    backend = LocalZoneBackend(LocalZonesConfig(root=tmp_path, log_rate_bps=0))
+    name = spec().zone_name
+    (tmp_path / "zones" / name / LOG_SUBDIR).mkdir(parents=True)  # what rmtree left
+    (tmp_path / "archive" / name).mkdir(parents=True)
+    (tmp_path / "zones" / "not-a-zone.txt").write_text("")  # a file is not a zone
+    with trio.fail_after(20):
+        listed = await backend.list_zones()
+        assert [(z.name, z.propolis_id) for z in listed] == [(name, None)]
+        await backend.halt_and_remove(listed[0])
+    assert not (tmp_path / "zones" / name).exists()
+    assert not (tmp_path / "archive" / name).exists()
+
+
+async def test_a_snapshot_a_kill_cut_short_is_removed_at_the_next_start(tmp_path: Path) -> None:
+    """Made under ``.creating-``, removed through ``.removing-``: a kill at any point
+    leaves a whole tagged snapshot or a tree the next start deletes, never an untagged
+    one it must keep as not its own (a crash drill left one)."""
+    backend = LocalZoneBackend(LocalZonesConfig(root=tmp_path, log_rate_bps=0))
+    snaps = tmp_path / "snapshots"
+    with trio.fail_after(20):
+        zone = await backend.install(spec())
+        whole = await backend.snapshot(zone, uuid.uuid4())
+        assert (Path(whole.name) / SNAPSHOT_TAG).exists()
+        assert [p.name for p in snaps.iterdir()] == [Path(whole.name).name]  # no work dir
+        (snaps / f".creating-{uuid.uuid4()}").mkdir()  # killed while made: no tag yet
+        half_removed = snaps / f".removing-{uuid.uuid4()}"
+        (half_removed / "propolis.log").parent.mkdir()
+        (half_removed / "propolis.log").write_text("tag already gone")
+        left = await backend.leftover_snapshots()
+        assert [s.bundle_id for s in left] == [whole.bundle_id]
+        assert sorted(p.name for p in snaps.iterdir()) == [Path(whole.name).name]
+        await backend.destroy_snapshot(whole)
+        await backend.destroy_snapshot(whole)  # idempotent
+        assert list(snaps.iterdir()) == []
         await backend.halt_and_remove(zone)
 
 

@@ -152,6 +152,12 @@ def _inspect(data: Path) -> dict[str, object]:
         "partial_files": len(list(debug.glob(f"*/*{TMP_SUFFIX}"))),
         "snapshots_left": len(list(snaps.iterdir())) if snaps.exists() else 0,
         "zones_left": len(list(zones.iterdir())) if zones.exists() else 0,
+        # What a leftover zone holds: which writer outlived its teardown.
+        "zones_left_files": sorted(
+            str(f.relative_to(zones)) for f in zones.rglob("*") if f.is_file()
+        )[:20]
+        if zones.exists()
+        else [],
     }
 
 
@@ -161,7 +167,7 @@ def leaks(result: dict[str, object]) -> list[str]:
     for key in ("partial_files", "snapshots_left", "zones_left"):
         if result[key]:
             found.append(f"{key}={result[key]}")
-    for key in ("bad_bundles", "zones_without_bundle"):
+    for key in ("bad_bundles", "zones_without_bundle", "zones_left_files"):
         if result[key]:
             found.append(f"{key}={result[key]}")
     lost = int(str(result["vmms"])) - int(str(result["terminal_states_delivered"]))

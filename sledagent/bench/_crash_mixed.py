@@ -154,7 +154,7 @@ async def run_mixed_point(seed: int, p: MixedParams) -> dict[str, object]:
         "workload": "mixed",
         "kill_after_s": round(delay, 3),
         "at_kill": killed_with,
-        **{k: v for k, v in result.items() if k != "zones_left"},
+        **{k: v for k, v in result.items() if k not in ("zones_left", "zones_left_files")},
         "zones_left": len(live_zones - owned),
         "zones_without_bundle": sorted({zone_name_for(p) for p in ended_ids} - bundled),
         "running_guests_lost": lost_guests,
