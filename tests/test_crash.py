@@ -23,7 +23,6 @@ async def test_sigterm_mid_cleanup_drains_exits_0_and_the_next_start_finishes_th
     with trio.fail_after(240):
         result = await run_crash_point(7, params)
     assert result["exit_status"] == 0
-    assert result["exit_after_signal_s"] < 15  # the drain deadline (0.1 s) bounds the stop
     assert leaks(result) == []  # what the drain left, the next start finished
 
 
