@@ -27,6 +27,7 @@ from ._host import zone_name_for
 from ._local_zones import LOG_SUBDIR
 from ._log import configure_logging
 from ._logwriter import SERVICE_LOG
+from ._retry_after import RetryOverloaded
 from ._wire import VmmState
 from .bench._mass_stop import MassStopParams, run_mass_stop
 from .sim._spawn import RemoteNexusView
@@ -43,7 +44,9 @@ class DemoBundle:
 async def drive_scenario(info: DaemonInfo, vmms: int) -> list[DemoBundle]:
     """As Nexus would: register VMMs, run them, stop them; then list their bundles."""
     nexus = info.recording_nexus
-    async with httpx.AsyncClient(base_url=info.api_url, timeout=30) as api:
+    async with httpx.AsyncClient(
+        base_url=info.api_url, timeout=30, transport=RetryOverloaded()
+    ) as api:
         pids = [uuid.uuid4() for _ in range(vmms)]
         for pid in pids:
             (await api.put(f"/vmms/{pid}", json=ensure_body_json())).raise_for_status()
@@ -195,7 +198,9 @@ async def start_survivor(info: DaemonInfo, data_dir: Path) -> Survivor:
     """A VMM left running across the restart: its state, its log's size, what Nexus
     heard of it so far."""
     pid = uuid.uuid4()
-    async with httpx.AsyncClient(base_url=info.api_url, timeout=30) as api:
+    async with httpx.AsyncClient(
+        base_url=info.api_url, timeout=30, transport=RetryOverloaded()
+    ) as api:
         (await api.put(f"/vmms/{pid}", json=ensure_body_json())).raise_for_status()
         body = {"state": {"type": "running"}}
         (await api.put(f"/vmms/{pid}/state", json=body)).raise_for_status()
@@ -210,7 +215,9 @@ async def start_survivor(info: DaemonInfo, data_dir: Path) -> Survivor:
 
 async def check_survivor(info: DaemonInfo, survivor: Survivor) -> list[str]:
     """What the restarted agent says of the survivor, in words."""
-    async with httpx.AsyncClient(base_url=info.api_url, timeout=30) as api:
+    async with httpx.AsyncClient(
+        base_url=info.api_url, timeout=30, transport=RetryOverloaded()
+    ) as api:
         state = (await api.get(f"/vmms/{survivor.pid}/state")).json()
     await trio.sleep(1.0)  # the guest writes its log twice a second
     size = (await trio.Path(survivor.log_path).stat()).st_size

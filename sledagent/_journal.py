@@ -218,9 +218,7 @@ class StateJournal:
             try:
                 vmm = JournaledVmm(
                     propolis_id=uuid.UUID(pid),
-                    registration=None
-                    if registration is None
-                    else msgspec.json.decode(registration, type=InstanceEnsureBody),
+                    registration=_registration(pid, registration),
                     state=msgspec.json.decode(state, type=SledVmmState),
                     acked_gen=None if acked is None else int(acked),
                     ensured=bool(ensured),
@@ -317,6 +315,20 @@ class StateJournal:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")  # one fsync for the whole batch (synchronous=FULL)
+
+
+def _registration(propolis_id: str, text: str | None) -> InstanceEnsureBody | None:
+    """A journaled registration, or None if there is none or it no longer decodes (an
+    older version accepted what this one refuses, e.g. a ``propolis_addr`` that is no
+    IP address and port): the VMM is then kept, as one that cannot be taken back (it
+    ends ``failed``, its zone bundled), never dropped unseen and never fatal to the start."""
+    if text is None:
+        return None
+    try:
+        return msgspec.json.decode(text, type=InstanceEnsureBody)
+    except (ValueError, msgspec.ValidationError) as exc:
+        log.error("journal_registration_unreadable", propolis_id=propolis_id, error=str(exc))
+        return None
 
 
 def _json(state: SledVmmState) -> str:

@@ -50,7 +50,7 @@ import trio
 from ._errors import PeerError, PropolisGone
 from ._host import PropolisClient, Zone
 from ._journal import JournaledVmm
-from ._wire import InstanceStateMonitorResponse, utcnow
+from ._wire import InstanceStateMonitorResponse, is_socket_addr, utcnow
 
 if TYPE_CHECKING:
     from ._requests import Adoption
@@ -84,9 +84,11 @@ def plan(
         if zone is not None and vmm.registration is not None:
             # Where the zone's Propolis listens: the zone's own record (the local backend
             # notes where its Propolis was bound) or the address Nexus registered.
+            # (A record an older version wrote may hold an address that is none.)
+            recorded = zone.propolis_addr if is_socket_addr(zone.propolis_addr) else ""
             zone = attrs.evolve(
                 zone,
-                propolis_addr=zone.propolis_addr or vmm.registration.propolis_addr,
+                propolis_addr=recorded or vmm.registration.propolis_addr,
                 nic_ids=zone.nic_ids or vmm.registration.nic_ids,
             )
         if host_rebooted or vmm.registration is None or vmm.state.vmm_state.state.is_halted:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import ipaddress
 import uuid
 from typing import Annotated, Any
 
@@ -37,6 +38,33 @@ def u64(_: object, attribute: attrs.Attribute[int], value: int) -> None:
     """attrs validator of a u64 field: the upper bound (checked on construction and decode)."""
     if value > U64_MAX:
         raise ValueError(f"`{attribute.name}` must be a u64 (at most {U64_MAX}), got {value}")
+
+
+def is_socket_addr(value: str) -> bool:
+    """``ip:port`` or ``[ipv6]:port``, the port 0..65535 (``socket_addr``)."""
+    host, sep, port = value.rpartition(":")
+    if not (sep and port.isascii() and port.isdigit() and int(port) <= 65535):
+        return False
+    try:
+        if host.startswith("[") and host.endswith("]"):
+            ipaddress.IPv6Address(host[1:-1])
+        else:
+            ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def socket_addr(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    """attrs validator of a ``SocketAddr`` field (Rust's, as omicron types it): an IP
+    literal and a port, ``127.0.0.1:12400`` or ``[fd00::1]:12400``. A host name, a URL or
+    a port past 65535 is refused at registration (400 naming the field) rather than
+    failing later at every request to that Propolis, or at the next start."""
+    if not is_socket_addr(value):
+        raise ValueError(
+            f"`{attribute.name}` must be an IP address and port (127.0.0.1:12400 or "
+            f"[fd00::1]:12400), got {value[:100]!r}"
+        )
 
 
 #: An RFC 3339 timestamp with its offset (chrono's ``DateTime<Utc>`` in the contracts):
@@ -126,7 +154,7 @@ class VmmStateRequestedType(enum.StrEnum):
 
 @attrs.frozen
 class InstanceMigrationTargetParams:
-    src_propolis_addr: str
+    src_propolis_addr: str = attrs.field(validator=socket_addr)
 
 
 @attrs.frozen
@@ -203,7 +231,7 @@ class InstanceEnsureBody:
     instance_id: uuid.UUID
     local_config: InstanceSledLocalConfig
     metadata: InstanceMetadata
-    propolis_addr: str
+    propolis_addr: str = attrs.field(validator=socket_addr)
     vmm_runtime: VmmRuntimeState
     vmm_spec: Any
     migration_id: uuid.UUID | None = None

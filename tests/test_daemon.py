@@ -17,7 +17,7 @@ import trio
 
 from sledagent import VmmState
 from sledagent._daemon import ConfigError, DaemonConfig, config_from_toml, run_daemon
-from sledagent.testing import ensure_body_json, fast_config
+from sledagent.testing import RetryOverloaded, ensure_body_json, fast_config
 
 from .conftest import Contract
 
@@ -35,7 +35,9 @@ async def test_the_embedded_default_runs_stops_and_bundles_vmms_over_http(
             info = await nursery.start(run_daemon, config, shutdown)
             nexus = info.recording_nexus
             assert nexus is not None
-            async with httpx.AsyncClient(base_url=info.api_url, timeout=10) as api:
+            async with httpx.AsyncClient(
+                base_url=info.api_url, timeout=10, transport=RetryOverloaded()
+            ) as api:
                 pids = [uuid.uuid4() for _ in range(2)]
                 for pid in pids:
                     r = await api.put(f"/vmms/{pid}", json=ensure_body_json())
@@ -150,7 +152,9 @@ async def test_vmms_launched_through_a_sim_host_run_log_bundle_and_are_retired(
             pid = uuid.uuid4()
             zone = f"oxz_propolis-server_{pid}"
             async with (
-                httpx.AsyncClient(base_url=info.api_url, timeout=10) as api,
+                httpx.AsyncClient(
+                    base_url=info.api_url, timeout=10, transport=RetryOverloaded()
+                ) as api,
                 httpx.AsyncClient(base_url=nexus_url, timeout=30) as nexus,
                 httpx.AsyncClient(base_url=fleet_url, timeout=10) as fleet,
             ):

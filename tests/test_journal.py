@@ -156,6 +156,35 @@ async def test_closed_vmms_leave_nothing_behind_however_many_pass_through(
     assert set(loaded) == {keep} and loaded[keep].state.gen == 2
 
 
+async def test_a_registration_an_older_version_accepted_keeps_its_vmm_as_not_readoptable(
+    tmp_path: Path,
+) -> None:
+    """A journaled ``propolis_addr`` this version refuses (an older one took it) must not
+    stop the start nor drop the VMM unseen: it is kept without its registration (it then
+    ends ``failed``, its zone bundled)."""
+    path = tmp_path / "journal.sqlite3"
+    journal = StateJournal(path)
+    await journal.load()
+    pid, fine = uuid.uuid4(), uuid.uuid4()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        journal.record_registration(fine, ensure_body(), _state(2))
+        await journal.durable(journal.record_registration(pid, ensure_body(), _state(2)))
+        nursery.cancel_scope.cancel()
+    db = sqlite3.connect(path)
+    with db:
+        (text,) = db.execute("SELECT registration FROM vmm WHERE propolis_id = ?", (str(pid),))
+        old = json.loads(text[0]) | {"propolis_addr": "127.0.0.1:99999"}
+        db.execute(
+            "UPDATE vmm SET registration = ? WHERE propolis_id = ?", (json.dumps(old), str(pid))
+        )
+    db.close()
+    loaded = await StateJournal(path).load()
+    assert set(loaded) == {pid, fine}
+    assert loaded[pid].registration is None and loaded[pid].state.gen == 2
+    assert loaded[fine].registration is not None
+
+
 async def test_an_older_state_never_overwrites_a_newer_one(tmp_path: Path) -> None:
     journal = StateJournal(tmp_path / "journal.sqlite3")
     await journal.load()

@@ -21,7 +21,7 @@ from sledagent._local_zones import LOG_SUBDIR, LocalZoneBackend, LocalZonesConfi
 from sledagent._logwriter import SERVICE_LOG
 from sledagent._wire import ZoneBundleCause, ZoneBundleId, ZoneBundleMetadata, utcnow
 from sledagent.sim._fleet import SimPropolisFleet
-from sledagent.testing import ensure_body_json, fast_config
+from sledagent.testing import RetryOverloaded, ensure_body_json, fast_config
 
 
 def members(data: bytes) -> dict[str, bytes]:
@@ -39,7 +39,9 @@ async def test_a_vmm_that_lives_a_few_milliseconds_leaves_its_propolis_log_in_it
             info = await nursery.start(run_daemon, config, shutdown)
             nexus = info.recording_nexus
             assert nexus is not None
-            async with httpx.AsyncClient(base_url=info.api_url, timeout=10) as api:
+            async with httpx.AsyncClient(
+                base_url=info.api_url, timeout=10, transport=RetryOverloaded()
+            ) as api:
                 pid = uuid.uuid4()
                 # Registered, run and stopped at once: no time for a log tick.
                 r = await api.put(f"/vmms/{pid}", json=ensure_body_json())

@@ -5,12 +5,14 @@ real Propolis zone does (``sim/_spawn.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from sledagent._host import zone_name_for
 from sledagent._local_zones import LOG_SUBDIR
 from sledagent._logwriter import SERVICE_LOG
 from sledagent.sim._spawn import read_state
-from sledagent.testing import ensure_body_json
+from sledagent.testing import RetryOverloaded, ensure_body_json
 
 RUN = {"state": {"type": "running"}}
 STOP = {"state": {"type": "stopped"}}
@@ -38,7 +40,10 @@ reaper_backoff = {{ initial_s = 0.05, max_s = 1.0 }}
 
 
 class Daemon:
-    """``sledagent run`` as a process of its own, as an operator starts it."""
+    """``sledagent run`` as a process of its own, as an operator starts it. Every one
+    started is killed at the test's end whatever the outcome (``_no_daemon_outlives``)."""
+
+    started: list[trio.Process] = []
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
@@ -60,6 +65,7 @@ class Daemon:
             )
         finally:
             err.close()
+        Daemon.started.append(self.proc)
         assert self.proc.stdout is not None
         buf = b""
         while b"\n" not in buf:
@@ -80,6 +86,18 @@ class Daemon:
         if self.proc.stdout is not None:
             await self.proc.stdout.aclose()
         return code
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_outlives() -> Iterator[None]:
+    """A failed assert must not leave a daemon (and its archive workers) running."""
+    yield
+    while Daemon.started:
+        proc = Daemon.started.pop()
+        if proc.returncode is None:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc._proc.wait(10)  # synchronous: the test's trio run is over
 
 
 def zone_meta(data_dir: Path, pid: uuid.UUID) -> dict[str, Any]:
@@ -118,7 +136,7 @@ async def test_a_restart_with_20_running_vmms_costs_no_guest(signo: int, tmp_pat
     data_dir = tmp_path / "sled"
     daemon = Daemon(data_dir)
     with trio.fail_after(150):
-        async with httpx.AsyncClient(timeout=30) as client:
+        async with httpx.AsyncClient(timeout=30, transport=RetryOverloaded()) as client:
             await daemon.start()
             pids = await start_vmms(client, daemon, 20)
             states = {
@@ -175,7 +193,7 @@ async def test_vmms_that_ended_while_the_agent_was_down_are_told_and_bundled(
     data_dir = tmp_path / "sled"
     daemon = Daemon(data_dir)
     with trio.fail_after(150):
-        async with httpx.AsyncClient(timeout=30) as client:
+        async with httpx.AsyncClient(timeout=30, transport=RetryOverloaded()) as client:
             await daemon.start()
             dead, stopping, fine = await start_vmms(client, daemon, 3)
             host = read_state(data_dir)

@@ -21,7 +21,14 @@ from sledagent._clients import HttpNexusClient, HttpPropolisConnector
 from sledagent._h1client import H1Pool
 from sledagent._server import serve_api
 from sledagent.sim import recording_nexus_app, sim_propolis_app
-from sledagent.testing import FakeNexus, FakePropolis, FakeZones, ensure_body_json, fast_config
+from sledagent.testing import (
+    FakeNexus,
+    FakePropolis,
+    FakeZones,
+    RetryOverloaded,
+    ensure_body_json,
+    fast_config,
+)
 
 from .conftest import Contract
 
@@ -76,7 +83,9 @@ async def open_wire(n_vmms: int) -> AsyncIterator[Wire]:
         )
         async with open_sled_agent(fast_config(), host) as agent:
             api_url = await start(build_app(agent))
-            async with httpx.AsyncClient(base_url=api_url, timeout=10) as api:
+            async with httpx.AsyncClient(
+                base_url=api_url, timeout=10, transport=RetryOverloaded()
+            ) as api:
                 yield Wire(api, sims, nexus_url, nexus, vms, addrs, agent)
         await nexus_pool.aclose()
         stop.set()

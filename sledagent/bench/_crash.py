@@ -32,6 +32,7 @@ import trio
 from .._archive import BUNDLE_SUFFIX, TMP_SUFFIX
 from .._bundle_check import read_bundle_metadata
 from .._host import zone_name_for
+from .._retry_after import RetryOverloaded
 from .._wire import VmmState
 from ..testing import ensure_body_json
 from ._procs import daemon_config, nexus_first_times, sim_process, start_daemon, stop_process
@@ -64,7 +65,7 @@ async def run_crash_point(seed: int, p: CrashParams) -> dict[str, object]:
             await trio.Path(config).write_text(text)
             log = root / "daemon.log"
             pids = [uuid.uuid4() for _ in range(p.vmms)]
-            async with httpx.AsyncClient(timeout=60) as client:
+            async with httpx.AsyncClient(timeout=60, transport=RetryOverloaded()) as client:
                 proc, url = await start_daemon(config, log)
                 try:
                     for pid in pids:

@@ -34,6 +34,7 @@ import httpx
 import trio
 
 from .._host import zone_name_for
+from .._retry_after import RetryOverloaded
 from ..bench._procs import sim_process, start_daemon, stop_process
 from ..testing._examples import ensure_body_json
 from ._spawn import _alive, read_state
@@ -238,7 +239,10 @@ async def open_sled_pair(
     sleds = {
         name: SledProcess(name, root, nexus_url, agent, log_rate_bps, extra) for name in ("a", "b")
     }
-    async with httpx.AsyncClient(timeout=60) as client, trio.open_nursery() as nursery:
+    async with (
+        httpx.AsyncClient(timeout=60, transport=RetryOverloaded()) as client,
+        trio.open_nursery() as nursery,
+    ):
         ready = [trio.Event() for _ in sleds]
 
         async def start(sled: SledProcess, done: trio.Event) -> None:

@@ -4,6 +4,7 @@ Everything is in process and deterministic under ``trio.testing.MockClock`` (dur
 are ``trio.sleep``s; no threads). See docs/testing.md.
 """
 
+from .._retry_after import RetryOverloaded as RetryOverloaded
 from ._examples import ensure_body as ensure_body
 from ._examples import ensure_body_json as ensure_body_json
 from ._harness import AgentHarness as AgentHarness
@@ -42,6 +43,7 @@ __all__ = [
     "MigrationLedger",
     "MigrationRecord",
     "NexusUpdate",
+    "RetryOverloaded",
     "Sled",
     "TwoSleds",
     "ZoneTimeline",
