@@ -21,10 +21,10 @@ from sledagent import VmmState
 from sledagent._api import build_app
 from sledagent._server import serve_api
 from sledagent.testing import (
-from sledagent.testing import RetryOverloaded
     AgentHarness,
     FakeHost,
     LocalHost,
+    RetryOverloaded,
     ensure_body_json,
     fast_config,
     open_fake_agent,
