@@ -401,7 +401,7 @@ def build_app(
             if debug_requests:
                 log.debug("api_request", request_id=request_id, method="GET",
                           path=target.decode(), status=200)  # fmt: skip
-            return _answer(200, encode(entry.state), request_id)
+            return _answer(200, encode(await manager.answerable_state(entry)), request_id)
         exc = NoSuchVmm(propolis_id)
         log.info(
             "api_refused",

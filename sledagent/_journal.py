@@ -179,6 +179,9 @@ class StateJournal:
         self._wake.set()
         return self._queued_seq
 
+    def is_durable(self, seq: int) -> bool:
+        return self._durable_seq >= seq
+
     async def durable(self, seq: int) -> None:
         """Return once op ``seq`` is on disk (at once if the writer gave up on it)."""
         while self._durable_seq < seq:

@@ -130,6 +130,17 @@ class InstanceManager:
         entry = self.registry.get(propolis_id)
         if self.inline:
             await self._inline_read(entry)
+        return await self.answerable_state(entry)
+
+    async def answerable_state(self, entry: VmmEntry) -> SledVmmState:
+        """The VMM's state once it is journaled: an answer is a promise a crash must not
+        take back (a QA drill: a stop answered ``stopping`` at gen 3, killed before the
+        journal write, then ``destroyed`` at gen 3 published after the restart: the same
+        generation with other content). Waits for the journal's next batch at most
+        (milliseconds), only while a write of this VMM's is pending."""
+        notifier = self._ctx.notifier
+        while not notifier.is_journaled(entry.propolis_id):
+            await notifier.journaled(entry.propolis_id)
         return entry.state
 
     async def put_state(
@@ -153,7 +164,8 @@ class InstanceManager:
             raise Terminating(propolis_id)
         request = PutState(requested)
         runner.submit(request)
-        return VmmPutStateResponse(updated_runtime=await request.reply.wait())
+        await request.reply.wait()
+        return VmmPutStateResponse(updated_runtime=await self.answerable_state(entry))
 
     async def unregister(self, propolis_id: uuid.UUID) -> VmmUnregisterResponse:
         """Terminate the VMM at once; an unknown VMM is not an error. It ends
@@ -168,6 +180,10 @@ class InstanceManager:
         if self.inline:
             await runner.finished.wait()  # omicron answers after the zone is gone
             state = entry.state
+        if self.registry.find(propolis_id) is entry:
+            state = await self.answerable_state(entry)
+        else:
+            await self._ctx.notifier.journaled(propolis_id)
         return VmmUnregisterResponse(updated_runtime=state)
 
     def live_zone(self, zone_name: str) -> Zone | None:

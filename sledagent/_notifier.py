@@ -180,6 +180,11 @@ class NexusNotifier:
         if self.journal is not None and slot is not None:
             await self.journal.durable(slot.pending_seq)
 
+    def is_journaled(self, propolis_id: uuid.UUID) -> bool:
+        """Everything journaled for this VMM so far is on disk (no wait)."""
+        slot = self._slots.get(propolis_id)
+        return self.journal is None or slot is None or self.journal.is_durable(slot.pending_seq)
+
     def forget(self, propolis_id: uuid.UUID) -> None:
         """Drop a VMM's slot once the VMM has left the registry."""
         slot = self._slots.get(propolis_id)

@@ -17,7 +17,13 @@ from sledagent import VmmPhase, VmmState
 from sledagent._agent import open_sled_agent
 from sledagent._journal import LEGACY_NAME, JournalError, StateJournal
 from sledagent._vmm_state import initial_state
-from sledagent._wire import VmmRuntimeState, utcnow
+from sledagent._wire import (
+    SledVmmState,
+    VmmRuntimeState,
+    VmmStateRequested,
+    VmmStateRequestedType,
+    utcnow,
+)
 from sledagent.testing import AgentHarness, FakeHost, ensure_body, fast_config
 
 
@@ -81,6 +87,55 @@ async def test_a_state_reaches_nexus_only_after_it_is_on_disk(tmp_path: Path) ->
             await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
             await agent.drain()
     assert str(pid) not in _rows(tmp_path / "journal.sqlite3")  # Nexus answered: closed
+
+
+@pytest.mark.parametrize("change", ["stop", "unregister", "read"])
+async def test_a_state_is_answered_only_once_it_is_on_disk(change: str, tmp_path: Path) -> None:
+    """An answer is a promise: a stop answered ``stopping`` at gen 3, then a kill before
+    the journal write, made the next start publish ``destroyed`` at gen 3 (the same
+    generation, other content); an unregister answered ``destroyed`` was taken back as
+    ``running`` (a QA drill on issue 18). Every answer waits for the journal."""
+    fakes = FakeHost(journal_path=tmp_path / "journal.sqlite3")
+    with trio.fail_after(30):
+        async with open_sled_agent(fast_config(shutdown_drain_s=0.5), fakes.host()) as agent:
+            pid = await AgentHarness(agent, fakes).start_vmm()
+            await fakes.nexus.wait_for(pid, VmmState.RUNNING)
+            journal = agent.notifier.journal
+            assert journal is not None
+            entered, release = threading.Event(), threading.Event()
+            write = journal._write
+
+            def slow_write(*args: object) -> None:
+                entered.set()
+                release.wait(30)
+                write(*args)  # type: ignore[arg-type]
+
+            journal._write = slow_write  # type: ignore[method-assign]
+            answers: list[SledVmmState] = []
+
+            async def ask() -> None:
+                if change == "stop":
+                    stop = VmmStateRequested(VmmStateRequestedType.STOPPED)
+                    answers.append((await agent.manager.put_state(pid, stop)).updated_runtime)
+                elif change == "unregister":
+                    r = await agent.manager.unregister(pid)
+                    assert r.updated_runtime is not None
+                    answers.append(r.updated_runtime)
+                else:
+                    fakes.propolis[pid].halt()  # a change the runner publishes
+                    await trio.to_thread.run_sync(entered.wait, 30)
+                    answers.append(await agent.manager.get_state(pid))
+                # What the answer says is on disk by the time it is given.
+                assert agent.notifier.is_journaled(pid)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask)
+                await trio.to_thread.run_sync(entered.wait, 30)
+                await trio.testing.wait_all_tasks_blocked()
+                assert answers == []  # not while the state is only in memory
+                release.set()
+            assert answers[0].vmm_state.gen >= 3  # the change itself (or a later state)
+            await agent.drain()
 
 
 async def test_a_journal_on_a_failing_disk_is_logged_and_publishing_goes_on(
