@@ -31,6 +31,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import attrs
 import structlog
@@ -50,7 +51,7 @@ from ._host import (
 )
 from ._inline import InlineTeardown, LockedBundleStore
 from ._jobs import BundleJobs
-from ._journal import JournaledVmm, StateJournal
+from ._journal import JournaledVmm, JournalError, StateJournal
 from ._manager import InstanceManager
 from ._nics import NicReservations
 from ._notifier import NexusNotifier
@@ -275,10 +276,13 @@ async def open_sled_agent(
     """Run a sled agent for the duration of the ``async with`` block. ``host_rebooted``:
     the host booted since the journal was written (no guest survived)."""
     agent = SledAgent(config, host, sled_id=sled_id)
+    # Before the nursery: a refusal to start is the operator's one line, not a group.
+    journal = host.journal
+    journaled = await journal.load() if journal is not None else {}
+    leftovers, zones = await agent.startup_scan()  # before any snapshot is taken
+    if journal is not None and journal.started_empty and not host_rebooted:
+        _refuse_zones_without_journal(journal.path, zones)
     async with trio.open_nursery() as nursery:
-        journal = host.journal
-        journaled = await journal.load() if journal is not None else {}
-        leftovers, zones = await agent.startup_scan()  # before any snapshot is taken
         if journal is not None:
             await nursery.start(journal.run)
         await nursery.start(agent.notifier.run)
@@ -311,3 +315,16 @@ async def open_sled_agent(
                     states_pending=agent.notifier.statistics().pending,
                 )
             nursery.cancel_scope.cancel()
+
+
+def _refuse_zones_without_journal(path: Path, zones: list[Zone]) -> None:
+    """A new or emptied journal beside zones of VMMs: the journal was lost, not never
+    written. Starting would take every guest for unknown and tear it down (a QA drill
+    deleted the journal of 6 running VMMs); refuse, in one line, with the way out."""
+    vmm_zones = [z.name for z in zones if z.propolis_id is not None]
+    if vmm_zones:
+        raise JournalError(
+            f"the journal {path} is new or empty, but {len(vmm_zones)} zones of VMMs are "
+            f"on this host (e.g. {vmm_zones[0]}): their guests may be running; restore the "
+            "journal, or remove those zones to start afresh"
+        )

@@ -116,6 +116,9 @@ class StateJournal:
         self._queued_seq = 0  # ops handed to the journal
         self._durable_seq = 0  # ops on disk (or given up on: a broken disk)
         self._flushed = trio.Event()
+        #: The journal did not exist or was empty at ``load`` (and no legacy one was
+        #: imported): zones of VMMs on the host are then not ours to take for unknown.
+        self.started_empty = False
 
     # --- from the agent (synchronous, never blocking) ----------------------------------
 
@@ -204,6 +207,8 @@ class StateJournal:
     def _load(self) -> dict[uuid.UUID, JournaledVmm]:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.started_empty = not self.path.exists() or self.path.stat().st_size == 0
+            self.started_empty &= not self.path.with_name(LEGACY_NAME).exists()
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -231,9 +236,15 @@ class StateJournal:
                     else dt.datetime.fromisoformat(stop_at),
                 )
             except (ValueError, msgspec.ValidationError) as exc:
-                # Written by us, so this is damage; skip the row, keep the rest.
-                log.error("journal_row_unreadable", propolis_id=pid, error=str(exc))
-                continue
+                # Damage: without its state and generation nothing can be told to Nexus
+                # about this VMM, and its guest may be running. Skipping it would take
+                # its zone for unknown and tear the guest down unseen (a QA drill).
+                raise JournalError(
+                    f"the journal {self.path} has an unreadable row for VMM {pid} ({exc}); "
+                    "its guest may be running: repair the row, or delete it "
+                    f"(sqlite3 {self.path} \"DELETE FROM vmm WHERE propolis_id = '{pid}'\") "
+                    "to have its zone bundled and torn down as unknown"
+                ) from None
             found[vmm.propolis_id] = vmm
         return found
 

@@ -4,6 +4,7 @@ Nexus), with the journal on disk."""
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from sledagent import AgentConfig, VmmPhase, VmmState
 from sledagent._agent import SledAgent, open_sled_agent
 from sledagent._errors import Terminating, Unavailable
 from sledagent._host import ZoneSpec, zone_name_for
+from sledagent._journal import JournalError
 from sledagent._wire import InstanceState, VmmStateRequested, VmmStateRequestedType, ZoneBundleCause
 from sledagent.testing import AgentHarness, FakeHost, ensure_body, fast_config
 
@@ -238,14 +240,54 @@ async def test_a_stop_asked_before_the_restart_keeps_its_grace_deadline(
 
 async def test_zones_nobody_promised_are_still_bundled_as_unexpected(tmp_path: Path) -> None:
     fakes = FakeHost(journal_path=tmp_path / "journal.sqlite3")
-    stray = uuid.uuid4()
-    await fakes.zones.install(ZoneSpec(stray, uuid.uuid4(), "127.0.0.1:1"))
     with trio.fail_after(30):
+        async with agent_on(fakes) as agent:  # the journal exists from here on
+            await agent.drain()
+        stray = uuid.uuid4()
+        await fakes.zones.install(ZoneSpec(stray, uuid.uuid4(), "127.0.0.1:1"))
         async with agent_on(fakes) as agent:
             await agent.drain()
     bundles = await fakes.store.list_zone(zone_name_for(stray))
     assert [b.metadata.cause for b in bundles] == [ZoneBundleCause.UNEXPECTED_ZONE]
     assert fakes.zones.zones == {}
+
+
+@pytest.mark.parametrize("loss", ["deleted", "emptied"])
+async def test_a_lost_journal_beside_zones_of_vmms_stops_the_start_and_keeps_the_guests(
+    loss: str, tmp_path: Path
+) -> None:
+    """A journal deleted or emptied while VMMs run: starting would take every guest for
+    unknown and tear it down (a QA drill: 6 guests killed, Nexus never told)."""
+    path = tmp_path / "journal.sqlite3"
+    fakes = FakeHost(journal_path=path)
+    with trio.fail_after(30):
+        async with agent_on(fakes) as agent:
+            pid = await AgentHarness(agent, fakes).start_vmm()
+    for f in tmp_path.glob("journal.sqlite3*"):
+        f.unlink()
+    if loss == "emptied":
+        path.write_bytes(b"")
+    with trio.fail_after(30), pytest.raises(JournalError, match="zones of VMMs") as caught:
+        async with agent_on(fakes):
+            pass
+    assert zone_name_for(pid) in str(caught.value)
+    assert zone_name_for(pid) in {z.name for z in fakes.zones.zones.values()}  # untouched
+
+
+async def test_an_unreadable_journal_row_stops_the_start_naming_the_vmm(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    fakes = FakeHost(journal_path=path)
+    with trio.fail_after(30):
+        async with agent_on(fakes) as agent:
+            pid = await AgentHarness(agent, fakes).start_vmm()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE vmm SET state = '{\"garbled' WHERE propolis_id = ?", (str(pid),))
+    db.close()
+    with trio.fail_after(30), pytest.raises(JournalError, match=str(pid)):
+        async with agent_on(fakes):
+            pass
+    assert zone_name_for(pid) in {z.name for z in fakes.zones.zones.values()}
 
 
 async def test_generations_never_repeat_or_go_back_across_many_restarts(tmp_path: Path) -> None:
