@@ -39,6 +39,16 @@ def zone_name_for(propolis_id: uuid.UUID) -> str:
     return f"{ZONE_PREFIX}{propolis_id}"
 
 
+def propolis_id_in(zone_name: str) -> uuid.UUID | None:
+    """The VMM a Propolis zone's name carries (``zone_name_for``), or None."""
+    if not zone_name.startswith(ZONE_PREFIX):
+        return None
+    try:
+        return uuid.UUID(zone_name.removeprefix(ZONE_PREFIX))
+    except ValueError:
+        return None
+
+
 @attrs.frozen
 class ZoneSpec:
     """What a runner asks the backend to install for its VMM."""

@@ -39,7 +39,7 @@ import attrs
 import structlog
 import trio
 
-from ._host import CommandOutput, Snapshot, Zone, ZoneCommand, ZoneSpec
+from ._host import CommandOutput, Snapshot, Zone, ZoneCommand, ZoneSpec, propolis_id_in
 from ._local_snapshots import (
     leftover_snapshots,
     make_snapshot,
@@ -239,7 +239,7 @@ class LocalZoneBackend:
             if not path.exists():
                 # A kill mid-install or mid-teardown leaves a tree without its record:
                 # still a zone to tear down, or it stays on the host unseen.
-                zones.append(Zone(zdir.name, None, ""))
+                zones.append(Zone(zdir.name, propolis_id_in(zdir.name), ""))
                 continue
             try:
                 meta = json.loads(path.read_text())
@@ -253,8 +253,10 @@ class LocalZoneBackend:
                     )
                 )
             except (ValueError, KeyError) as exc:  # a half-written zone is still a zone
+                # Its name still says whose it is: a running guest's zone with a garbled
+                # record is taken back (at the journaled address), not called vanished.
                 log.warning("zone_metadata_unreadable", path=str(path), error=str(exc))
-                zones.append(Zone(path.parent.name, None, ""))
+                zones.append(Zone(zdir.name, propolis_id_in(zdir.name), ""))
         return zones
 
     async def halt_and_remove(self, zone: Zone) -> None:

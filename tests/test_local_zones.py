@@ -189,16 +189,31 @@ async def test_a_zone_a_kill_left_without_its_record_is_still_listed_and_removed
     """A kill mid-teardown (the tree half removed, ``zone.json`` gone) or mid-install left
     a directory the next start must still see, or it stays on the host for good."""
     backend = LocalZoneBackend(LocalZonesConfig(root=tmp_path, log_rate_bps=0))
-    name = spec().zone_name
+    zone_spec = spec()
+    name = zone_spec.zone_name
     (tmp_path / "zones" / name / LOG_SUBDIR).mkdir(parents=True)  # what rmtree left
     (tmp_path / "archive" / name).mkdir(parents=True)
     (tmp_path / "zones" / "not-a-zone.txt").write_text("")  # a file is not a zone
     with trio.fail_after(20):
         listed = await backend.list_zones()
-        assert [(z.name, z.propolis_id) for z in listed] == [(name, None)]
+        # Whose it was, from its name: the journal pairs it with its VMM.
+        assert [(z.name, z.propolis_id) for z in listed] == [(name, zone_spec.propolis_id)]
         await backend.halt_and_remove(listed[0])
     assert not (tmp_path / "zones" / name).exists()
     assert not (tmp_path / "archive" / name).exists()
+
+
+async def test_a_zone_with_a_garbled_record_is_still_its_vmms(tmp_path: Path) -> None:
+    """Listed under the VMM its name carries: the journal pairs it and the guest is taken
+    back, not called vanished and torn down as unexpected (a QA drill)."""
+    backend = LocalZoneBackend(LocalZonesConfig(root=tmp_path, log_rate_bps=0))
+    zone_spec = spec()
+    zdir = tmp_path / "zones" / zone_spec.zone_name
+    zdir.mkdir(parents=True)
+    (zdir / "zone.json").write_text('{"zone_name": ')
+    with trio.fail_after(20):
+        (listed,) = await backend.list_zones()
+    assert (listed.name, listed.propolis_id) == (zone_spec.zone_name, zone_spec.propolis_id)
 
 
 async def test_a_snapshot_a_kill_cut_short_is_removed_at_the_next_start(tmp_path: Path) -> None:
