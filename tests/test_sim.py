@@ -148,3 +148,26 @@ async def test_the_recording_nexus_answers_a_wait_once_every_vmm_reached_the_sta
             assert r.status_code == 200 and set(r.json()) == {str(p) for p in pids}
             assert (await client.post("/sim/wait", json={"ids": ["x"]})).status_code == 400
         shutdown.set()
+
+
+@pytest.mark.parametrize("damage", ["garbled", "deleted"])
+async def test_a_sim_host_whose_state_file_was_damaged_is_found_again_not_doubled(
+    damage: str, tmp_path: Path
+) -> None:
+    """Its guests live in the first host: a second one beside it would leave them
+    running unseen (a QA drill: zones reported reaped kept writing their logs)."""
+    from sledagent.sim._spawn import STATE_NAME, attach_sim_host
+
+    with trio.fail_after(60):
+        first = await attach_sim_host(tmp_path)
+        try:
+            state_file = tmp_path / STATE_NAME
+            if damage == "garbled":
+                state_file.write_text('{"pid": ')
+            else:
+                state_file.unlink()
+            again = await attach_sim_host(tmp_path)
+            assert again.pid == first.pid
+            assert json.loads(state_file.read_text())["pid"] == first.pid  # written again
+        finally:
+            first.kill()

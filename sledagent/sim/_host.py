@@ -27,6 +27,7 @@ running once its guests are gone.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import urllib.parse
@@ -40,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .._failures import StartupError
 from .._h1client import ConnectionFailed, H1Pool
 from .._local_zones import LogSpec
 from .._server import serve_api
@@ -140,21 +142,26 @@ async def run_sim_host(
                 )
             )
         )[0]
+        state = {"pid": os.getpid(), "nexus_url": str(nexus_url), "fleet_url": str(fleet_url)}
         if state_file is not None:
-            state = {"pid": os.getpid(), "nexus_url": str(nexus_url), "fleet_url": str(fleet_url)}
+            # Held for the host's life: an agent that cannot read the state file still
+            # knows a host serves this data dir, and never starts a second one.
+            lock = await trio.to_thread.run_sync(_hold_lock, state_file)
+            nursery.start_soon(_keep_lock_open, lock)
             await trio.to_thread.run_sync(_write_state, state_file, state)
         task_status.started((str(nexus_url), str(fleet_url)))
         try:
-            if idle_exit_s is None:
-                await shutdown.wait()
-            else:
-                while not shutdown.is_set():
-                    with trio.move_on_after(min(1.0, idle_exit_s)):
-                        await shutdown.wait()
-                    if len(fleet):
-                        renewed()  # guests run: never idle
-                    elif trio.current_time() - last_lease >= idle_exit_s:
-                        break
+            while not shutdown.is_set():
+                with trio.move_on_after(1.0 if idle_exit_s is None else min(1.0, idle_exit_s)):
+                    await shutdown.wait()
+                if state_file is not None:  # deleted or garbled: written again
+                    await trio.to_thread.run_sync(_restore_state, state_file, state)
+                if idle_exit_s is None:
+                    continue
+                if len(fleet):
+                    renewed()  # guests run: never idle
+                elif trio.current_time() - last_lease >= idle_exit_s:
+                    break
         finally:
             nursery.cancel_scope.cancel()
             if state_file is not None:
@@ -166,6 +173,40 @@ def _write_state(path: Path, state: dict[str, object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(state))
     os.replace(tmp, path)
+
+
+class SimHostBusy(StartupError):
+    """Another simulated host serves this data directory (one line)."""
+
+
+def lock_path(state_file: Path) -> Path:
+    return state_file.with_name(f"{state_file.name}.lock")
+
+
+def _hold_lock(state_file: Path) -> int:
+    fd = os.open(lock_path(state_file), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SimHostBusy(f"another simulated host holds {lock_path(state_file)}") from None
+    return fd
+
+
+async def _keep_lock_open(fd: int) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        os.close(fd)
+
+
+def _restore_state(path: Path, state: dict[str, object]) -> None:
+    try:
+        if json.loads(path.read_text()) == state:
+            return
+    except (OSError, ValueError):
+        pass
+    _write_state(path, state)
 
 
 def _remove_state(path: Path) -> None:

@@ -16,6 +16,7 @@ exits by itself once it serves no Propolis and no lease was renewed for
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ import trio
 from .._failures import StartupError
 from .._h1client import ConnectionFailed, H1Pool
 from .._wire import VmmState
+from ._host import lock_path
 
 log = structlog.get_logger("sledagent.sim")
 
@@ -41,6 +43,8 @@ LEASE_PERIOD_S = 2.0
 #: enough that a demo's host is gone soon after it.
 IDLE_EXIT_S = 15.0
 _START_TIMEOUT_S = 30.0
+#: How long a host holding the lock gets to write its state file again (it does every 1 s).
+_RESTORE_WAIT_S = 5.0
 #: Starts argv[2:] detached, its output appended to argv[1]; prints its pid and exits.
 _LAUNCH = (
     "import subprocess, sys\n"
@@ -87,6 +91,21 @@ def read_state(data_dir: Path) -> SimHost | None:
     return host if _alive(host.pid) else None
 
 
+def _lock_held(state_file: Path) -> bool:
+    """Whether a live sim host holds this state file's lock (``_host.SimHostBusy``)."""
+    try:
+        fd = os.open(lock_path(state_file), os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # (closing drops a lock this probe took)
+    return False
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -114,6 +133,18 @@ async def attach_sim_host(
     recording Nexus and simulated Propolis listen where given."""
     data_dir = Path(data_dir)
     found = read_state(data_dir)
+    if found is None and await trio.to_thread.run_sync(_lock_held, data_dir / STATE_NAME):
+        # A host serves this data dir but its state file is gone or garbled: it writes
+        # it again within a second. Never a second host beside the guests of the first.
+        with trio.move_on_after(_RESTORE_WAIT_S):
+            while found is None:
+                await trio.sleep(0.1)
+                found = read_state(data_dir)
+        if found is None:
+            raise SimHostError(
+                f"a simulated host serves {data_dir} (it holds {lock_path(data_dir / STATE_NAME)})"
+                f" but {STATE_NAME} stays unreadable; stop that host (fuser -k on the lock file)"
+            )
     if found is not None and await _answers(found):
         log.info("sim_host_found", pid=found.pid, fleet=found.fleet_url)
         return found
