@@ -162,8 +162,9 @@ async def run(
 ) -> int:
     """Run the agent daemon until SIGINT/SIGTERM.
 
-    With no ``--nexus``, a recording Nexus runs in this process (the embedded default);
-    zones are local, each with a simulated Propolis. On a signal the API stops, the
+    With no ``--nexus``, a recording Nexus is used (the embedded default); zones are
+    local, each with a simulated Propolis. Both run in a ``sledagent sim`` process that
+    outlives the agent (a restart costs no simulated guest). On a signal the API stops, the
     reaper drains within ``shutdown_drain_s`` and the process exits 0; what is left is
     picked up by the next start. A bad flag or config exits 2, one line per problem; a
     failure to start (the port in use, a data directory that cannot be created) exits 1.

@@ -55,7 +55,7 @@ class DaemonConfig:
 
     listen: str = _listen_field(DEFAULT_LISTEN)
     data_dir: Path = attrs.field(default=Path("sledagent-data"), converter=Path)
-    #: Nexus's base URL; unset: a recording Nexus runs in this process.
+    #: Nexus's base URL; unset: a recording Nexus (in the ``sledagent sim`` host process).
     nexus_url: str | None = _url_field()
     #: Where the embedded recording Nexus listens (no ``nexus_url``); port 0: any free.
     nexus_listen: str = _listen_field("127.0.0.1:0")

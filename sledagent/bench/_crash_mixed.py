@@ -40,6 +40,7 @@ import httpx
 import trio
 
 from .._host import zone_name_for
+from .._retry_after import RetryOverloaded
 from .._wire import VmmState
 from ..testing import ensure_body_json
 from ._crash import _holdings, _inspect
@@ -71,7 +72,7 @@ async def run_mixed_point(seed: int, p: MixedParams) -> dict[str, object]:
             text = daemon_config(root, nexus_url, fleet_url, log_mb=p.log_mb, agent=agent)
             await trio.Path(config).write_text(text)
             log = root / "daemon.log"
-            async with httpx.AsyncClient(timeout=60) as client:
+            async with httpx.AsyncClient(timeout=60, transport=RetryOverloaded()) as client:
                 proc, url = await start_daemon(config, log)
                 try:
                     started = [pid for g in groups.values() for pid in g]

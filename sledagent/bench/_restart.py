@@ -152,11 +152,34 @@ async def _measure(
     finally:
         await stop_process(proc, signal.SIGTERM)
     latencies: list[float] = reads.pop("latencies_s")  # type: ignore[assignment]
+    # Other per-sample lists (refusals' latencies, the readers' own lag): summarized.
+    samples: dict[str, list[float]] = {
+        k: reads.pop(k)  # type: ignore[misc]
+        for k in [k for k, v in reads.items() if isinstance(v, list)]
+    }
     result: dict[str, Any] = {
         "listening_s": round(listening_s, 3),
         "first_read_s": round(marks.get("first_read", -1), 3),
         "all_readopted_s": round(marks["all_readopted"], 3) if "all_readopted" in marks else None,
-        "reads": {**summary(latencies), **reads},
+        "reads": {
+            **summary(latencies),
+            **reads,
+            **{k.removesuffix("_s") + "_p99_s": summary(v)["p99"] for k, v in samples.items()},
+        },
         "running_after": running,
     }
     return result
+
+
+def targets(result: dict[str, Any]) -> dict[str, bool]:
+    """Issue 18's targets, each met or not."""
+    restart = result["restart"]
+    vmms = result["vmms"]
+    readopted = restart["all_readopted_s"]
+    return {
+        "all_readopted": restart["running_after"] == vmms,
+        "none_failed": restart["failed_published"] == 0,
+        "readopted_within_5s": readopted is not None and readopted <= 5.0,
+        "reads_p99_le_100ms": restart["reads"]["p99"] <= 0.1,
+        "no_read_timeouts": not restart["reads"].get("timeouts"),
+    }
