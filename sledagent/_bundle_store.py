@@ -4,11 +4,12 @@ The files are the truth, and nothing in a debug directory is hidden. A scan
 (``_bundle_index``) walks every file under each debug directory (``_bundle_scan``): at
 start, at every cleanup (periodic or requested), and for every utilization or quarantine
 request; a request naming a bundle the index lacks scans that zone's directories first.
-A file the index does not know (or whose size changed) is checked (``_bundle_check``: its ``metadata.toml``,
-the first member, and the end of its gzip stream): a whole bundle is indexed, anything
-else is moved to ``<debug_dir>/.quarantine/`` (``_quarantine``), where it is counted,
-listed, exported as a metric and removed first by cleanup. A bundle about to be served
-is checked again (``get_verified``): a copy that is no longer whole is quarantined, and
+A file the index does not know (or whose size changed) is checked
+(``_bundle_check``: its ``metadata.toml``, the first member, and the end of its gzip
+stream): a whole bundle is indexed, anything else is moved to
+``<debug_dir>/.quarantine/`` (``_quarantine``), where it is counted, listed, exported
+as a metric and removed first by cleanup. A bundle about to be served is checked again
+(``get_verified``): a copy that is no longer whole is quarantined, and
 with no whole copy left the answer is 404, what a client takes as "no such bundle".
 
 Between scans, listing never opens a bundle, and no operation waits for a bundle being
