@@ -52,6 +52,39 @@ BUNDLE_MODE = 0o640
 COPY_CHUNK = 1 << 20
 
 
+class TempFilesInProgress:
+    """The temporary bundle files this agent's archives are writing now (absolute paths;
+    thread-safe). A temporary name not in here is stale: a crash, a killed worker or
+    another program left it, nothing will finish or remove it, and the store removes it
+    as the startup sweep does (it is counted, but cleanup could never free it: issue 15).
+    An archive registers its names before it creates them and forgets them only after
+    it renamed or removed them, so a name seen on disk and not registered is stale."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: dict[str, int] = {}
+
+    def add(self, paths: Sequence[Path]) -> None:
+        with self._lock:
+            for p in paths:
+                self._paths[str(p)] = self._paths.get(str(p), 0) + 1
+
+    def discard(self, paths: Sequence[Path]) -> None:
+        with self._lock:
+            for p in paths:
+                n = self._paths.pop(str(p), 0) - 1
+                if n > 0:
+                    self._paths[str(p)] = n
+
+    def __contains__(self, path: object) -> bool:
+        with self._lock:
+            return str(path) in self._paths
+
+
+#: This process's archives (every archiver and store shares it unless given another).
+IN_PROGRESS = TempFilesInProgress()
+
+
 class ArchiveAborted(Exception):
     """The bundle was cancelled while being written; nothing was left behind."""
 
@@ -138,6 +171,7 @@ class TarArchiver:
         *,
         compression_level: int = 2,
         max_file_bytes: int = 64 << 20,
+        in_progress: TempFilesInProgress = IN_PROGRESS,
     ) -> None:
         if not debug_dirs:
             raise ValueError("TarArchiver needs at least one debug directory")
@@ -148,6 +182,16 @@ class TarArchiver:
         self.debug_dirs = [Path(d) for d in debug_dirs]
         self.compression_level = compression_level
         self.max_file_bytes = max_file_bytes
+        #: The temporary names being written now (the store's judge of stale ones).
+        self.in_progress = in_progress
+
+    def temp_files(self, job: ArchiveJob) -> list[Path]:
+        """Every temporary name ``job``'s bundle may be written under."""
+        meta = job.metadata
+        return [
+            self.tmp_for(bundle_path(d, meta.id.zone_name, meta.id.bundle_id))
+            for d in self.debug_dirs
+        ]
 
     async def write(self, job: ArchiveJob) -> BundleInfo:
         """Write ``job``'s bundle in a worker thread.
@@ -188,6 +232,8 @@ class TarArchiver:
         ``ProcessArchiver``); ``abort`` stops it within one read chunk."""
         meta = job.metadata
         written: list[Path] = []  # every file of this bundle, to remove on failure
+        temps = self.temp_files(job)
+        self.in_progress.add(temps)  # before any is created: never judged stale
         try:
             primary = bundle_path(self.debug_dirs[0], meta.id.zone_name, meta.id.bundle_id)
             self._write_primary(job, primary, abort, written)
@@ -202,6 +248,8 @@ class TarArchiver:
                 with contextlib.suppress(OSError):
                     path.unlink()
             raise
+        finally:
+            self.in_progress.discard(temps)
         return BundleInfo(meta, size, tuple(str(p) for p in written))  # primary first
 
     def _gzip(self, raw: BinaryIO) -> gzip.GzipFile:

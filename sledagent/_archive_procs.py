@@ -34,7 +34,7 @@ from typing import Any
 import structlog
 import trio
 
-from ._archive import TarArchiver, bundle_path
+from ._archive import IN_PROGRESS, TarArchiver, TempFilesInProgress, bundle_path
 from ._archive_worker import HEADER as _HEADER
 from ._host import ArchiveJob, BundleInfo
 
@@ -93,10 +93,14 @@ class ProcessArchiver:
         compression_level: int = 2,
         max_file_bytes: int = 64 << 20,
         workers: int = 2,
+        in_progress: TempFilesInProgress = IN_PROGRESS,
     ) -> None:
         # Validates the arguments here, in the agent, and sweeps and names files for it.
         self._local = TarArchiver(
-            debug_dirs, compression_level=compression_level, max_file_bytes=max_file_bytes
+            debug_dirs,
+            compression_level=compression_level,
+            max_file_bytes=max_file_bytes,
+            in_progress=in_progress,
         )
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -123,6 +127,19 @@ class ProcessArchiver:
 
     async def write(self, job: ArchiveJob) -> BundleInfo:
         """Write ``job``'s bundle in a worker process; all or nothing, as ``TarArchiver``."""
+        temps = self._local.temp_files(job)
+        # The worker's own registry is in its process: the agent's is this one.
+        self._local.in_progress.add(temps)
+        try:
+            return await self._write(job)
+        finally:
+            self._local.in_progress.discard(temps)
+
+    @property
+    def in_progress(self) -> TempFilesInProgress:
+        return self._local.in_progress
+
+    async def _write(self, job: ArchiveJob) -> BundleInfo:
         async with self._slots:
             worker = await self._take()
             try:

@@ -131,10 +131,47 @@ def verify_gzip(f: BinaryIO) -> None:
         with igzip.IGzipFile(fileobj=f, mode="rb") as gz:  # type: ignore[no-untyped-call]
             while gz.read(_READ_CHUNK):
                 pass
-    except EOFError as exc:
-        raise NotABundle(f"truncated: {exc}") from exc
-    except (OSError, zlib.error) as exc:  # BadGzipFile is an OSError
+    except (EOFError, OSError, zlib.error) as exc:  # BadGzipFile is an OSError
+        extra = trailing_bytes(f)
+        if extra:  # whole members, then something else: not a cut, not bit rot
+            raise NotABundle(
+                f"trailing data after the archive: {extra} bytes after its last gzip member"
+            ) from exc
+        if isinstance(exc, EOFError):
+            raise NotABundle(f"truncated: {exc}") from exc
         raise NotABundle(f"corrupt gzip stream: {exc}") from exc
+
+
+def trailing_bytes(f: BinaryIO) -> int:
+    """How many bytes follow the file's last whole gzip member when what follows is
+    not a gzip member (``echo garbage >> bundle``); 0 when the members themselves are
+    cut or corrupt. Only run on a file ``verify_gzip`` refused, so a second pass is
+    fine."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    inflater = zlib.decompressobj(31)  # one gzip member
+    pos = 0  # file offset of feed[0]
+    feed = f.read(_READ_CHUNK)
+    try:
+        while feed:
+            inflater.decompress(feed, _READ_CHUNK)  # the output is not needed
+            if not inflater.eof:
+                tail = inflater.unconsumed_tail
+                pos += len(feed) - len(tail)
+                feed = tail or f.read(_READ_CHUNK)
+                continue
+            rest = inflater.unused_data
+            member_end = pos + len(feed) - len(rest)
+            if len(rest) < 2:
+                rest += f.read(2 - len(rest))
+            if not rest:
+                return 0  # ends after a whole member: nothing trails
+            if not rest.startswith(b"\x1f\x8b"):
+                return size - member_end
+            inflater, pos, feed = zlib.decompressobj(31), member_end, rest
+    except zlib.error:
+        return 0  # a member is corrupt: that is what is wrong
+    return 0  # the last member never ended: truncated
 
 
 def check_bundle(path: Path, debug_dir: Path) -> ZoneBundleMetadata:

@@ -41,6 +41,8 @@ class DirScan:
     debug_dir: Path
     files: tuple[Found, ...]  # outside the quarantine
     quarantined: tuple[Found, ...]  # under <debug_dir>/.quarantine/
+    #: Directories that could not be listed (path -> why): their size is unknown.
+    unreadable: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def bytes_used(self) -> int:
@@ -51,21 +53,23 @@ def _found(path: str, st: os.stat_result) -> Found:
     return Found(path, st.st_size, st.st_mtime_ns, st.st_ctime, stat.S_ISREG(st.st_mode))
 
 
-def walk(debug_dir: Path) -> DirScan:
-    """Every file under ``debug_dir``; a missing directory is empty. A subdirectory that
-    cannot be read is logged and left out (its files cannot be counted or moved)."""
+def walk(debug_dir: Path, top: Path | None = None) -> DirScan:
+    """Every file under ``debug_dir`` (or only under ``top``, one of its directories);
+    a missing directory is empty. A subdirectory that cannot be listed is reported in
+    ``unreadable`` (its files cannot be counted or moved; the store says so)."""
     files: list[Found] = []
     quarantined: list[Found] = []
+    unreadable: dict[str, str] = {}
     quarantine_root = str(debug_dir / QUARANTINE_DIR)
-    stack = [str(debug_dir)]
+    stack = [str(top if top is not None else debug_dir)]
     while stack:
-        top = stack.pop()
+        top_dir = stack.pop()
         try:
-            entries = list(os.scandir(top))
-        except FileNotFoundError:
+            entries = list(os.scandir(top_dir))
+        except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError as exc:
-            log.error("debug_dir_unreadable", path=top, error=str(exc))
+            unreadable[top_dir] = exc.strerror or str(exc)
             continue
         for entry in entries:
             try:
@@ -77,12 +81,13 @@ def walk(debug_dir: Path) -> DirScan:
                 continue
             inside = entry.path.startswith(quarantine_root + os.sep)
             (quarantined if inside else files).append(_found(entry.path, st))
-    return DirScan(debug_dir, tuple(files), tuple(quarantined))
+    return DirScan(debug_dir, tuple(files), tuple(quarantined), unreadable)
 
 
-def in_progress(debug_dir: Path, path: str) -> bool:
-    """A bundle being written: the archiver's hidden temporary name in a zone directory
-    (removed at start by ``sweep_partial`` if a crash left it)."""
+def temp_name(debug_dir: Path, path: str) -> bool:
+    """The archiver's hidden temporary name in a zone directory: a bundle being written
+    if an archive of this agent is at it (``_archive.TempFilesInProgress``), else stale
+    (removed by the store, and at start by ``sweep_partial``)."""
     p = Path(path)
     name = p.name
     return (

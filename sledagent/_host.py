@@ -262,6 +262,10 @@ class StoreStatistics:
     quarantine_files: dict[str, int] = attrs.field(factory=dict)
     quarantine_bytes: dict[str, int] = attrs.field(factory=dict)
     quarantined: int = 0
+    #: Directories under a debug directory that cannot be listed (size unknown).
+    unreadable_dirs: dict[str, int] = attrs.field(factory=dict)
+    #: Stale temporary bundle files removed by scans since start.
+    stale_temp_files_removed: int = 0
 
 
 class BundleStore(Protocol):

@@ -98,6 +98,20 @@ class AgentCollector(Collector):
             "Files moved to quarantine since start (unreadable, truncated...).",
             value=st.quarantined,
         )
+        unreadable = GaugeMetricFamily(
+            "sledagent_bundle_unreadable_dirs",
+            "Directories under a debug directory that cannot be listed: their files are "
+            "neither counted nor moved (listed with the quarantine), as of the last scan.",
+            labels=["debug_dir"],
+        )
+        for d, count in st.unreadable_dirs.items():
+            unreadable.add_metric([d], count)
+        yield unreadable
+        yield CounterMetricFamily(
+            "sledagent_bundle_stale_temp_files_removed",
+            "Temporary bundle files no archive of this agent was writing, removed by scans.",
+            value=st.stale_temp_files_removed,
+        )
 
         r = agent.reaper.statistics()
         yield GaugeMetricFamily("sledagent_reaper_zones", "Defunct zones held.", value=r.held)

@@ -469,7 +469,10 @@ class QuarantinedFile:
     """A file found in a debug directory that is not a whole bundle (unreadable,
     truncated, misnamed, not a regular file), moved to ``<debug_dir>/.quarantine/``
     (``GET /zones/bundle-cleanup/quarantine``). Counted in the directory's
-    ``bytes_used``; cleanup removes these before any bundle."""
+    ``bytes_used``; cleanup removes these before any bundle. A directory under a debug
+    directory that cannot be listed is also listed, where it is (``path`` =
+    ``original_path``), with ``bytes`` 0 (its size is unknown) and a reason saying so;
+    cleanup never removes it."""
 
     debug_dir: str
     #: Where it is now, under ``<debug_dir>/.quarantine/``.
