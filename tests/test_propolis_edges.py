@@ -80,7 +80,8 @@ async def test_no_instance_before_the_vm_was_seen_live_is_retry_not_gone(
     [
         (400, None, (400, "PROPOLIS_REFUSED")),
         (403, None, (403, "PROPOLIS_REFUSED")),
-        (409, "AlreadyRunning", (409, "AlreadyRunning")),
+        (409, "AlreadyRunning", (409, "PROPOLIS_REFUSED")),
+        (404, "NO_SUCH_INSTANCE", (404, "PROPOLIS_REFUSED")),
         (500, None, (503, "SERVICE_UNAVAILABLE")),
         (503, None, (503, "SERVICE_UNAVAILABLE")),
         (429, None, (503, "SERVICE_UNAVAILABLE")),
@@ -100,6 +101,7 @@ async def test_a_permanent_refusal_stays_a_4xx_and_a_failing_propolis_is_a_503(
         assert (caught.value.status, caught.value.error_code) == expected
         if status < 500 and status != 429:
             assert "instance state change not allowed" in caught.value.message
+            assert code is None or code in caught.value.message  # quoted, never our code
         # The VMM is untouched and the next request is served.
         assert h.agent.manager.registry.get(pid).phase is VmmPhase.ACTIVE
         await h.agent.manager.put_state(pid, REBOOT)
