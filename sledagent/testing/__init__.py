@@ -18,6 +18,7 @@ from ._nexus import FakeNexus as FakeNexus
 from ._nexus import NexusUpdate as NexusUpdate
 from ._propolis import FakePropolis as FakePropolis
 from ._propolis import FakePropolisFleet as FakePropolisFleet
+from ._scripted import ScriptedAnswers as ScriptedAnswers
 from ._two_sleds import Migration as Migration
 from ._two_sleds import Sled as Sled
 from ._two_sleds import TwoSleds as TwoSleds
@@ -38,6 +39,7 @@ __all__ = [
     "InjectedFault",
     "LocalHost",
     "LocalNetwork",
+    "ScriptedAnswers",
     "Migration",
     "MigrationLedger",
     "MigrationRecord",
