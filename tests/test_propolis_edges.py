@@ -228,7 +228,10 @@ async def test_a_vmm_at_the_u64_maximum_whose_guest_halts_is_ended_and_reaped(
             await h.agent.manager.put_state(pid, RUN)
             await fakes.nexus.wait_for(pid, VmmState.RUNNING)
             assert h.agent.manager.registry.get(pid).state.gen == 2**64 - 1
+            runner = h.agent.manager.registry.get(pid).runner
+            assert runner is not None
             fakes.propolis[pid].halt()
+            await runner.finished.wait()  # the halt is observed and the VMM ended
             await h.agent.drain()
             with pytest.raises(NoSuchVmm):
                 await h.agent.manager.get_state(pid)
