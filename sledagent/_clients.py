@@ -1,11 +1,14 @@
 """HTTP clients for the peers the agent drives: Propolis and Nexus (h11, on trio).
 
 They implement the same protocols as the fakes (``PropolisClient``/``PropolisConnector``,
-``NexusClient``), so the core does not change. Errors become ``PeerError`` (status
-``None`` when there was no answer at all), and Propolis's "no VM here" (410, or an error
-code ``NoInstance``) becomes ``PropolisGone``. The state-monitor long poll has no read
-timeout: it is bounded by the caller's cancel scope, never by a thread timeout. They
-speak through ``H1Pool`` rather than httpx: see ``_h1client`` for the measured reason.
+``NexusClient``), so the core does not change. Any 2xx is success. Errors become
+``PeerError`` (status ``None`` when there was no answer at all), Propolis's "no VM here"
+(410, or an error code ``NoInstance``) becomes ``PropolisGone``, and a 2xx whose body is
+not the contract's becomes ``MalformedAnswer``: a peer's answer never escapes as any
+other exception. A peer's error code and message are kept bounded (``PEER_TEXT_MAX``).
+The state-monitor long poll has no read timeout: it is bounded by the caller's cancel
+scope, never by a thread timeout. They speak through ``H1Pool`` rather than httpx: see
+``_h1client`` for the measured reason.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
 
 from ._codec import decode, encode
-from ._errors import PeerError, PropolisGone
+from ._errors import BadRequest, MalformedAnswer, PeerError, PropolisGone, bounded
 from ._h1client import ConnectionFailed, H1Pool, H1Response
 from ._host import Zone
 from ._wire import (
@@ -29,12 +33,15 @@ from ._wire import (
     SledVmmState,
 )
 
+T = TypeVar("T")
+
 _JSON = (("content-type", "application/json"),)
 _REQUEST_TIMEOUT_S = 30.0
 
 
 def error_fields(response: H1Response) -> tuple[str | None, str | None]:
-    """The ``error_code`` and ``message`` of an error body (dropshot's shape), if any."""
+    """The ``error_code`` and ``message`` of an error body (dropshot's shape), if any,
+    each cut to ``PEER_TEXT_MAX`` characters."""
     try:
         body = json.loads(response.body)
     except ValueError:
@@ -43,9 +50,20 @@ def error_fields(response: H1Response) -> tuple[str | None, str | None]:
         return None, None
     code, message = body.get("error_code"), body.get("message")
     return (
-        code if isinstance(code, str) else None,
-        message if isinstance(message, str) else None,
+        bounded(code) if isinstance(code, str) else None,
+        bounded(message) if isinstance(message, str) else None,
     )
+
+
+def _answer(response: H1Response, what: str, tp: type[T]) -> T:
+    """The body of a successful answer as ``tp``; ``MalformedAnswer`` if it is not one."""
+    try:
+        return decode(response.body, tp)
+    except BadRequest as exc:
+        raise MalformedAnswer(
+            bounded(f"{what}: {response.status} with a malformed body: {exc}"),
+            status=response.status,
+        ) from None
 
 
 async def _send(
@@ -54,7 +72,6 @@ async def _send(
     target: str,
     body: bytes,
     *,
-    expect: tuple[int, ...],
     timeout_s: float | None,
     gone_on_410: bool = False,
     parse_gate: trio.CapacityLimiter | None = None,
@@ -65,7 +82,7 @@ async def _send(
         )
     except ConnectionFailed as exc:  # refused, reset, timed out: no answer (it names the request)
         raise PeerError(str(exc)) from exc
-    if response.status in expect:
+    if 200 <= response.status < 300:  # whatever 2xx the peer chose: it did it
         return response
     code, peer_message = error_fields(response)
     text = response.body[:200].decode("utf-8", "replace")
@@ -88,29 +105,32 @@ class HttpPropolisClient:
     async def ensure(self, request: InstanceEnsureRequest) -> None:
         await _send(
             self._pool, "PUT", "/instance", encode(request),
-            expect=(200, 201), timeout_s=_REQUEST_TIMEOUT_S,
+            timeout_s=_REQUEST_TIMEOUT_S,
         )  # fmt: skip
 
     async def instance(self) -> InstanceGetResponse:
         response = await _send(
             self._pool, "GET", "/instance", b"",
-            expect=(200,), timeout_s=_REQUEST_TIMEOUT_S, gone_on_410=True,
+            timeout_s=_REQUEST_TIMEOUT_S, gone_on_410=True,
         )  # fmt: skip
-        return decode(response.body, InstanceGetResponse)
+        return _answer(response, f"GET {self._pool.base_url}/instance", InstanceGetResponse)
 
     async def put_state(self, requested: InstanceStateRequested) -> None:
         await _send(
             self._pool, "PUT", "/instance/state", encode(requested),
-            expect=(200, 204), timeout_s=_REQUEST_TIMEOUT_S, gone_on_410=True,
+            timeout_s=_REQUEST_TIMEOUT_S, gone_on_410=True,
         )  # fmt: skip
 
     async def state_monitor(self, gen: int) -> InstanceStateMonitorResponse:
+        """Propolis's first state at generation ``gen`` or later (``gen``: a u64; the
+        monitor never asks past 2^64 - 1)."""
         response = await _send(
             self._pool, "GET", "/instance/state-monitor",
             encode(InstanceStateMonitorRequest(gen)),
-            expect=(200,), timeout_s=None, gone_on_410=True, parse_gate=self._answer_gate,
+            timeout_s=None, gone_on_410=True, parse_gate=self._answer_gate,
         )  # fmt: skip
-        return decode(response.body, InstanceStateMonitorResponse)
+        what = f"GET {self._pool.base_url}/instance/state-monitor"
+        return _answer(response, what, InstanceStateMonitorResponse)
 
 
 class HttpPropolisConnector:
@@ -195,5 +215,5 @@ class HttpNexusClient:
     async def put_vmm_state(self, propolis_id: uuid.UUID, state: SledVmmState) -> None:
         await _send(
             self._pool, "PUT", f"/vmms/{propolis_id}", encode(state),
-            expect=(204, 200), timeout_s=_REQUEST_TIMEOUT_S,
+            timeout_s=_REQUEST_TIMEOUT_S,
         )  # fmt: skip

@@ -6,6 +6,7 @@ expensive part, and the Nexus notifier encodes a ``SledVmmState`` on every deliv
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from typing import Any, TypeVar
 
@@ -17,6 +18,20 @@ from ._wire import VmmStateRequested
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
+
+#: The u64 validator's refusal (``_wire.u64``): it runs on the object, so msgspec names
+#: the object's path; the field is moved into the path as msgspec does for its own checks.
+_U64_REFUSAL = re.compile(
+    r"^`(?P<field>\w+)` (?P<what>must be a u64 .*?)(?: - at `\$(?P<at>.*)`)?$"
+)
+
+
+def _field_path(message: str) -> str:
+    """msgspec's message with a u64 refusal's field in its path (``$.vmm_runtime.gen``)."""
+    found = _U64_REFUSAL.match(message)
+    if found is None:
+        return message
+    return f"`{found['field']}` {found['what']} - at `${found['at'] or ''}.{found['field']}`"
 
 
 def encode(obj: Any) -> bytes:
@@ -49,7 +64,7 @@ def decode(data: bytes | str, tp: type[T]) -> T:
         decoded: T = _decoder(tp_key).decode(data)
         return decoded
     except msgspec.ValidationError as exc:
-        raise BadRequest(f"invalid body: {exc}") from None
+        raise BadRequest(f"invalid body: {_field_path(str(exc))}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
 
@@ -59,4 +74,4 @@ def convert(obj: Any, tp: type[T]) -> T:
     try:
         return msgspec.convert(obj, tp)
     except msgspec.ValidationError as exc:
-        raise BadRequest(f"invalid value: {exc}") from None
+        raise BadRequest(f"invalid value: {_field_path(str(exc))}") from None

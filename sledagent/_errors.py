@@ -142,16 +142,20 @@ class ShuttingDown(Unavailable):
 
 
 class PropolisRefused(AgentError):
-    """Propolis refused a state change for good (its 4xx, passed on with its message).
+    """Propolis refused a state change for good: its 4xx status (as omicron's sled-agent
+    passes it on), our own ``PROPOLIS_REFUSED``, Propolis's code and message quoted,
+    bounded, in ``message``.
 
     Nexus retries a 503 and takes a 4xx as final; a permanent refusal reported as 503
-    would be retried forever (omicron #3238, #3334). ``error_code`` is Propolis's own
-    when it gave one."""
+    would be retried forever (omicron #3238, #3334). The code is never Propolis's: Nexus
+    reads ``NO_SUCH_INSTANCE`` as "the VMM is gone" (RFD 486), which only the agent's own
+    knowledge may say."""
 
-    def __init__(self, message: str, *, status: int, code: str | None) -> None:
+    error_code = "PROPOLIS_REFUSED"
+
+    def __init__(self, message: str, *, status: int) -> None:
         super().__init__(message)
         self.status = status
-        self.error_code = code or "PROPOLIS_REFUSED"
 
 
 # --- HTTP-level refusals of the API -------------------------------------------------
@@ -179,6 +183,18 @@ class NotFound(AgentError):
 
 # --- errors from the peers the agent drives (never shown to callers as such) ---------
 
+#: The most characters of a peer's text (an error message, an error code) the agent
+#: quotes in its own answers and logs: a peer's 2 MB message must not become a 2 MB
+#: answer or log line.
+PEER_TEXT_MAX = 1024
+
+
+def bounded(text: str, limit: int = PEER_TEXT_MAX) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
 
 class PeerError(Exception):
     """A request to Propolis or Nexus failed."""
@@ -205,3 +221,14 @@ class PeerError(Exception):
 
 class PropolisGone(PeerError):
     """Propolis answers but has no VM (410 or ``NoInstance``), or its process is gone."""
+
+
+class MalformedAnswer(PeerError):
+    """A peer answered with a success status but a body that is not the contract's (not
+    JSON, a missing field, a state it does not define, a generation outside u64). A
+    fault of that peer, treated like one that does not answer: retried with backoff, and
+    for a Propolis the VMM fails after ``propolis_unreachable_s`` (never the daemon)."""
+
+    @property
+    def transient(self) -> bool:
+        return True

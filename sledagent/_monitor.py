@@ -11,12 +11,25 @@ retried like an outage), one unreachable for longer (its process died), one that
 refuses the monitor for good (another 4xx) or a zone that vanished ends the stream with
 ``on_gone``. A Propolis that answers without waiting (a generation below the one asked
 for: a mock, a buggy or restarted Propolis) is polled with the same backoff, and logged
-once per run of such answers: it must not spin the agent or Nexus.
+once per run of such answers: it must not spin the agent or Nexus. So is one that
+answers at the generation asked for with nothing Nexus sees changed (a Propolis that
+advances its generation on every answer), from the ``QUIET_ANSWERS``-th such answer in a
+row: a real Propolis's own invisible steps (``Stopped`` after ``Stopping``) still get
+their next poll at once. The backoff ends at the next visible change, whose answer is
+never delayed (the poll that brings it is already open).
+
+A 200 whose body is not the contract's (``MalformedAnswer``) is a Propolis fault like an
+outage: retried with backoff and the VMM failed after ``unreachable_s``; it never
+reaches the runner. Once Propolis has answered generation 2^64 - 1 there is nothing left
+to ask for (the request is a u64): the stream ends there, logged
+(``propolis_generation_exhausted``); the VMM stays as it is until a stop's grace or an
+unregister ends it.
 On cancellation (the runner terminating) it simply stops.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable, Callable, Iterator
 
 import structlog
@@ -25,7 +38,21 @@ import trio
 from ._config import BackoffPolicy
 from ._errors import PeerError, PropolisGone
 from ._host import PropolisClient
-from ._wire import InstanceStateMonitorResponse
+from ._wire import U64_MAX, InstanceStateMonitorResponse
+
+#: Answers in a row that change nothing Nexus sees before the next poll is backed off.
+QUIET_ANSWERS = 3
+
+
+class Seen(enum.Enum):
+    """What an observation did to the VMM (``on_observation``'s answer)."""
+
+    #: Nothing Nexus is told changed: nothing published.
+    NOTHING = "nothing"
+    #: A new state, published.
+    CHANGED = "changed"
+    #: The VMM halted: the stream ends.
+    HALTED = "halted"
 
 
 async def follow_propolis(
@@ -33,19 +60,24 @@ async def follow_propolis(
     *,
     backoff: BackoffPolicy,
     unreachable_s: float,
-    on_observation: Callable[[InstanceStateMonitorResponse], bool],
+    on_observation: Callable[[InstanceStateMonitorResponse], Seen],
     on_gone: Callable[[str], None],
     zone_exists: Callable[[], Awaitable[bool]],
     log: structlog.typing.FilteringBoundLogger,
     seen_live: Callable[[], bool] = lambda: True,
     gen: int = 0,
 ) -> None:
-    """Run until the VMM halts (``on_observation`` returns True) or is gone; the first
-    long poll asks for generation ``gen``."""
+    """Run until the VMM halts (``on_observation`` returns ``Seen.HALTED``), is gone, or
+    Propolis's generations are exhausted; the first long poll asks for generation ``gen``."""
     delays = backoff.delays()
-    early_delays: Iterator[float] | None = None
+    idle_delays: Iterator[float] | None = None
+    quiet = 0  # answers in a row that changed nothing
     failing_since: float | None = None
     while True:
+        if gen > U64_MAX:
+            log.error("propolis_generation_exhausted", answered_gen=U64_MAX,
+                      reason="no later generation can be asked for: monitoring ends")  # fmt: skip
+            return
         try:
             response = await client.state_monitor(gen)
         except PropolisGone as exc:
@@ -74,14 +106,19 @@ async def follow_propolis(
             await trio.sleep(delay)
             continue
         delays, failing_since = backoff.delays(), None
-        if on_observation(response):
+        seen = on_observation(response)
+        if seen is Seen.HALTED:
             return
-        if response.gen < gen:
-            # Answered without waiting for the generation asked for.
-            if early_delays is None:
-                early_delays = backoff.delays()
-                log.warning("propolis_answered_early", asked_gen=gen, answered_gen=response.gen)
-            await trio.sleep(next(early_delays))
+        if seen is Seen.CHANGED:
+            quiet, idle_delays = 0, None
         else:
-            early_delays = None
+            quiet += 1
+        if response.gen < gen or quiet >= QUIET_ANSWERS:
+            # Answered without waiting for the generation asked for, or keeps answering
+            # with nothing to tell: the next poll is backed off.
+            if idle_delays is None:
+                idle_delays = backoff.delays()
+                event = "propolis_answered_early" if response.gen < gen else "propolis_answers_idle"
+                log.warning(event, asked_gen=gen, answered_gen=response.gen, quiet=quiet)
+            await trio.sleep(next(idle_delays))
         gen = max(gen, response.gen + 1)

@@ -50,6 +50,7 @@ import trio
 from ._errors import PeerError, PropolisGone
 from ._host import PropolisClient, Zone
 from ._journal import JournaledVmm
+from ._monitor import Seen
 from ._wire import InstanceStateMonitorResponse, is_socket_addr, utcnow
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ async def readopt(runner: InstanceRunner, adoption: Adoption) -> None:
     if runner.halted or isinstance(answer, _Gone):
         return
     response = answer
-    if response is not None and runner.observe(response):
+    if response is not None and runner.observe(response) is Seen.HALTED:
         return  # it halted while the agent was down: ended and reaped as any halt
     runner.start_monitor(client, zone, gen=0 if response is None else response.gen + 1)
     if vmm.stop_requested_at is not None:

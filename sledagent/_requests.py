@@ -18,7 +18,15 @@ import attrs
 import trio
 
 from ._config import AgentConfig
-from ._errors import AgentError, PeerError, PropolisGone, PropolisRefused, Terminating, Unavailable
+from ._errors import (
+    AgentError,
+    PeerError,
+    PropolisGone,
+    PropolisRefused,
+    Terminating,
+    Unavailable,
+    bounded,
+)
 from ._host import PropolisConnector, Zone, ZoneBackend
 from ._inline import InlineTeardown
 from ._journal import JournaledVmm
@@ -117,12 +125,15 @@ def caller_error(exc: PeerError, propolis_id: uuid.UUID, *, seen_live: bool) -> 
         # Propolis answers NoInstance while it is still creating the VM.
         return Unavailable(f"Propolis has no VM yet (still initializing?); retry: {exc}")
     if exc.status is not None and 400 <= exc.status < 500 and not exc.transient:
+        # Propolis's status (omicron passes it on), our code: Propolis's own code is only
+        # quoted (Nexus reads NO_SUCH_INSTANCE as "gone", which Propolis cannot say here).
+        said = exc.peer_message if exc.peer_message is not None else str(exc)
+        code = f" {exc.code}" if exc.code is not None else ""
         return PropolisRefused(
-            f"Propolis refused the request: {exc.peer_message or exc}",
+            bounded(f"Propolis refused the request ({exc.status}{code}): {said}"),
             status=exc.status,
-            code=exc.code,
         )
-    return Unavailable(f"Propolis request failed: {exc}")
+    return Unavailable(bounded(f"Propolis request failed: {exc}"))
 
 
 def ensure_request(

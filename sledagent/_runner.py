@@ -41,12 +41,12 @@ from ._errors import (
     PeerError,
     PropolisGone,
     Terminating,
-    Unavailable,
     VmNotRunning,
+    bounded,
 )
 from ._host import DefunctZone, PropolisClient, Zone, ZoneSpec
 from ._migration import migration_pending, migration_target_init, spec_init
-from ._monitor import follow_propolis
+from ._monitor import Seen, follow_propolis
 from ._registry import VmmEntry, VmmPhase
 from ._requests import (
     Adoption,
@@ -117,6 +117,7 @@ class InstanceRunner(RunnerEnding):
         #: Propolis has answered the state monitor about this VM: from then on its
         #: ``NoInstance`` means the VM is gone (before, Propolis may still be creating it).
         self.seen_live = False
+        self._exhausted_logged = False
         self.finished = trio.Event()
         self._log = structlog.get_logger("sledagent.runner").bind(
             propolis_id=str(entry.propolis_id)
@@ -197,7 +198,12 @@ class InstanceRunner(RunnerEnding):
             except GenerationExhausted as exc:
                 # No generation is left to tell Nexus with: the VMM still ends here (its
                 # zone is reaped) but nothing is sent; it leaves the registry at once.
-                self._log.error("generation_exhausted", error=str(exc), forced=force.value)
+                self._log.error(
+                    "generation_exhausted",
+                    error=str(exc),
+                    forced=force.value,
+                    outcome="ended unpublished: zone reaped, VMM abandoned",
+                )
                 publishable = False
         self._halted = True
         entry.phase = VmmPhase.HALTED
@@ -358,9 +364,14 @@ class InstanceRunner(RunnerEnding):
         client = ctx.connector.client_for(zone)
         try:
             await client.ensure(ensure_request(self._body, ctx.sled_id, init))
-        except PeerError:
-            self.terminate(force=VmmState.FAILED)  # the zone goes to the reaper
-            raise
+        except PeerError as exc:
+            # As omicron's runner: a VM Propolis did not create fails the VMM (the zone
+            # goes to the reaper). The caller is told that, not "retry".
+            self._log.error("propolis_ensure_failed", error=bounded(str(exc)))
+            self.terminate(force=VmmState.FAILED)
+            raise Terminating(
+                self.propolis_id, bounded(f"has failed: Propolis did not create its VM: {exc}")
+            ) from exc
         self._journal_mark(ensured=True)
         self.start_monitor(client, zone)
         return client
@@ -375,7 +386,9 @@ class InstanceRunner(RunnerEnding):
             ctx.nics.release(spec.zone_name)
             self._log.error("zone_install_failed", error=repr(exc))
             self.terminate(force=VmmState.FAILED)
-            raise Unavailable(f"could not install zone {spec.zone_name}: {exc}") from exc
+            raise Terminating(
+                self.propolis_id, f"has failed: could not install zone {spec.zone_name}: {exc}"
+            ) from exc
         except BaseException:  # cancelled (terminated) mid-install: the backend cleans up
             ctx.nics.release(spec.zone_name)
             raise
@@ -397,43 +410,58 @@ class InstanceRunner(RunnerEnding):
             journal.mark(self.propolis_id, **facts)
 
     async def _monitor(self, client: PropolisClient, zone: Zone, gen: int) -> None:
+        config = self._ctx.config
         with self._monitor_scope:
-            await follow_propolis(
-                client,
-                gen=gen,
-                backoff=self._ctx.config.monitor_backoff,
-                unreachable_s=self._ctx.config.propolis_unreachable_s,
-                on_observation=self.observe,
-                on_gone=self._gone,
-                zone_exists=lambda: self._ctx.backend.zone_exists(zone),
-                seen_live=lambda: self.seen_live,
-                log=self._log,
-            )
+            try:
+                await follow_propolis(
+                    client,
+                    gen=gen,
+                    backoff=config.monitor_backoff,
+                    unreachable_s=config.propolis_unreachable_s,
+                    on_observation=self.observe,
+                    on_gone=self._gone,
+                    zone_exists=lambda: self._ctx.backend.zone_exists(zone),
+                    seen_live=lambda: self.seen_live,
+                    log=self._log,
+                )
+            except Exception as exc:  # whatever a peer did: it costs this VMM, not the daemon
+                self._log.exception("monitor_error")
+                self._gone(bounded(f"the state monitor failed: {exc!r}"))
 
-    def observe(self, response: InstanceStateMonitorResponse) -> bool:
-        """Apply one Propolis observation; True once the VMM has halted. An observation
-        that changes nothing Nexus is told is not published (nor a new generation)."""
+    def observe(self, response: InstanceStateMonitorResponse) -> Seen:
+        """Apply one Propolis observation: ``Seen.HALTED`` once the VMM has halted. An
+        observation that changes nothing Nexus is told is not published (nor a new
+        generation): ``Seen.NOTHING``. A halt with no generation left to publish it still
+        ends the VMM: its zone is reaped and it is dropped as abandoned (``terminate``)."""
         if self._halted:
-            return True
+            return Seen.HALTED
         if not self.seen_live:
             self.seen_live = True
             self._journal_mark(seen_live=True)
+        observation = Observation.from_monitor(response, utcnow())
         try:
-            new = apply_observation(self.entry.state, Observation.from_monitor(response, utcnow()))
+            new = apply_observation(self.entry.state, observation)
         except GenerationExhausted as exc:
-            self._log.error("generation_exhausted", error=str(exc))
-            return False
+            if observation.vmm_state.is_halted:
+                self._observing = True
+                self.terminate(force=observation.vmm_state)  # logs it, drops it as abandoned
+                return Seen.HALTED
+            if not self._exhausted_logged:
+                self._exhausted_logged = True
+                self._log.error("generation_exhausted", error=str(exc),
+                                observed=observation.vmm_state.value)  # fmt: skip
+            return Seen.NOTHING
         if new is self.entry.state:
-            return False
+            return Seen.NOTHING
         self.entry.state = new
         if new.vmm_state.state.is_halted:
             self._observing = True
             self.terminate()
-            return True
+            return Seen.HALTED
         if not migration_pending(new):
             self._source_deadline.cancel()  # the source answered: Propolis owns the rest
         self._ctx.notifier.publish(self.propolis_id, new)
-        return False
+        return Seen.CHANGED
 
     def gone(self, why: str) -> None:
         """Propolis no longer has the VM (or cannot be reached): the VMM failed."""

@@ -8,7 +8,9 @@ import uuid
 from typing import Any
 
 import pytest
+import structlog
 import trio
+import trio.testing
 
 from sledagent import VmmPhase, VmmState
 from sledagent._errors import (
@@ -19,7 +21,7 @@ from sledagent._errors import (
     Unavailable,
 )
 from sledagent._host import Zone, zone_name_for
-from sledagent._wire import VmmStateRequested, VmmStateRequestedType
+from sledagent._wire import InstanceState, VmmStateRequested, VmmStateRequestedType
 from sledagent.testing import (
     FakeHost,
     ensure_body,
@@ -80,7 +82,8 @@ async def test_no_instance_before_the_vm_was_seen_live_is_retry_not_gone(
     [
         (400, None, (400, "PROPOLIS_REFUSED")),
         (403, None, (403, "PROPOLIS_REFUSED")),
-        (409, "AlreadyRunning", (409, "AlreadyRunning")),
+        (409, "AlreadyRunning", (409, "PROPOLIS_REFUSED")),
+        (404, "NO_SUCH_INSTANCE", (404, "PROPOLIS_REFUSED")),
         (500, None, (503, "SERVICE_UNAVAILABLE")),
         (503, None, (503, "SERVICE_UNAVAILABLE")),
         (429, None, (503, "SERVICE_UNAVAILABLE")),
@@ -100,6 +103,7 @@ async def test_a_permanent_refusal_stays_a_4xx_and_a_failing_propolis_is_a_503(
         assert (caught.value.status, caught.value.error_code) == expected
         if status < 500 and status != 429:
             assert "instance state change not allowed" in caught.value.message
+            assert code is None or code in caught.value.message  # quoted, never our code
         # The VMM is untouched and the next request is served.
         assert h.agent.manager.registry.get(pid).phase is VmmPhase.ACTIVE
         await h.agent.manager.put_state(pid, REBOOT)
@@ -131,7 +135,7 @@ async def test_a_propolis_that_answers_without_waiting_publishes_nothing_new(
         assert fakes.nexus.latest(pid).gen == gen + 1  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("gen", [2**64, 10**30])
+@pytest.mark.parametrize("gen", [2**64, 10**30, -1])
 async def test_a_generation_beyond_u64_is_refused_naming_the_field(
     gen: int, sled_agent_contract: Contract
 ) -> None:
@@ -141,7 +145,7 @@ async def test_a_generation_beyond_u64_is_refused_naming_the_field(
             r = await api.call(
                 "PUT", VMM, 400, path={"propolis_id": pid}, json=ensure_body_json(gen=gen)
             )
-            assert "gen" in r.json()["message"] and "vmm_runtime" in r.json()["message"]
+            assert "`$.vmm_runtime.gen`" in r.json()["message"]  # the field, whatever bound
             await api.call("GET", STATE, 404, path={"propolis_id": pid})  # not registered
 
 
@@ -208,3 +212,77 @@ async def test_over_http_a_lost_vm_is_410_and_nexus_hears_failed(
             r = await api.call("GET", STATE, 200, path={"propolis_id": pid})
             assert r.json()["vmm_state"]["state"] == "failed"
             await fakes.nexus.wait_for(uuid.UUID(pid), VmmState.FAILED)
+
+
+async def test_a_vmm_at_the_u64_maximum_whose_guest_halts_is_ended_and_reaped(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Running at generation 2^64 - 1, its Propolis halts: no generation is left to
+    publish it, but the VMM ends (abandoned, logged), its zone is bundled and reaped, and
+    it leaves the registry; before, it reported ``running`` forever."""
+    fakes = FakeHost()
+    with structlog.testing.capture_logs() as logs:
+        async with open_fake_agent(fast_config(), fakes) as h:
+            pid = uuid.uuid4()
+            h.agent.manager.register(pid, ensure_body(gen=2**64 - 2))
+            await h.agent.manager.put_state(pid, RUN)
+            await fakes.nexus.wait_for(pid, VmmState.RUNNING)
+            assert h.agent.manager.registry.get(pid).state.gen == 2**64 - 1
+            runner = h.agent.manager.registry.get(pid).runner
+            assert runner is not None
+            fakes.propolis[pid].halt()
+            await runner.finished.wait()  # the halt is observed and the VMM ended
+            await h.agent.drain()
+            with pytest.raises(NoSuchVmm):
+                await h.agent.manager.get_state(pid)
+    assert fakes.zones.zones == {}  # reaped
+    assert [u.state.vmm_state.state for u in fakes.nexus.updates] == [VmmState.RUNNING]
+    assert [e for e in logs if e["event"] == "vmm_abandoned"]
+
+
+async def test_a_propolis_that_advances_its_generation_on_every_answer_is_backed_off(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Answers at exactly the generation asked for, with nothing visible changed: 222
+    polls in 5 s for 2 VMMs before. Now backed off after a few, logged once, and a real
+    change still goes through."""
+    fakes = FakeHost()
+    with structlog.testing.capture_logs() as logs:
+        async with open_fake_agent(fast_config(), fakes) as h:
+            pid = await h.start_vmm()
+            await fakes.nexus.wait_for(pid, VmmState.RUNNING)
+            await h.agent.notifier.wait_idle()
+            before = len(fakes.nexus.states_for(pid))
+            gen = h.agent.manager.registry.get(pid).state.gen
+            vm = fakes.propolis[pid]
+            answers = vm.monitor_answers
+            vm.restless = True
+            vm._wake()
+            await trio.sleep(10.0)
+            assert vm.monitor_answers - answers <= 20
+            assert len(fakes.nexus.states_for(pid)) == before
+            vm.halt()
+            await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
+            assert fakes.nexus.latest(pid).gen == gen + 1  # type: ignore[union-attr]
+    assert len([e for e in logs if e["event"] == "propolis_answers_idle"]) == 1
+
+
+async def test_an_invisible_propolis_step_is_not_delayed(autojump_clock: trio.abc.Clock) -> None:
+    """Propolis's own steps that Nexus does not see (Stopping -> Stopped) keep the long
+    poll going at once: the halt that follows is published with no added delay."""
+    fakes = FakeHost()
+    async with open_fake_agent(fast_config(), fakes) as h:
+        pid = await h.start_vmm()
+        await fakes.nexus.wait_for(pid, VmmState.RUNNING)
+        vm = fakes.propolis[pid]
+        vm.push(InstanceState.STOPPING)
+        await fakes.nexus.wait_for(pid, VmmState.STOPPING)
+        answers = vm.monitor_answers
+        for state in (InstanceState.STOPPED, InstanceState.STOPPING):  # all "stopping"
+            vm.push(state)
+            await trio.testing.wait_all_tasks_blocked()
+        assert vm.monitor_answers == answers + 2  # each step seen, nothing published
+        start = trio.current_time()
+        vm.push(InstanceState.DESTROYED)
+        await fakes.nexus.wait_for(pid, VmmState.DESTROYED)
+        assert trio.current_time() - start < 0.01

@@ -16,7 +16,6 @@ from sledagent import (
     NoSuchVmm,
     PropolisAlreadyRegistered,
     Terminating,
-    Unavailable,
     VmmPhase,
     VmmState,
     VmNotRunning,
@@ -248,8 +247,10 @@ async def test_a_zone_that_cannot_be_installed_fails_the_vmm_with_a_clear_error(
 ) -> None:
     fake_agent.fakes.zones.fail_install = 1
     pid = uuid.uuid4()
-    with pytest.raises(Unavailable, match="could not install zone"):
+    with pytest.raises(Terminating, match="has failed: could not install zone") as caught:
         await fake_agent.start_vmm(propolis_id=pid)
+    # The caller is told what happened: the VMM failed (not "retry").
+    assert (caught.value.status, caught.value.error_code) == (410, "NO_SUCH_INSTANCE")
     await fake_agent.fakes.nexus.wait_for(pid, VmmState.FAILED)
     assert [u.state.vmm_state.state for u in fake_agent.fakes.nexus.updates] == [VmmState.FAILED]
 

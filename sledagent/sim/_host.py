@@ -261,7 +261,12 @@ class RemoteFleetLauncher:
             raise ConnectionFailed(
                 f"POST {self._pool.base_url}{target}: {response.status} {response.body[:200]!r}"
             )
-        return str(json.loads(response.body)["addr"])
+        try:
+            return str(json.loads(response.body)["addr"])
+        except (ValueError, TypeError, KeyError):  # a malformed answer: a fault of the sim host
+            raise ConnectionFailed(
+                f"POST {self._pool.base_url}{target}: no address in {response.body[:200]!r}"
+            ) from None
 
     async def retire(self, zone_name: str) -> None:
         try:

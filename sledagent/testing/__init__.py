@@ -19,6 +19,7 @@ from ._nexus import FakeNexus as FakeNexus
 from ._nexus import NexusUpdate as NexusUpdate
 from ._propolis import FakePropolis as FakePropolis
 from ._propolis import FakePropolisFleet as FakePropolisFleet
+from ._scripted import ScriptedAnswers as ScriptedAnswers
 from ._two_sleds import Migration as Migration
 from ._two_sleds import Sled as Sled
 from ._two_sleds import TwoSleds as TwoSleds
@@ -44,6 +45,7 @@ __all__ = [
     "MigrationRecord",
     "NexusUpdate",
     "RetryOverloaded",
+    "ScriptedAnswers",
     "Sled",
     "TwoSleds",
     "ZoneTimeline",

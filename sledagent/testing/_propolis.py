@@ -75,6 +75,9 @@ class FakePropolis(MigrationSides):
         #: Answer the state monitor at once whatever generation is asked for (a mock, a
         #: buggy or restarted Propolis): the agent must not publish or spin on it.
         self.eager = False
+        #: Answer the state monitor at once at the generation asked for, with nothing
+        #: else changed (a Propolis that advances its generation on every answer).
+        self.restless = False
         #: State-monitor answers given (to see that an eager one is polled with backoff).
         self.monitor_answers = 0
         self._refusals: list[PeerError] = []
@@ -292,6 +295,9 @@ class FakePropolis(MigrationSides):
                 raise PropolisGone(
                     "Server not initialized (no instance)", status=424, code="NoInstance"
                 )
+            if not self._hung and self.restless:
+                self.gen = max(self.gen, gen)
+                break
             if not self._hung and (self.gen >= gen or self.eager):
                 break
             await self._changed.wait()
