@@ -6,8 +6,10 @@ They implement the same protocols as the fakes (``PropolisClient``/``PropolisCon
 (410, or an error code ``NoInstance``) becomes ``PropolisGone``, and a 2xx whose body is
 not the contract's becomes ``MalformedAnswer``: a peer's answer never escapes as any
 other exception. A peer's error code and message are kept bounded (``PEER_TEXT_MAX``).
-The state-monitor long poll has no read timeout: it is bounded by the caller's cancel
-scope, never by a thread timeout. They speak through ``H1Pool`` rather than httpx: see
+The state-monitor long poll has no deadline for its answer to begin: it is bounded by the
+caller's cancel scope, never by a thread timeout; once begun, the answer must keep coming
+(``H1Pool``'s ``read_timeout_s``), else the request fails as a transient ``PeerError``.
+They speak through ``H1Pool`` rather than httpx: see
 ``_h1client`` for the measured reason.
 """
 

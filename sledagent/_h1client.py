@@ -10,8 +10,11 @@ floor of halt-to-publish and what state readers wait behind.
 What it does: one pool per peer (``host:port``) of keep-alive connections, at most
 ``max_connections`` requests in flight (the rest wait their turn), ``max_idle`` kept
 between requests; a connect deadline; a whole-request deadline when asked (none for a
-long poll: the caller's cancel scope bounds it); responses with ``Content-Length`` or
-chunked bodies, capped. A request that finds its kept-alive connection closed by the
+long poll: the caller's cancel scope bounds it); once an answer has begun, at most
+``read_timeout_s`` of silence between its reads (a long poll waits for its answer to
+begin, never for a stalled body); responses with ``Content-Length`` or chunked bodies,
+capped (an announced length over the cap is refused at the head).
+A request that finds its kept-alive connection closed by the
 peer before any answer byte is sent again once on a new connection: every method the
 agent sends (``GET``, ``PUT``) is idempotent. A cancelled or failed exchange closes its
 connection, never returns it to the pool.
@@ -60,6 +63,15 @@ class _Stale(Exception):
     """A kept-alive connection the peer had closed: nothing of an answer arrived."""
 
 
+class _Refused(Exception):
+    """The answer cannot be taken (stalled, over the body cap): ``request`` names the
+    request in front of the reason, as in every other ``ConnectionFailed``."""
+
+    def __init__(self, reason: str, *, timed_out: bool = False) -> None:
+        super().__init__(reason)
+        self.timed_out = timed_out
+
+
 @attrs.define
 class _Answer:
     """An answer as it is parsed."""
@@ -72,10 +84,13 @@ class _Answer:
 
 
 class _Connection:
-    def __init__(self, stream: trio.SocketStream, host_header: str, max_body: int) -> None:
+    def __init__(
+        self, stream: trio.SocketStream, host_header: str, max_body: int, read_timeout_s: float
+    ) -> None:
         self.stream = stream
         self.host_header = host_header
         self.max_body = max_body
+        self.read_timeout_s = read_timeout_s
         self.h11 = h11.Connection(h11.CLIENT)
         self.reusable = False
         #: When it was last put back in the pool (trio clock).
@@ -112,7 +127,7 @@ class _Connection:
         answer = _Answer()
         while True:
             try:
-                received = await self.stream.receive_some(_RECV)
+                received = await self._receive(answer.heard)
             except trio.BrokenResourceError as exc:  # reset
                 if not answer.heard:
                     raise _Stale from exc
@@ -134,6 +149,17 @@ class _Connection:
             self.reusable = conn.trailing_data == (b"", False)
         return H1Response(answer.status, b"".join(answer.chunks))
 
+    async def _receive(self, begun: bool) -> bytes:
+        """The next bytes of the answer. Before its first byte the wait is the caller's
+        (a long poll waits for its answer to begin as long as it likes); once it has
+        begun, silence between reads is bounded by ``read_timeout_s``, as httpx's read
+        timeout is: a peer that stops mid-answer fails the request (issue 16)."""
+        if not begun:
+            return await self.stream.receive_some(_RECV)
+        with trio.move_on_after(self.read_timeout_s):
+            return await self.stream.receive_some(_RECV)
+        raise _Refused(f"the answer stalled: no byte for {self.read_timeout_s:g} s", timed_out=True)
+
     def _digest(self, received: bytes, answer: _Answer) -> bool:
         """Feed ``received`` to h11 (b"": the peer closed); True once the answer is whole."""
         conn = self.h11
@@ -144,10 +170,11 @@ class _Connection:
                 return False
             if isinstance(event, h11.Response):
                 answer.status = event.status_code
+                self._check_length(event.headers)
             elif isinstance(event, h11.Data):
                 answer.size += len(event.data)
                 if answer.size > self.max_body:
-                    raise ConnectionFailed(f"answer body over {self.max_body} bytes")
+                    raise _Refused(f"answer body over {self.max_body} bytes")
                 answer.chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 return True
@@ -156,6 +183,15 @@ class _Connection:
             elif event is h11.PAUSED:  # 101 Switching Protocols: not HTTP any more
                 raise ConnectionFailed("the peer switched protocols")
             # InformationalResponse (100 Continue, 103) and the like: read on.
+
+    def _check_length(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        """Refuse at the head an answer whose announced length is over the cap, rather
+        than after reading ``max_body`` bytes of it (h11 has checked the value's form)."""
+        for name, value in headers:
+            if name == b"content-length" and int(value) > self.max_body:
+                raise _Refused(
+                    f"answer body over {self.max_body} bytes (content-length {int(value)})"
+                )
 
     async def close(self) -> None:
         await trio.aclose_forcefully(self.stream)
@@ -185,6 +221,7 @@ class H1Pool:
         connect_timeout_s: float = 5.0,
         max_body_bytes: int = 8 << 20,
         idle_expiry_s: float = 4.0,
+        read_timeout_s: float = 5.0,
     ) -> None:
         url = urlsplit(base_url)
         if url.scheme != "http" or not url.hostname:
@@ -198,6 +235,7 @@ class H1Pool:
         self._connect_timeout_s = connect_timeout_s
         self._max_body = max_body_bytes
         self._idle_expiry_s = idle_expiry_s
+        self._read_timeout_s = read_timeout_s
         self._idle: list[_Connection] = []
         self._closed = False
         #: Connections opened over the pool's life (tests and benchmarks read it).
@@ -238,10 +276,14 @@ class H1Pool:
                         if reused:
                             continue  # the peer closed it while idle: once more, anew
                         raise ConnectionFailed(f"{what}: closed without an answer") from None
+                    except _Refused as exc:  # stalled or over the body cap: never reuse
+                        await conn.close()
+                        failure = RequestTimeout if exc.timed_out else ConnectionFailed
+                        raise failure(f"{what}: {exc}") from None
                     except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
                         await conn.close()
                         raise ConnectionFailed(f"{what}: {type(exc).__name__}: {exc}") from exc
-                    except BaseException:  # cancelled or over the body cap: never reuse
+                    except BaseException:  # cancelled: never reuse
                         await conn.close()
                         raise
                     break
@@ -274,7 +316,7 @@ class H1Pool:
             except OSError as exc:
                 raise ConnectionFailed(f"{what}: connect: {underlying_reason(exc)}") from exc
         self.connects += 1
-        return _Connection(stream, self._host_header, self._max_body)
+        return _Connection(stream, self._host_header, self._max_body, self._read_timeout_s)
 
     async def aclose(self) -> None:
         """Close idle connections; those in use close when their exchange ends."""

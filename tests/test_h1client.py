@@ -257,14 +257,135 @@ async def test_requests_in_flight_stay_within_the_pool_bound() -> None:
     assert peer.most_in_flight == 2 and pool.connects == 2
 
 
-async def test_an_oversized_answer_is_refused() -> None:
+async def test_an_oversized_answer_is_refused_naming_the_request() -> None:
     peer = Peer()
-    peer.status, peer.body = 200, b"x" * 5000
+    peer.status, peer.body, peer.chunked = 200, b"x" * 5000, True
     async with serving(peer) as url:
         pool = H1Pool(url, max_body_bytes=1000)
-        with pytest.raises(ConnectionFailed, match="over 1000 bytes"):
-            await pool.request("GET", "/")
+        with pytest.raises(ConnectionFailed) as caught:
+            await pool.request("PUT", "/x", b"{}")
         await pool.aclose()
+    # The shape of every other failure: the method and URL, then what went wrong.
+    assert str(caught.value) == f"PUT {url}/x: answer body over 1000 bytes"
+
+
+class Scripted:
+    """A raw peer: reads one request head, waits ``delay_s`` (trio's clock), sends
+    ``answer`` and then nothing more, until the client leaves."""
+
+    def __init__(self, answer: bytes, delay_s: float = 0.0) -> None:
+        self.answer, self.delay_s = answer, delay_s
+        self.arrived, self.sent, self.left = trio.Event(), trio.Event(), trio.Event()
+        self.sent_at = 0.0
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                if not (more := await stream.receive_some(65536)):
+                    return
+                data += more
+            self.arrived.set()
+            await trio.sleep(self.delay_s)
+            await stream.send_all(self.answer)
+            self.sent_at = trio.current_time()
+            self.sent.set()
+            while await stream.receive_some(65536):
+                pass
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            self.left.set()
+            await trio.aclose_forcefully(stream)
+
+
+@asynccontextmanager
+async def serving_script(peer: Scripted) -> AsyncIterator[str]:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, peer.handle, 0, host="127.0.0.1"))
+        yield f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_announced_length_over_the_cap_is_refused_at_the_head() -> None:
+    # 100 MB announced, a few bytes sent, then silence: refused on reading the head,
+    # not after max_body_bytes were read (nor at the read timeout).
+    peer = Scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 100000000\r\n\r\n{")
+    with trio.fail_after(10):
+        async with serving_script(peer) as url:
+            pool = H1Pool(url, read_timeout_s=3600)
+            with pytest.raises(ConnectionFailed) as caught:
+                await pool.request("PUT", "/vmms/x", b"{}")
+            await peer.left.wait()  # its connection closed, never kept
+            await pool.aclose()
+    assert str(caught.value) == (
+        f"PUT {url}/vmms/x: answer body over 8388608 bytes (content-length 100000000)"
+    )
+
+
+STALLED = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 90\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        STALLED + b'{"gen": 3,',
+        STALLED[:20],
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\n",
+    ],
+    ids=["mid-body", "mid-head", "mid-chunk"],
+)
+async def test_a_long_poll_waits_for_its_answer_to_begin_but_not_for_a_stalled_body(
+    autojump_clock: trio.testing.MockClock, answer: bytes
+) -> None:
+    # The peer answers after an hour (a long poll may wait that long), then stops
+    # mid-answer: the request fails 5 s (``read_timeout_s``) after the last byte.
+    peer = Scripted(answer, delay_s=3600)
+    with trio.fail_after(7200):  # virtual time: autojump ends a hang here
+        async with serving_script(peer) as url:
+            pool = H1Pool(url, read_timeout_s=5.0)
+            with pytest.raises(RequestTimeout) as caught:
+                await pool.request("GET", "/instance/state-monitor", b'{"gen": 1}')
+            failed_at = trio.current_time()
+            await peer.left.wait()
+            await pool.aclose()
+    assert str(caught.value) == (
+        f"GET {url}/instance/state-monitor: the answer stalled: no byte for 5 s"
+    )
+    assert failed_at - peer.sent_at == pytest.approx(5.0)
+
+
+async def test_a_propolis_monitor_answer_that_stalls_is_a_transient_peer_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The QA case: Content-Length 90, 10 bytes, silence. It was never timed out (the VMM
+    # stayed ``stopping``); now it is an outage like any other, which the monitor retries.
+    peer = Scripted(STALLED + b'{"gen": 3,')
+    with trio.fail_after(60):
+        async with serving_script(peer) as url:
+            client = HttpPropolisClient(H1Pool(url))
+            with pytest.raises(PeerError) as caught:
+                await client.state_monitor(1)
+    assert caught.value.status is None and caught.value.transient
+    assert "the answer stalled: no byte for 5 s" in str(caught.value)
+
+
+async def test_a_nexus_answer_that_stalls_is_a_transient_peer_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    peer = Scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{")
+    with trio.fail_after(60):
+        async with serving_script(peer) as url:
+            nexus = HttpNexusClient(H1Pool(url))
+            now = dt.datetime.now(dt.UTC)
+            state = SledVmmState(VmmRuntimeState(gen=2, state=VmmState.STOPPED, time_updated=now))
+            with pytest.raises(PeerError) as caught:
+                await nexus.put_vmm_state(uuid.uuid4(), state)
+            failed_at = trio.current_time()
+    # Well inside the 30 s whole-request deadline: the stall is what failed it.
+    assert failed_at - peer.sent_at == pytest.approx(5.0)
+    assert caught.value.status is None and caught.value.transient
+    assert "the answer stalled" in str(caught.value)
 
 
 def test_only_plain_http_urls_make_a_pool() -> None:
