@@ -155,6 +155,15 @@ _STATE_TARGET = re.compile(rb"/vmms/([0-9A-Fa-f-]{32,36})/state")
 _BEARER = re.compile(rb"(?:^|\n)authorization:[ \t]*([!-~ \t]*?)[ \t]*\r\n", re.I)
 
 
+def _bearer_matches(value: bytes, token: bytes) -> bool:
+    """Whether an ``Authorization`` value carries ``token`` in the Bearer scheme, compared
+    in constant time. The scheme is case-insensitive (RFC 9110 11.1: ``bearer`` and
+    ``BEARER`` are ``Bearer``); one or more spaces separate it from the credentials
+    (RFC 9110 11.4)."""
+    scheme, _, credentials = value.partition(b" ")
+    return hmac.compare_digest(credentials.lstrip(b" "), token) and scheme.lower() == b"bearer"
+
+
 def _answer(status: int, body: bytes, request_id: str, extra: bytes = b"") -> bytes:
     """A whole keep-alive answer, as h11 writes Starlette's (no reason phrase)."""
     return b"HTTP/1.1 %d \r\ncontent-length: %d\r\ncontent-type: application/json\r\n%sx-request-id: %s\r\n\r\n%s" % (  # noqa: E501
@@ -170,7 +179,7 @@ def build_app(
     when VMM-state reads are refused under overload (``_admission``)."""
     manager, store, jobs = agent.manager, agent.store, agent.jobs
     admission = ReadAdmission(agent.publication_backlog, reads)
-    expected = f"Bearer {token}".encode() if token else None
+    expected = token.encode() if token else None
     metrics_registry = registry_for(agent, admission)
     roots: list[Path] = list(getattr(agent.host.store, "debug_dirs", []))
     # Decided once (logging is configured before the app is built): a filtered-out
@@ -185,7 +194,7 @@ def build_app(
                 try:
                     if expected is not None and not public:
                         given = request.headers.get("authorization", "").encode()
-                        if not hmac.compare_digest(given, expected):
+                        if not _bearer_matches(given, expected):
                             raise Unauthorized("missing or wrong bearer token")
                     response = await handler(request)
                 except Overloaded as exc:  # shed: counted and logged per burst, not here
@@ -382,7 +391,7 @@ def build_app(
             return None
         if expected is not None:
             bearer = _BEARER.search(head)
-            if bearer is None or not hmac.compare_digest(bearer[1], expected):
+            if bearer is None or not _bearer_matches(bearer[1], expected):
                 return None  # the router answers 401
         try:
             propolis_id = uuid.UUID(match[1].decode())

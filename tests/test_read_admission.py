@@ -223,6 +223,49 @@ async def test_with_a_token_the_quick_path_answers_only_the_bearer() -> None:
             assert status_of(await raw_get(s.port, anon)) == 401
 
 
+async def answered(port: int, request: bytes) -> int:
+    """The status answered to ``request``, sent whole and followed by the end of our
+    writes (the server answers, then closes: no wait for quiet)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(request)
+        await stream.send_eof()
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return status_of(data)
+
+
+@pytest.mark.parametrize(
+    ("authorization", "status"),
+    [
+        ("Bearer s3cret", 200),
+        ("bearer s3cret", 200),  # RFC 9110 11.1: the scheme is case-insensitive
+        ("BEARER s3cret", 200),
+        ("bEaReR  s3cret", 200),  # 11.4: one or more spaces before the credentials
+        ("Bearer S3CRET", 401),  # the token itself is compared exactly
+        ("Basic s3cret", 401),
+        ("Bearers3cret", 401),
+        ("bearer", 401),
+    ],
+)
+async def test_the_bearer_scheme_is_case_insensitive_on_the_quick_path_and_the_router(
+    authorization: str, status: int
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with serve(token="s3cret") as s:
+            pid = await s.harness.start_vmm()
+            head = (
+                f"GET /vmms/{pid}/state HTTP/1.1\r\nhost: t\r\nauthorization: {authorization}\r\n"
+            )
+            quick = (head + "\r\n").encode()  # the quick path's shape
+            routed = (head + "connection: keep-alive\r\n\r\n").encode()  # the router's
+            zones = f"GET /zones HTTP/1.1\r\nhost: t\r\nauthorization: {authorization}\r\n\r\n"
+            assert await answered(s.port, quick) == status
+            assert await answered(s.port, routed) == status
+            assert await answered(s.port, zones.encode()) == status
+
+
 def test_admission_rules_in_order() -> None:
     lag, backlog = [0.0], [0]
     clock = [0.0]
