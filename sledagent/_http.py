@@ -112,6 +112,13 @@ class HttpStatistics:
     idle_closed: int = 0
     #: Answers the server gave itself (the app never saw the request), by status.
     refused: dict[int, int] = attrs.Factory(dict)
+    #: Requests their client left before sending them whole (closed or reset mid-head or
+    #: mid-body), by stage (``head``, ``body``): no answer was sent, so no refusal is
+    #: counted (hypercorn, too, closes such a connection without an answer).
+    abandoned: dict[str, int] = attrs.Factory(dict)
+
+    def left(self, stage: str) -> None:
+        self.abandoned[stage] = self.abandoned.get(stage, 0) + 1
 
 
 STATS = HttpStatistics()
@@ -187,6 +194,8 @@ class _Connection:
         self.idle_scope: trio.CancelScope | None = None
         #: The request's declared Content-Length (None: chunked or no body).
         self.body_length: int | None = None
+        #: The client closed its side (h11 was told: ``receive_data(b"")``).
+        self.peer_left = False
         try:
             self.client = _addr(stream.socket.getpeername())
             self.local = _addr(stream.socket.getsockname())
@@ -228,6 +237,7 @@ class _Connection:
             if event is not h11.NEED_DATA:
                 return event
             data = await self.stream.receive_some(_RECV)
+            self.peer_left = not data
             self.h11.receive_data(data)  # b"" tells h11 the peer closed
 
     async def _next_request(self) -> h11.Request | None:
@@ -254,7 +264,14 @@ class _Connection:
             if head.cancelled_caught:
                 await self._refuse(408, "request head not received in time", linger=False)
                 return None
+        except trio.BrokenResourceError:  # reset: mid-head if any of it had come
+            if self.h11.trailing_data[0]:
+                STATS.left("head")
+            return None
         except h11.RemoteProtocolError as exc:
+            if self.peer_left:  # closed mid-head: it left, nothing was malformed
+                STATS.left("head")
+                return None
             status = 431 if exc.error_status_hint == 431 else 400  # h11's 501 included
             await self._refuse(status, f"malformed request: {exc}")
             return None
@@ -440,9 +457,14 @@ class _Exchange:
                 )
             with trio.move_on_after(limits.body_timeout_s) as stalled:
                 event = await conn._read_event()
-        except h11.RemoteProtocolError as exc:  # bad chunk, cut short: the client's error
-            return await self._abort(400, f"malformed request body: {exc}")
+        except h11.RemoteProtocolError as exc:
+            if not conn.peer_left:  # bad chunk, more than declared: the client's error
+                return await self._abort(400, f"malformed request body: {exc}")
+            STATS.left("body")  # closed mid-body: it left, nothing to answer
+            self.aborted = self.body_done = self.started = self.finished = True
+            return _DISCONNECT
         except (trio.BrokenResourceError, trio.ClosedResourceError):  # reset mid-body
+            STATS.left("body")
             self.aborted = self.body_done = self.started = self.finished = True
             return _DISCONNECT
         if stalled.cancelled_caught:

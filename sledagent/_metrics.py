@@ -176,6 +176,15 @@ class HttpCollector(Collector):
         for status, count in sorted(s.refused.items()):
             refused.add_metric([str(status)], count)
         yield refused
+        abandoned = CounterMetricFamily(
+            "sledagent_http_abandoned",
+            "Requests their client left (closed or reset) before sending them whole, by "
+            "stage (head, body); nothing was answered.",
+            labels=["stage"],
+        )
+        for stage, count in sorted(s.abandoned.items()):
+            abandoned.add_metric([stage], count)
+        yield abandoned
 
 
 def metrics_text(registry: CollectorRegistry) -> bytes:

@@ -383,6 +383,45 @@ async def test_a_client_that_resets_mid_upload_is_no_error() -> None:
         await server.assert_serves_a_fresh_connection("/openapi.json")
 
 
+async def test_clients_that_leave_mid_request_are_counted_apart_never_as_400() -> None:
+    # The QA case: 20 clients send half a head and close, 20 half a body and close, and
+    # one resets mid-head: no 400 was answered, so none is counted; the metric says they
+    # left, by stage.
+    async with serving_the_api() as (server, _):
+        refused_before, left_before = dict(STATS.refused), dict(STATS.abandoned)
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(20):
+                raw = await server.connect()
+                await raw.send(b"GET /zones HTTP/1.1\r\nhost: t\r\nx-half: ")
+                await raw.stream.send_eof()
+                assert await raw.closed()  # closed without an answer
+            for _ in range(20):
+                raw = await server.connect()
+                await raw.send(
+                    f"PUT /vmms/{uuid.uuid4()} HTTP/1.1\r\nhost: t\r\ncontent-type: "
+                    "application/json\r\ncontent-length: 100\r\n\r\n{".encode()
+                )
+                await raw.stream.send_eof()
+                assert await raw.closed()
+            raw = await server.connect()
+            await raw.send(b"GET /zones HTTP/1.1\r\nhost")
+            await settled()  # the server holds the half head
+            raw.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await raw.aclose()
+            await settled()
+        assert STATS.refused == refused_before
+        assert STATS.abandoned.get("head", 0) - left_before.get("head", 0) == 21
+        assert STATS.abandoned.get("body", 0) - left_before.get("body", 0) == 20
+        assert no_error_logged(logs), logs
+        raw = await server.connect()
+        await raw.send(b"GET /metrics HTTP/1.1\r\nhost: t\r\n\r\n")
+        metrics = (await raw.answer()).body.decode()
+        assert (
+            f'sledagent_http_abandoned_total{{stage="body"}} {STATS.abandoned["body"]}.0' in metrics
+        )
+        await server.assert_serves_a_fresh_connection("/openapi.json")
+
+
 SMUGGLING = {
     "content-length and chunked": b"content-length: 4\r\ntransfer-encoding: chunked\r\n",
     "chunked and content-length": b"transfer-encoding: chunked\r\ncontent-length: 4\r\n",
