@@ -20,8 +20,9 @@ and dropped up to a bound, else the connection is closed; ``500`` if the app fai
 answering. Listening, the connection cap and accept errors are ``_server.py``'s.
 
 One shortcut (issue 21): an app may offer ``quick_get``; a bodyless ``GET`` that arrives
-whole in one read, in a strict shape, is offered to it before h11 sees it, and answered
-with the bytes it returns (the API's state reads: ``_api.py``). Anything else is h11's.
+whole in one read, in a strict shape (``_quick_shape``: never one h11 would refuse), is
+offered to it before h11 sees it, and answered with the bytes it returns (the API's state
+reads: ``_api.py``). Anything else is h11's.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import select
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -42,6 +42,8 @@ import h11
 import structlog
 import trio
 from attrs import validators as v
+
+from ._quick_shape import simple_get_target
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -57,18 +59,6 @@ QuickGet = Callable[[bytes, bytes], Awaitable["bytes | None"]]
 
 _RECV = 64 * 1024
 _DISCONNECT: Message = {"type": "http.disconnect"}
-#: The one shape of request the quick path takes: ``GET <target> HTTP/1.1``, then header
-#: lines with a token name, no space before the colon and visible ASCII values, and the
-#: blank line; nothing after it. Anything else (obs-text, a folded line, HTTP/1.0, a
-#: second request in the same read...) goes to h11, which judges it as before.
-_SIMPLE_GET = re.compile(
-    rb"GET (/[!-~]*) HTTP/1\.1\r\n((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[ \t]*[!-~ \t]*\r\n)+)\r\n"
-)
-#: Headers that give a request a body, or a meaning the quick path does not implement.
-_NOT_SIMPLE = re.compile(
-    rb"(?:^|\n)(?:content-length|transfer-encoding|connection|expect|upgrade|te):", re.I
-)
-_HOST = re.compile(rb"(?:^|\n)host:", re.I)
 log = structlog.get_logger("sledagent.http")
 
 
@@ -315,13 +305,10 @@ class _Connection:
         Why: a state read costs the agent's one thread about 750 Python calls through
         h11, the ASGI exchange and Starlette's router; readers polling every VMM are the
         load that competes with publishing halts (issue 21; docs/performance.md)."""
-        match = _SIMPLE_GET.fullmatch(data)
-        if match is None or len(data) > self.limits.max_head_bytes:
+        target = simple_get_target(data, self.limits.max_head_bytes)
+        if target is None:
             return False
-        headers = match[2]
-        if _NOT_SIMPLE.search(headers) or not _HOST.search(headers):
-            return False
-        answer = await quick_get(match[1], data)
+        answer = await quick_get(target, data)
         if answer is None:
             return False
         # One write(2) almost always takes a small answer whole; the rest, if any, the
