@@ -164,8 +164,9 @@ class InstanceManager:
             raise Terminating(propolis_id)
         request = PutState(requested)
         runner.submit(request)
-        await request.reply.wait()
-        return VmmPutStateResponse(updated_runtime=await self.answerable_state(entry))
+        answer = await request.reply.wait()
+        await self.answerable_state(entry)  # on disk with everything before it
+        return VmmPutStateResponse(updated_runtime=answer)
 
     async def unregister(self, propolis_id: uuid.UUID) -> VmmUnregisterResponse:
         """Terminate the VMM at once; an unknown VMM is not an error. It ends
@@ -180,10 +181,7 @@ class InstanceManager:
         if self.inline:
             await runner.finished.wait()  # omicron answers after the zone is gone
             state = entry.state
-        if self.registry.find(propolis_id) is entry:
-            state = await self.answerable_state(entry)
-        else:
-            await self._ctx.notifier.journaled(propolis_id)
+        await self._ctx.notifier.journaled(propolis_id)  # the answer is on disk
         return VmmUnregisterResponse(updated_runtime=state)
 
     def live_zone(self, zone_name: str) -> Zone | None:
