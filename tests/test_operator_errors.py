@@ -70,6 +70,7 @@ CASES = [
     Case(("bench", "mass-stop", "--vmms", "0"), "sledagent: --vmms must be >= 1", 2),
     Case(("demo", "--vmms", "0"), "sledagent: demo: --vmms must be >= 1, --bundle-s > 0 and --log-mb >= 0", 2),
     Case(("zone-bundle", "frobnicate"), 'sledagent: Unknown command "frobnicate". Available commands: list-zones, list, ls, get, delete, del, rm, cleanup-context, ... (see --help)', 2),
+    Case(("zone-bundle", "delete"), 'sledagent: Command "delete" parameter ZONE_NAME requires an argument (see --help)', 2),
 ]  # fmt: skip
 
 
