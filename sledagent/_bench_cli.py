@@ -15,6 +15,7 @@ from rich.table import Table
 
 from ._config import TerminationPolicy
 from ._failures import UsageError
+from ._flags import PathFlag
 from ._log import configure_logging
 from .bench._api import run_api_bench
 from .bench._bundle import BundleBenchParams, run_bundle_bench
@@ -466,7 +467,7 @@ async def sweep_bench(
     read_rates: Annotated[tuple[float, ...], Many] = (0.0, 400.0, 2000.0),
     inline_max_mb: float = 2000.0,
     omicron_max_mb: float = 500.0,
-    out_dir: Path = Path("docs/bench/sweep"),
+    out_dir: PathFlag = Path("docs/bench/sweep"),
 ) -> int:
     """Mass stop over the wire at every N x log volume x offered read rate (reaper,
     floor; the inline policies where they fit), the bundling rate per phase-2 slot

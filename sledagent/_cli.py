@@ -33,6 +33,7 @@ from ._failures import (
     describe,
     os_reason,
 )
+from ._flags import PathFlag, PathOrNone
 from ._log import configure_logging
 from ._zb_cli import zone_bundle
 from ._zb_client import remove_partial
@@ -106,7 +107,7 @@ async def demo(
     *,
     vmms: int = 10,
     bundle_s: float = 1.0,
-    data_dir: Path = Path("demo-data"),
+    data_dir: PathFlag = Path("demo-data"),
     listen: str = "127.0.0.1:12345",
     log_mb: float = 2,
     exit_after: Annotated[bool, _NO_NEGATIVE] = False,
@@ -163,9 +164,9 @@ async def demo(
 @app.command
 async def run(
     *,
-    config: Path | None = None,
+    config: PathOrNone = None,
     listen: str | None = None,
-    data_dir: Path | None = None,
+    data_dir: PathOrNone = None,
     nexus: str | None = None,
     log_level: LogLevel = "info",
 ) -> int:
@@ -224,7 +225,7 @@ async def sim(
     nexus_listen: str = "127.0.0.1:0",
     fleet_listen: str = "127.0.0.1:0",
     propolis_listen: str = "127.0.0.1:0",
-    state_file: Path | None = None,
+    state_file: PathOrNone = None,
     idle_exit_s: float | None = None,
 ) -> int:
     """Run the simulated peers in this process: a recording Nexus and a Propolis fleet.

@@ -25,6 +25,7 @@ from rich.console import Console
 
 from ._bundle_all import bundle_all_zones, bundle_zone, default_output, download_progress
 from ._failures import CommandFailed, UsageError, os_reason
+from ._flags import HostOrNone, PathOrNone, ZoneName, non_empty_path
 from ._log import configure_logging
 from ._wire import (
     BundleUtilization,
@@ -71,7 +72,7 @@ _LEVELS = {"critical": "critical", "warn": "warning", "trace": "debug"}
 @zone_bundle.meta.default
 async def _zone_bundle(
     *tokens: Annotated[str, cyclopts.Parameter(show=False, allow_leading_hyphen=True)],
-    host: str | None = None,
+    host: HostOrNone = None,
     port: int | None = None,
     url: str | None = None,
     log_level: LogLevel = "warning",
@@ -175,11 +176,13 @@ def _check_output(output: Path) -> None:
 
 @zone_bundle.command
 async def get(
-    zone_name: str,
+    zone_name: ZoneName,
     /,
     bundle_id: str,
     *,
-    output: Annotated[Path | None, cyclopts.Parameter(allow_leading_hyphen=True)] = None,
+    output: Annotated[
+        Path | None, cyclopts.Parameter(allow_leading_hyphen=True, converter=non_empty_path)
+    ] = None,
 ) -> None:
     """Get a zone bundle from the agent, streamed to a file.
 
@@ -209,7 +212,7 @@ async def get(
 
 
 @zone_bundle.command(name="delete", alias=["del", "rm"])
-async def delete(zone_name: str, /, bundle_id: str) -> None:
+async def delete(zone_name: ZoneName, /, bundle_id: str) -> None:
     """Delete a zone bundle (every copy of it).
 
     Parameters
@@ -347,7 +350,7 @@ async def quarantine(*, parseable: Parseable = False, json: Json = False) -> Non
 
 
 @zone_bundle.command
-async def create(zone_name: str, /) -> None:
+async def create(zone_name: ZoneName, /) -> None:
     """Bundle a live zone now (cause "other"), showing the job's progress; prints the zone
     and the new bundle's ID. Ours: omicron removed explicit bundles.
 
@@ -364,7 +367,7 @@ async def create(zone_name: str, /) -> None:
 @zone_bundle.command(name="bundle-all")
 async def bundle_all(
     *,
-    output: Path | None = None,
+    output: PathOrNone = None,
     verbose: Annotated[
         bool, cyclopts.Parameter(name=["--verbose", "-v"], negative="", show_default=False)
     ] = False,

@@ -37,7 +37,7 @@ class Ran:
 
 
 async def zb(*args: str, cwd: Path) -> Ran:
-    env = {**os.environ, "SLEDAGENT_TOKEN": ""}
+    env = {k: v for k, v in os.environ.items() if k != "SLEDAGENT_TOKEN"}  # no token
     r = await trio.run_process(
         [*CLI, *args], capture_stdout=True, capture_stderr=True, check=False, cwd=cwd, env=env
     )
