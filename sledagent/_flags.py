@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import cyclopts
+from cyclopts import validators as cv
 
 
 def non_empty_path(hint: Any, tokens: Sequence[cyclopts.Token]) -> Path:
@@ -39,3 +40,21 @@ PathOrNone = Annotated[Path | None, cyclopts.Parameter(converter=non_empty_path)
 #: ``--host``; a zone's name (an argument: cyclopts names no argument, so the message does).
 HostOrNone = Annotated[str | None, cyclopts.Parameter(converter=_non_empty_text("host"))]
 ZoneName = Annotated[str, cyclopts.Parameter(converter=_non_empty_text("zone name (ZONE_NAME)"))]
+
+#: Benchmark parameters: checked as flags (exit 2, one line naming the flag), before
+#: anything runs.
+Count = Annotated[int, cyclopts.Parameter(validator=cv.Number(gte=1))]
+CountOrNone = Annotated[int | None, cyclopts.Parameter(validator=cv.Number(gte=1))]
+AtLeastZero = Annotated[int, cyclopts.Parameter(validator=cv.Number(gte=0))]
+NonNegative = Annotated[float, cyclopts.Parameter(validator=cv.Number(gte=0))]
+NonNegativeOrNone = Annotated[float | None, cyclopts.Parameter(validator=cv.Number(gte=0))]
+Positive = Annotated[float, cyclopts.Parameter(validator=cv.Number(gt=0))]
+Counts = Annotated[
+    tuple[int, ...], cyclopts.Parameter(consume_multiple=True, validator=cv.Number(gte=1))
+]
+NonNegatives = Annotated[
+    tuple[float, ...], cyclopts.Parameter(consume_multiple=True, validator=cv.Number(gte=0))
+]
+Positives = Annotated[
+    tuple[float, ...], cyclopts.Parameter(consume_multiple=True, validator=cv.Number(gt=0))
+]
