@@ -62,7 +62,11 @@ def parse_listen(listen: str) -> tuple[str | None, int]:
 
 
 def check_http_url(url: str) -> str:
-    """Return ``url`` if it is ``http://host[:port][/path]``; ``ValueError`` otherwise."""
+    """Return ``url`` if it is ``http://host:port`` (a trailing ``/`` allowed);
+    ``ValueError`` otherwise. Refused, as nothing would honour them: a missing port (the
+    message asks for one), ``user:password@`` (it would be sent as part of the Host
+    header and logged), a path (requests go to the API's own paths: a ``/api/v1`` would
+    be dropped), a query or a fragment."""
     try:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError when out of range or not a number
@@ -70,6 +74,23 @@ def check_http_url(url: str) -> str:
         raise ValueError(f"expected {URL_FORMAT}, got {json.dumps(url)}") from None
     host = parts.hostname or ""
     bracketed = f"[{host}]" if ":" in host else host
-    if parts.scheme != "http" or not host or not _host_ok(bracketed) or port == 0:
-        raise ValueError(f"expected {URL_FORMAT}, got {json.dumps(url)}")
+    plain = (
+        "@" not in parts.netloc
+        and parts.path in ("", "/")
+        and not parts.query
+        and not parts.fragment
+        and "?" not in url
+        and "#" not in url
+    )
+    if parts.scheme != "http" or not host or not _host_ok(bracketed) or not port or not plain:
+        raise ValueError(f"expected {URL_FORMAT}, got {json.dumps(_shown(url))}")
     return url
+
+
+def _shown(url: str) -> str:
+    """``url`` with any password masked: a refused URL is printed, and may be logged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()

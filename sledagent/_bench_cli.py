@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import json as jsonlib
 import shlex
+import signal as signal_module
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
 import attrs
 import cyclopts
+from cyclopts import validators as cv
 from rich.console import Console
 from rich.table import Table
 
 from ._config import TerminationPolicy
 from ._failures import UsageError
+from ._flags import (
+    AtLeastZero,
+    Count,
+    CountOrNone,
+    Counts,
+    NonNegative,
+    NonNegativeOrNone,
+    NonNegatives,
+    PathFlag,
+    Positive,
+    Positives,
+)
 from ._log import configure_logging
 from .bench._api import run_api_bench
 from .bench._bundle import BundleBenchParams, run_bundle_bench
@@ -35,6 +49,12 @@ from .bench._wire import POLICY_MODES, WireParams, run_wire_bench
 
 #: ``--vmms 10 50 200``: a list option takes every value that follows it.
 Many = cyclopts.Parameter(consume_multiple=True)
+
+
+def _signal_name(hint: object, value: str) -> None:
+    if value not in signal_module.Signals.__members__:
+        raise ValueError("Expected a signal name such as SIGKILL or SIGTERM")
+
 
 bench = cyclopts.App(name="bench", help="Benchmarks: print figures as JSON and a table.")
 
@@ -76,15 +96,15 @@ def policy_table(report: dict[str, object], title: str) -> Table:
 async def mass_stop(
     *,
     policy: Literal["reaper", "inline", "both"] = "both",
-    vmms: int = 200,
-    command_s: float = 0.1,
-    copy_s: float = 0.1,
-    nexus_latency_s: float = 0.002,
-    get_timeout_s: float = 10.0,
+    vmms: Count = 200,
+    command_s: NonNegative = 0.1,
+    copy_s: NonNegative = 0.1,
+    nexus_latency_s: NonNegative = 0.002,
+    get_timeout_s: Positive = 10.0,
     backend: Literal["fake", "local"] = "fake",
-    log_mb: float = 1.0,
+    log_mb: NonNegative = 1.0,
     wire: Literal["memory", "http"] = "memory",
-    reads_per_s: float | None = None,
+    reads_per_s: NonNegativeOrNone = None,
     json: Annotated[bool, cyclopts.Parameter(negative="")] = False,
 ) -> int:
     """Halt N VMMs at once and measure how long until Nexus is told, per policy.
@@ -164,10 +184,10 @@ async def mass_stop(
 @bench.command(name="bundle")
 async def bundle(
     *,
-    zones: int = 8,
-    log_mb: float = 10.0,
-    level: int = 2,
-    archive_concurrency: int | None = None,
+    zones: Count = 8,
+    log_mb: NonNegative = 10.0,
+    level: Annotated[int, cyclopts.Parameter(validator=cv.Number(gte=0, lte=9))] = 2,
+    archive_concurrency: CountOrNone = None,
     archive_in: Literal["process", "thread"] = "process",
     json: Annotated[bool, cyclopts.Parameter(negative="")] = False,
 ) -> int:
@@ -211,8 +231,8 @@ async def bundle(
 @bench.command(name="api")
 async def api_bench(
     *,
-    requests: int = 5000,
-    connections: int = 50,
+    requests: Count = 5000,
+    connections: Count = 50,
 ) -> int:
     """Serve the API and read one VMM's state back to back from another process.
 
@@ -236,7 +256,7 @@ async def api_bench(
 
 
 @bench.command(name="scale")
-async def scale_bench(*, vmms: int = 1000) -> int:
+async def scale_bench(*, vmms: Count = 1000) -> int:
     """Run N VMMs (simulated Propolis in another process); print what each costs the
     agent's process: resident memory, file descriptors, trio tasks.
 
@@ -254,13 +274,13 @@ async def scale_bench(*, vmms: int = 1000) -> int:
 @bench.command(name="crash")
 async def crash_bench(
     *,
-    points: int = 50,
+    points: Count = 50,
     seed: int = 1,
-    vmms: int = 8,
-    log_mb: float = 20.0,
-    max_delay_s: float = 1.5,
-    signal: str = "SIGKILL",
-    drain_s: float = 60.0,
+    vmms: Count = 8,
+    log_mb: NonNegative = 20.0,
+    max_delay_s: NonNegative = 1.5,
+    signal: Annotated[str, cyclopts.Parameter(validator=_signal_name)] = "SIGKILL",
+    drain_s: Positive = 60.0,
     workload: Literal["mass-halt", "mixed"] = "mass-halt",
 ) -> int:
     """Kill -9 the daemon at seeded points of a mass stop's cleanup, restart it, and check
@@ -335,7 +355,7 @@ async def _mixed_crash(
 
 
 @bench.command(name="restart")
-async def restart_bench(*, vmms: int = 1000, reads_per_s: float = 400.0) -> int:
+async def restart_bench(*, vmms: Count = 1000, reads_per_s: NonNegative = 400.0) -> int:
     """Kill -9 the daemon with VMMS running VMMs and start it again: time to the first
     answered read and to every VMM re-adopted, reads meanwhile, ``failed`` published;
     beside the same start with an empty journal (the floor). Prints each target (issue
@@ -357,7 +377,7 @@ async def restart_bench(*, vmms: int = 1000, reads_per_s: float = 400.0) -> int:
 
 
 @bench.command(name="migrate")
-async def migrate_bench(*, vmms: int = 100, log_mb: float = 1.0) -> int:
+async def migrate_bench(*, vmms: Count = 100, log_mb: NonNegative = 1.0) -> int:
     """VMMS live migrations at once from sled A to sled B (two daemons, one recording
     Nexus) while A reaps the sources' zones: p50/p99 from the target's registration to
     ``completed`` at Nexus from both sides, beside the same registrations with no
@@ -381,11 +401,11 @@ async def migrate_bench(*, vmms: int = 100, log_mb: float = 1.0) -> int:
 @bench.command(name="faults")
 async def faults_bench(
     *,
-    vmms: int = 50,
-    down_s: float = 30.0,
-    modes: Annotated[tuple[str, ...], Many] = ("down", "503", "slow"),
+    vmms: Count = 50,
+    down_s: Positive = 30.0,
+    modes: Annotated[tuple[Literal["down", "503", "slow"], ...], Many] = ("down", "503", "slow"),
     propolis: bool = True,
-    nexus_backoff_max_s: float = 180.0,
+    nexus_backoff_max_s: Positive = 180.0,
 ) -> int:
     """Nexus down, answering 503 or slow, and Propolis faults, against the daemon as a
     process: every terminal state delivered, the API answering, every zone reaped.
@@ -425,11 +445,11 @@ async def faults_bench(
 @bench.command(name="load")
 async def load_bench(
     *,
-    vmms: int = 1000,
-    halting: int = 200,
-    concurrency: int = 1000,
-    min_waves: int = 3,
-    log_mb: float = 1.0,
+    vmms: Count = 1000,
+    halting: AtLeastZero = 200,
+    concurrency: Count = 1000,
+    min_waves: Count = 3,
+    log_mb: NonNegative = 1.0,
 ) -> int:
     """Waves of concurrent GET/PUT state requests while VMMs tear down: every request
     answered (its state, or 503 INSTANCE_CHANNEL_FULL, or a terminal-VMM error), none
@@ -461,12 +481,12 @@ async def load_bench(
 @bench.command(name="sweep")
 async def sweep_bench(
     *,
-    vmms: Annotated[tuple[int, ...], Many] = (10, 50, 200, 1000),
-    log_mb: Annotated[tuple[float, ...], Many] = (1.0, 10.0, 50.0),
-    read_rates: Annotated[tuple[float, ...], Many] = (0.0, 400.0, 2000.0),
-    inline_max_mb: float = 2000.0,
-    omicron_max_mb: float = 500.0,
-    out_dir: Path = Path("docs/bench/sweep"),
+    vmms: Counts = (10, 50, 200, 1000),
+    log_mb: Positives = (1.0, 10.0, 50.0),
+    read_rates: NonNegatives = (0.0, 400.0, 2000.0),
+    inline_max_mb: NonNegative = 2000.0,
+    omicron_max_mb: NonNegative = 500.0,
+    out_dir: PathFlag = Path("docs/bench/sweep"),
 ) -> int:
     """Mass stop over the wire at every N x log volume x offered read rate (reaper,
     floor; the inline policies where they fit), the bundling rate per phase-2 slot

@@ -35,7 +35,8 @@ from rich.progress import (
 )
 
 from ._failures import CommandFailed
-from ._zb_client import AgentClient
+from ._wire import BundleJobStatus
+from ._zb_client import AgentClient, partial_file
 
 _POLL_S = 0.2
 _FINISHED = ("done", "failed")
@@ -73,14 +74,14 @@ async def _wait_job(
     on_state(job["state"])
     while job["state"] not in _FINISHED:
         await trio.sleep(_POLL_S)
-        job = (await agent.call("GET", f"/zones/bundle-jobs/{job['job_id']}")).json()
+        job = await agent.answer("GET", f"/zones/bundle-jobs/{job['job_id']}", BundleJobStatus)
         on_state(job["state"])
     return job
 
 
 async def bundle_zone(agent: AgentClient, zone_name: str, console: Console) -> dict[str, Any]:
     """Bundle one live zone as a job, with a spinner; the new bundle's metadata."""
-    job = (await agent.call("POST", f"/zones/bundles/{zone_name}")).json()
+    job = await agent.answer("POST", f"/zones/bundles/{zone_name}", BundleJobStatus)
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -122,9 +123,16 @@ async def bundle_all_zones(
     agent: AgentClient, output: Path, console: Console, *, verbose: bool
 ) -> BundleAllReport:
     """Bundle every live zone into ``output``; what was added and what failed."""
-    report = BundleAllReport()
     part = output.with_name(f".{output.name}.part-{os.getpid()}")
     scratch = output.with_name(f".{output.name}.bundle-{os.getpid()}")
+    with partial_file(part, scratch):
+        return await _bundle_all_into(agent, part, scratch, output, console, verbose=verbose)
+
+
+async def _bundle_all_into(
+    agent: AgentClient, part: Path, scratch: Path, output: Path, console: Console, *, verbose: bool
+) -> BundleAllReport:
+    report = BundleAllReport()
     limiter = trio.CapacityLimiter(1)  # the tarball is written by one thread at a time
     seen: set[str] = set()
     try:
@@ -142,7 +150,9 @@ async def bundle_all_zones(
                 disable=not console.is_terminal,
             ) as progress:
                 while True:  # until a listing shows no zone not yet seen (omicron's loop)
-                    zones = [z for z in (await agent.call("GET", "/zones")).json() if z not in seen]
+                    zones = [
+                        z for z in await agent.answer("GET", "/zones", list[str]) if z not in seen
+                    ]
                     if not zones:
                         break
                     seen.update(zones)
@@ -189,7 +199,7 @@ async def _start_jobs(
     jobs = {}
     for zone in zones:
         try:
-            jobs[zone] = (await agent.call("POST", f"/zones/bundles/{zone}")).json()
+            jobs[zone] = await agent.answer("POST", f"/zones/bundles/{zone}", BundleJobStatus)
         except CommandFailed as exc:
             if "NO_SUCH_ZONE" not in str(exc):
                 raise

@@ -8,6 +8,7 @@ failure; ``--debug`` (anywhere on the line) adds the traceback of an unexpected 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -24,9 +25,18 @@ from rich.console import Console
 from ._addr import LISTEN_FORMAT, parse_listen
 from ._bench_cli import bench
 from ._daemon import load_config, run_daemon
-from ._failures import EXIT_BROKEN_PIPE, EXIT_USAGE, UsageError, describe
+from ._failures import (
+    EXIT_BROKEN_PIPE,
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    UsageError,
+    describe,
+    os_reason,
+)
+from ._flags import PathFlag, PathOrNone
 from ._log import configure_logging
 from ._zb_cli import zone_bundle
+from ._zb_client import remove_partial
 from .sim._host import run_sim_host
 
 log = structlog.get_logger("sledagent.cli")
@@ -97,7 +107,7 @@ async def demo(
     *,
     vmms: int = 10,
     bundle_s: float = 1.0,
-    data_dir: Path = Path("demo-data"),
+    data_dir: PathFlag = Path("demo-data"),
     listen: str = "127.0.0.1:12345",
     log_mb: float = 2,
     exit_after: Annotated[bool, _NO_NEGATIVE] = False,
@@ -154,9 +164,9 @@ async def demo(
 @app.command
 async def run(
     *,
-    config: Path | None = None,
+    config: PathOrNone = None,
     listen: str | None = None,
-    data_dir: Path | None = None,
+    data_dir: PathOrNone = None,
     nexus: str | None = None,
     log_level: LogLevel = "info",
 ) -> int:
@@ -215,7 +225,7 @@ async def sim(
     nexus_listen: str = "127.0.0.1:0",
     fleet_listen: str = "127.0.0.1:0",
     propolis_listen: str = "127.0.0.1:0",
-    state_file: Path | None = None,
+    state_file: PathOrNone = None,
     idle_exit_s: float | None = None,
 ) -> int:
     """Run the simulated peers in this process: a recording Nexus and a Propolis fleet.
@@ -289,14 +299,23 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.stdout.flush()
     except cyclopts.CycloptsError as exc:
         message = " ".join(str(exc).split())
+        unused = re.fullmatch(r"Unused Tokens: \[(.*)\]\.?", message)
+        if unused:  # cyclopts' words for what clap calls an unexpected argument
+            message = f"unexpected argument: {unused[1]}"
         if message.endswith(".") and not message.endswith("..."):
             message = message[:-1]
         print(f"sledagent: {message} (see --help)", file=sys.stderr)
         status = EXIT_USAGE
     except BrokenPipeError:
         status = EXIT_BROKEN_PIPE
+    except OSError as exc:  # writing stdout (help, a command's last lines) failed
+        print(f"sledagent: cannot write stdout: {os_reason(exc)}", file=sys.stderr)
+        status = EXIT_FAILURE
+        _quiet_stdout()  # what is still buffered would fail again at exit
     except KeyboardInterrupt:
         status = 128 + signal.SIGINT
+    finally:
+        remove_partial()  # a download's temporary file, whatever ended the command
     if status == EXIT_BROKEN_PIPE:
         _quiet_stdout()
     sys.exit(status)

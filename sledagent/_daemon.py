@@ -31,8 +31,10 @@ from ._archive import TarArchiver
 from ._archive_procs import ProcessArchiver
 from ._bundle_store import DiskBundleStore
 from ._clients import HttpNexusClient, HttpPropolisConnector
+from ._daemon_config import TOKEN_ENV as TOKEN_ENV
 from ._daemon_config import ConfigError as ConfigError
 from ._daemon_config import DaemonConfig as DaemonConfig
+from ._daemon_config import api_token
 from ._daemon_config import config_from_toml as config_from_toml
 from ._daemon_config import load_config as load_config
 from ._datadir import hold_data_dir, host_rebooted, sled_id_of
@@ -58,7 +60,6 @@ from .sim._spawn import (
 from .testing._nexus import FakeNexus
 
 log = structlog.get_logger("sledagent.daemon")
-TOKEN_ENV = "SLEDAGENT_TOKEN"
 #: The write-ahead journal in the data directory (SQLite).
 JOURNAL_NAME = "journal.sqlite3"
 
@@ -153,7 +154,7 @@ async def run_daemon(
     task_status: trio.TaskStatus[DaemonInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until ``shutdown`` is set; reports where it listens."""
-    token = config.token or os.environ.get(TOKEN_ENV) or None
+    token = api_token(config)
     if config.backend == "illumos":
         try:
             require_tools()

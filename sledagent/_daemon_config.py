@@ -9,6 +9,7 @@ docs/operations.md.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,7 +64,11 @@ class DaemonConfig:
     #: one; another port P, the first free one from P up (one per zone).
     sim_propolis_listen: str = _listen_field("127.0.0.1:0")
     #: Bearer token required by every route but /metrics (also from $SLEDAGENT_TOKEN).
-    token: str | None = None
+    token: str | None = attrs.field(
+        default=None,
+        validator=v.optional(v.min_len(1)),
+        metadata={EXPECT: "a non-empty string"},
+    )
     #: ``sim``: a simulated Propolis per zone, in a ``sledagent sim`` process of its own
     #: that outlives the agent (found again at the next start; it also runs the recording
     #: Nexus when ``nexus_url`` is unset); ``sim-inprocess``: the same in this process (they
@@ -81,7 +86,13 @@ class DaemonConfig:
     debug_dataset: str | None = None
     sim_fleet_url: str | None = _url_field()
     #: Debug directories for bundles (one per M.2 on a real sled); default data_dir/debug.
-    debug_dirs: tuple[Path, ...] = attrs.field(default=(), converter=_paths)
+    #: Left out: data_dir/debug. An empty list is refused (it is not "the default").
+    debug_dirs: tuple[Path, ...] | None = attrs.field(
+        default=None,
+        converter=attrs.converters.optional(_paths),
+        validator=v.optional(v.min_len(1)),
+        metadata={EXPECT: "a non-empty list of paths (leave it out for data_dir/debug)"},
+    )
     bundle_quota_bytes: int | None = attrs.field(default=None, validator=v.optional(v.ge(1)))
     #: Per-file cap in a bundle (MiB); a larger file keeps its newest bytes.
     max_bundle_file_mb: int = attrs.field(default=64, validator=v.ge(1))
@@ -112,7 +123,7 @@ class DaemonConfig:
             )
 
     def bundle_dirs(self) -> list[Path]:
-        return list(self.debug_dirs) or [self.data_dir / "debug"]
+        return list(self.debug_dirs or ()) or [self.data_dir / "debug"]
 
 
 #: ``sledagent run`` flags: config key -> flag (a flag overrides the file's key).
@@ -150,13 +161,35 @@ def config_from_toml(
     return build(DaemonConfig, doc, label=label)
 
 
+#: The API's bearer token when the config has none.
+TOKEN_ENV = "SLEDAGENT_TOKEN"
+
+
+def api_token(config: DaemonConfig) -> str | None:
+    """The bearer token the API requires: the config's ``token``, else
+    ``$SLEDAGENT_TOKEN``; ``None``: no authentication. An empty ``$SLEDAGENT_TOKEN`` is
+    a ``ConfigError``: it would silently turn authentication off (unset it for that)."""
+    if config.token is not None:
+        return config.token
+    env = os.environ.get(TOKEN_ENV)
+    if env is not None and not env.strip():
+        raise ConfigError(
+            f"${TOKEN_ENV}: expected a non-empty string (unset it to run without a token)"
+        )
+    return env
+
+
 def load_config(path: Path | None, *, flags: Mapping[str, Any] | None = None) -> DaemonConfig:
     """The config in ``path`` (none: the defaults) with ``flags`` applied (blocking)."""
     if path is None:
-        return config_from_toml("", flags=flags)
+        config = config_from_toml("", flags=flags)
+        api_token(config)
+        return config
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         reason = os_reason(exc) if isinstance(exc, OSError) else f"not UTF-8 text ({exc})"
         raise ConfigError(f"--config {path}: cannot read: {reason}") from None
-    return config_from_toml(text, source=str(path), flags=flags)
+    config = config_from_toml(text, source=str(path), flags=flags)
+    api_token(config)
+    return config

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import traceback
 from collections.abc import Iterator
 
@@ -82,13 +83,24 @@ def os_reason(exc: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
-def underlying_reason(exc: BaseException) -> str:
+#: getaddrinfo's answers that mean the name has no address (not a network failure).
+_NO_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+
+def underlying_reason(exc: BaseException, *, host: str | None = None) -> str:
     """The OS's reason under a library's wrapping (``connection refused``), if there is
     one: trio's "all attempts to connect ... failed" keeps each attempt's error in an
-    exception group as its cause; httpx chains the transport's error."""
+    exception group as its cause; httpx chains the transport's error. A name lookup's
+    failure (``socket.gaierror``, whose codes are not errnos) says so, naming ``host``:
+    ``name not-a-host does not resolve``."""
     todo: list[BaseException] = [exc]
     while todo:
         seen = todo.pop(0)
+        if isinstance(seen, socket.gaierror):
+            name = f"name {host}" if host else "the name"
+            if seen.errno in _NO_NAME:
+                return f"{name} does not resolve"
+            return f"{name} cannot be resolved: {_gai(seen)}"
         if isinstance(seen, OSError) and seen.errno:
             return os_reason(seen)
         if isinstance(seen, BaseExceptionGroup):
@@ -96,6 +108,11 @@ def underlying_reason(exc: BaseException) -> str:
         todo.extend(e for e in (seen.__cause__, seen.__context__) if e is not None)
     text = str(exc) or type(exc).__name__
     return re.sub(r"^\[Errno -?\d+\]\s*", "", text)
+
+
+def _gai(exc: socket.gaierror) -> str:
+    text = exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]
 
 
 def describe(exc: BaseException, *, debug: bool = False) -> tuple[list[str], int]:

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import TextIO
 
 import structlog
+
+
+def wants_colour(stream: TextIO) -> bool:
+    """Colour only on a terminal, and not when ``$NO_COLOR`` is set (no-color.org: to
+    any non-empty value): escapes in a file or a pipe are noise."""
+    return stream.isatty() and not os.environ.get("NO_COLOR")
 
 
 def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
@@ -17,7 +25,9 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
     if json is None:
         json = not sys.stderr.isatty()
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=wants_colour(sys.stderr))
     )
     structlog.configure(
         processors=[

@@ -24,8 +24,16 @@ import trio
 from rich.console import Console
 
 from ._bundle_all import bundle_all_zones, bundle_zone, default_output, download_progress
-from ._failures import UsageError
+from ._failures import CommandFailed, UsageError, os_reason
+from ._flags import HostOrNone, PathOrNone, ZoneName, non_empty_path
 from ._log import configure_logging
+from ._wire import (
+    BundleUtilization,
+    CleanupContext,
+    CleanupCount,
+    QuarantinedFile,
+    ZoneBundleMetadata,
+)
 from ._zb_client import DEFAULT_PORT, AgentClient, Target, check_uuid, resolve
 from ._zb_format import (
     LIST_DEFAULT,
@@ -64,8 +72,8 @@ _LEVELS = {"critical": "critical", "warn": "warning", "trace": "debug"}
 @zone_bundle.meta.default
 async def _zone_bundle(
     *tokens: Annotated[str, cyclopts.Parameter(show=False, allow_leading_hyphen=True)],
-    host: str | None = None,
-    port: int = DEFAULT_PORT,
+    host: HostOrNone = None,
+    port: int | None = None,
     url: str | None = None,
     log_level: LogLevel = "warning",
 ) -> int:
@@ -80,7 +88,7 @@ async def _zone_bundle(
         The agent's address, IPv6 or IPv4 (default ::1, then 127.0.0.1 if nothing
         answers on ::1).
     port
-        The agent's TCP port, 1-65535.
+        The agent's TCP port, 1-65535 (default 12345).
     url
         The agent's base URL, http://host:port (instead of --host and --port).
     log_level
@@ -88,7 +96,9 @@ async def _zone_bundle(
         request id).
     """
     configure_logging(json=False, level=_LEVELS.get(log_level, log_level))
-    _target.set(Target(url=url, host=host, port=port))
+    if url is not None and (host is not None or port is not None):
+        raise UsageError("--url names the agent: give it or --host/--port, not both")
+    _target.set(Target(url=url, host=host, port=DEFAULT_PORT if port is None else port))
     result = await zone_bundle.run_async(
         tokens, exit_on_error=False, print_error=False, result_action="return_value"
     )
@@ -102,19 +112,27 @@ async def _agent() -> AsyncIterator[AgentClient]:
 
 
 def _out(lines: Iterable[str]) -> None:
-    for line in lines:
-        print(line)
+    """Print to stdout; a write error (a full disk, a closed device) is one line, exit
+    status 1 (a closed pipe stays the quiet 141)."""
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise CommandFailed(f"cannot write stdout: {os_reason(exc)}") from None
 
 
 def _json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2))
+    _out([json.dumps(obj, indent=2)])
 
 
 @zone_bundle.command(name="list-zones")
 async def list_zones() -> None:
     """List the zones available for collecting bundles from."""
     async with _agent() as agent:
-        _out((await agent.call("GET", "/zones")).json())
+        _out(await agent.answer("GET", "/zones", list[str]))
 
 
 @zone_bundle.command(name="list", alias="ls")
@@ -140,7 +158,9 @@ async def list_bundles(
     chosen = parse_fields("--fields", fields, LIST_FIELDS) or list(LIST_DEFAULT)
     params = {"filter": filter} if filter else None
     async with _agent() as agent:
-        bundles = (await agent.call("GET", "/zones/bundles", params=params)).json()
+        bundles = await agent.answer(
+            "GET", "/zones/bundles", list[ZoneBundleMetadata], params=params
+        )
     if json:
         _json(bundles)
     else:
@@ -156,10 +176,13 @@ def _check_output(output: Path) -> None:
 
 @zone_bundle.command
 async def get(
-    zone_name: str,
+    zone_name: ZoneName,
+    /,
     bundle_id: str,
     *,
-    output: Annotated[Path | None, cyclopts.Parameter(allow_leading_hyphen=True)] = None,
+    output: Annotated[
+        Path | None, cyclopts.Parameter(allow_leading_hyphen=True, converter=non_empty_path)
+    ] = None,
 ) -> None:
     """Get a zone bundle from the agent, streamed to a file.
 
@@ -189,7 +212,7 @@ async def get(
 
 
 @zone_bundle.command(name="delete", alias=["del", "rm"])
-async def delete(zone_name: str, bundle_id: str) -> None:
+async def delete(zone_name: ZoneName, /, bundle_id: str) -> None:
     """Delete a zone bundle (every copy of it).
 
     Parameters
@@ -209,7 +232,7 @@ async def cleanup_context(*, json: Json = False) -> None:
     """Fetch the zone bundle cleanup context: the period of automatic cleanups, the
     priority order of bundles, and the storage limit."""
     async with _agent() as agent:
-        ctx = (await agent.call("GET", "/zones/bundle-cleanup/context")).json()
+        ctx = await agent.answer("GET", "/zones/bundle-cleanup/context", CleanupContext)
     if json:
         _json(ctx)
     else:
@@ -220,7 +243,9 @@ async def cleanup_context(*, json: Json = False) -> None:
 async def set_cleanup_context(
     *,
     period: Annotated[str | None, cyclopts.Parameter(name=["--period", "--period-s"])] = None,
-    priority: list[str] | None = None,
+    priority: Annotated[
+        list[str] | None, cyclopts.Parameter(negative="", consume_multiple=False, metavar="DIM,DIM")
+    ] = None,
     storage_limit: int | None = None,
     json: Json = False,
 ) -> None:
@@ -234,7 +259,8 @@ async def set_cleanup_context(
         10m, 1h, 1h30m; from 60 s to 24 h.
     priority
         The order bundles are compared in to choose which go first: time,cause or
-        cause,time (a comma list naming each once).
+        cause,time (a comma list naming each once; as omicron's, the flag may also be
+        repeated: --priority time --priority cause).
     storage_limit
         The share of the dataset quota bundles may use, a percentage from 1 to 50.
     """
@@ -251,7 +277,7 @@ async def set_cleanup_context(
         )
     async with _agent() as agent:
         await agent.call("PUT", "/zones/bundle-cleanup/context", json=body)
-        ctx = (await agent.call("GET", "/zones/bundle-cleanup/context")).json()
+        ctx = await agent.answer("GET", "/zones/bundle-cleanup/context", CleanupContext)
     if json:
         _json(ctx)
     else:
@@ -278,7 +304,9 @@ async def utilization(
     """
     chosen = parse_fields("--fields", fields, UTILIZATION_FIELDS) or list(UTILIZATION_FIELDS)
     async with _agent() as agent:
-        by_dir = (await agent.call("GET", "/zones/bundle-cleanup/utilization")).json()
+        by_dir = await agent.answer(
+            "GET", "/zones/bundle-cleanup/utilization", dict[str, BundleUtilization]
+        )
     if json:
         _json(by_dir)
     else:
@@ -290,7 +318,7 @@ async def cleanup(*, parseable: Parseable = False, json: Json = False) -> None:
     """Trigger a cleanup of low-priority zone bundles now; shows what was removed per
     directory (bundles and bytes)."""
     async with _agent() as agent:
-        removed = (await agent.call("POST", "/zones/bundle-cleanup")).json()
+        removed = await agent.answer("POST", "/zones/bundle-cleanup", dict[str, CleanupCount])
     if json:
         _json(removed)
     else:
@@ -303,7 +331,7 @@ async def quarantine(*, parseable: Parseable = False, json: Json = False) -> Non
     truncated...): moved to <debug_dir>/.quarantine/, counted in utilization, removed
     first by cleanup. One line each: size, when, where it was found, why."""
     async with _agent() as agent:
-        items = (await agent.call("GET", "/zones/bundle-cleanup/quarantine")).json()
+        items = await agent.answer("GET", "/zones/bundle-cleanup/quarantine", list[QuarantinedFile])
     if json:
         _json(items)
         return
@@ -322,7 +350,7 @@ async def quarantine(*, parseable: Parseable = False, json: Json = False) -> Non
 
 
 @zone_bundle.command
-async def create(zone_name: str) -> None:
+async def create(zone_name: ZoneName, /) -> None:
     """Bundle a live zone now (cause "other"), showing the job's progress; prints the zone
     and the new bundle's ID. Ours: omicron removed explicit bundles.
 
@@ -333,13 +361,13 @@ async def create(zone_name: str) -> None:
     """
     async with _agent() as agent:
         meta = await bundle_zone(agent, zone_name, Console(stderr=True))
-    print(f"{zone_name}  {meta['id']['bundle_id']}")
+    _out([f"{zone_name}  {meta['id']['bundle_id']}"])
 
 
 @zone_bundle.command(name="bundle-all")
 async def bundle_all(
     *,
-    output: Path | None = None,
+    output: PathOrNone = None,
     verbose: Annotated[
         bool, cyclopts.Parameter(name=["--verbose", "-v"], negative="", show_default=False)
     ] = False,

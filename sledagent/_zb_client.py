@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import attrs
 import httpx
+import msgspec
 import structlog
 import trio
 
 from ._addr import check_http_url
-from ._failures import CommandFailed, UsageError, underlying_reason
+from ._failures import CommandFailed, UsageError, os_reason, underlying_reason
 
 log = structlog.get_logger("sledagent.zone_bundle")
 
@@ -114,6 +116,43 @@ def _failure(response: httpx.Response, what: str) -> CommandFailed:
     return CommandFailed(line)
 
 
+def _malformed(what: str, why: str) -> CommandFailed:
+    return CommandFailed(f"the agent's answer to {what} was malformed: {why}")
+
+
+def _writes_in_place(target: Path) -> bool:
+    """True when ``target`` exists and is not a regular file (a FIFO, a device, a
+    symlink such as /dev/stdout): written into as omicron's ``File::create`` does, since
+    renaming over it would replace the special file with a regular one."""
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return False
+    return not stat.S_ISREG(mode)
+
+
+#: Files being downloaded (temporary names), removed on any exit (``remove_partial``).
+_PARTIAL: set[Path] = set()
+
+
+@contextmanager
+def partial_file(*parts: Path) -> Iterator[None]:
+    """While the block runs, ``parts`` are temporary files ``remove_partial`` removes."""
+    _PARTIAL.update(parts)
+    try:
+        yield
+    finally:
+        _PARTIAL.difference_update(parts)
+
+
+def remove_partial() -> None:
+    """Remove the temporary files of downloads that did not finish (the CLI's last
+    step: a signal can land anywhere, even in a cleanup handler)."""
+    for part in list(_PARTIAL):
+        part.unlink(missing_ok=True)
+        _PARTIAL.discard(part)
+
+
 class AgentClient:
     """One agent; use as ``async with AgentClient(url) as agent``."""
 
@@ -121,6 +160,7 @@ class AgentClient:
         token = os.environ.get(TOKEN_ENV)
         headers = {"authorization": f"Bearer {token}"} if token else None
         self.url = url
+        self._host = httpx.URL(url).host
         self._http = httpx.AsyncClient(
             base_url=url, headers=headers, timeout=httpx.Timeout(TIMEOUT_S)
         )
@@ -137,13 +177,25 @@ class AgentClient:
             await response.aread()
         return response
 
+    async def answer(self, method: str, path: str, shape: Any, **kw: Any) -> Any:
+        """One request's JSON answer as builtins, checked against ``shape`` (a wire
+        type): a body that is not that is ``CommandFailed`` saying so, never a crash."""
+        response = await self.call(method, path, **kw)
+        try:
+            msgspec.json.decode(response.content, type=shape)
+            return msgspec.json.decode(response.content)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise _malformed(f"{method} {path}", str(exc)) from None
+
     @asynccontextmanager
     async def stream(self, method: str, path: str, **kw: Any) -> AsyncIterator[httpx.Response]:
         """A 2xx response whose body is still to be read (``aiter_bytes``)."""
         what = f"{method} {path}"
         t0 = time.monotonic()
+        answered: httpx.Response | None = None
         try:
             async with self._http.stream(method, path, **kw) as response:
+                answered = response
                 log.debug(
                     "agent_answered",
                     request=what,
@@ -156,59 +208,68 @@ class AgentClient:
                     raise _failure(response, what)
                 yield response
         except httpx.TransportError as exc:
-            raise CommandFailed(
-                f"{what}: cannot reach the agent at {self.url}: {underlying_reason(exc)}"
-            ) from None
+            raise self._broken(what, answered, exc) from None
+
+    def _broken(
+        self, what: str, response: httpx.Response | None, exc: httpx.TransportError
+    ) -> CommandFailed:
+        reason = underlying_reason(exc, host=self._host)
+        if response is None:  # no answer at all
+            return CommandFailed(f"{what}: cannot reach the agent at {self.url}: {reason}")
+        got = response.num_bytes_downloaded
+        announced = response.headers.get("content-length")
+        of = f" of {announced}" if announced and announced.isdigit() else ""
+        if isinstance(exc, httpx.RemoteProtocolError):  # closed early, or not HTTP
+            return _malformed(what, f"it ended after {got}{of} bytes")
+        return CommandFailed(f"{what}: the transfer broke after {got}{of} bytes: {reason}")
 
     async def download(
         self, path: str, target: Path | None, progress: Callable[[int, int | None], None]
     ) -> int:
         """Stream ``path``'s body to ``target`` (``None``: stdout), never whole in memory.
 
-        A file is written under a temporary name beside ``target`` and renamed once all
-        of it arrived (as many bytes as the agent announced): an interrupted download
-        leaves nothing behind. Returns the bytes written."""
-        if target is None:
-            return await self._download_to(path, None, progress)
+        A new or regular file is written under a temporary name beside ``target`` and
+        renamed once all of it arrived (as many bytes as the agent announced): an
+        interrupted download leaves nothing behind. Anything else that exists (a FIFO, a
+        device, a symlink) is written into. Returns the bytes written."""
+        if target is None or await trio.to_thread.run_sync(_writes_in_place, target):
+            return await self._download_to(path, target, progress)
         part = target.with_name(f".{target.name}.part-{os.getpid()}")
-        try:
-            written = await self._download_to(path, part, progress)
-            await trio.Path(part).replace(target)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await trio.Path(part).unlink(missing_ok=True)
-            raise
+        with partial_file(part):
+            try:
+                written = await self._download_to(path, part, progress, shown=target)
+                await trio.Path(part).replace(target)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.Path(part).unlink(missing_ok=True)
         return written
 
     async def _download_to(
-        self, path: str, part: Path | None, progress: Callable[[int, int | None], None]
+        self,
+        path: str,
+        part: Path | None,
+        progress: Callable[[int, int | None], None],
+        shown: Path | None = None,
     ) -> int:
         async with self.stream("GET", path) as response:
             announced = response.headers.get("content-length")
             total = int(announced) if announced and announced.isdigit() else None
             written = 0
-            if part is None:
-                out = trio.wrap_file(os.fdopen(os.dup(1), "wb"))
-            else:
-                try:
+            where = "stdout" if part is None else str(shown or part)
+            try:
+                if part is None:
+                    out = trio.wrap_file(os.fdopen(os.dup(1), "wb"))
+                else:
                     out = await trio.open_file(part, "wb")
-                except OSError as exc:
-                    raise CommandFailed(f"cannot write {part.parent}: {exc.strerror}") from None
-            async with out:
-                try:
+                async with out:  # closing flushes: its error is caught too
                     async for chunk in response.aiter_bytes(_CHUNK):
                         await out.write(chunk)
                         written += len(chunk)
                         progress(written, total)
-                except httpx.TransportError as exc:
-                    reason = underlying_reason(exc)
-                    raise CommandFailed(
-                        f"GET {path}: the transfer broke after {written} bytes: {reason}"
-                    ) from None
-                except OSError as exc:
-                    if isinstance(exc, BrokenPipeError):
-                        raise
-                    raise CommandFailed(f"writing the bundle: {exc.strerror or exc}") from None
+            except OSError as exc:
+                if isinstance(exc, BrokenPipeError):
+                    raise
+                raise CommandFailed(f"cannot write {where}: {os_reason(exc)}") from None
             if total is not None and written != total:
-                raise CommandFailed(f"GET {path}: got {written} of {total} bytes")
+                raise _malformed(f"GET {path}", f"it ended after {written} of {total} bytes")
             return written

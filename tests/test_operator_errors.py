@@ -46,8 +46,8 @@ CASES = [
     Case(("run",), f"sledagent: {{config}}: listen: {LISTEN_EXPECTED}, got 5", 2, "listen = 5"),
     Case(("run",), f'sledagent: {{config}}: listen: {LISTEN_EXPECTED}, got "127.0.0.1:99999"', 2, 'listen = "127.0.0.1:99999"'),
     Case(("run",), 'sledagent: {config}: propolis: expected one of "sim", "sim-inprocess", "remote", "external", got "bogus"', 2, 'propolis = "bogus"'),
-    Case(("run",), 'sledagent: {config}: debug_dirs: expected a list of paths, got "xy"', 2, 'debug_dirs = "xy"'),
-    Case(("run",), "sledagent: {config}: token: expected a string, got 5", 2, "token = 5"),
+    Case(("run",), 'sledagent: {config}: debug_dirs: expected a non-empty list of paths (leave it out for data_dir/debug), got "xy"', 2, 'debug_dirs = "xy"'),
+    Case(("run",), "sledagent: {config}: token: expected a non-empty string, got 5", 2, "token = 5"),
     Case(("run",), 'sledagent: {config}: agent.bundle_defunct_zones: expected true or false, got "yes"', 2, '[agent]\nbundle_defunct_zones = "yes"'),
     Case(("run",), "sledagent: {config}: agent.max_zone: unknown key (did you mean max_zones?)", 2, "[agent]\nmax_zone = 3"),
     Case(("run",), "sledagent: {config}: agent.nexus_backoff: max_s (1) must be >= initial_s (5)", 2, "[agent]\nnexus_backoff = {initial_s = 5, max_s = 1}"),
@@ -67,14 +67,47 @@ CASES = [
     Case(("zone-bundle", "set-context", "--period", "10s"), 'sledagent: --period: expected a duration from 60 s to 86400 s (600, 10m, 1h), got "10s"', 2),
     Case(("zone-bundle", "set-context", "--priority", "time,time"), 'sledagent: --priority: expected time,cause or cause,time (each once, most important first), got "time,time"', 2),
     Case(("zone-bundle", "set-context", "--storage-limit", "90"), "sledagent: --storage-limit: expected a percentage of the quota from 1 to 50, got 90", 2),
-    Case(("bench", "mass-stop", "--vmms", "0"), "sledagent: --vmms must be >= 1", 2),
+    Case(("bench", "mass-stop", "--vmms", "0"), 'sledagent: Invalid value "0" for --vmms. Must be >= 1 (see --help)', 2),
     Case(("demo", "--vmms", "0"), "sledagent: demo: --vmms must be >= 1, --bundle-s > 0 and --log-mb >= 0", 2),
     Case(("zone-bundle", "frobnicate"), 'sledagent: Unknown command "frobnicate". Available commands: list-zones, list, ls, get, delete, del, rm, cleanup-context, ... (see --help)', 2),
+    Case(("zone-bundle", "delete"), 'sledagent: Command "delete" parameter ZONE_NAME requires an argument (see --help)', 2),
+    # empty values: never "the working directory", never "no token"
+    Case(("run", "--data-dir", ""), "sledagent: Invalid value for --data-dir: expected a non-empty path (see --help)", 2),
+    Case(("run", "--config", ""), "sledagent: Invalid value for --config: expected a non-empty path (see --help)", 2),
+    Case(("demo", "--data-dir", " "), "sledagent: Invalid value for --data-dir: expected a non-empty path (see --help)", 2),
+    Case(("sim", "--state-file", ""), "sledagent: Invalid value for --state-file: expected a non-empty path (see --help)", 2),
+    Case(("zone-bundle", "--host", "", "ls"), "sledagent: Invalid value for --host: expected a non-empty host (see --help)", 2),
+    Case(("zone-bundle", "get", "", "--bundle-id", "1b4e28ba-2fa1-11d2-883f-0016d3cca427"), "sledagent: expected a non-empty zone name (ZONE_NAME) (see --help)", 2),
+    Case(("zone-bundle", "get", "z", "--bundle-id", "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "--output", ""), "sledagent: Invalid value for --output: expected a non-empty path (see --help)", 2),
+    Case(("zone-bundle", "bundle-all", "--output", ""), "sledagent: Invalid value for --output: expected a non-empty path (see --help)", 2),
+    Case(("bench", "sweep", "--out-dir", ""), "sledagent: Invalid value for --out-dir: expected a non-empty path (see --help)", 2),
+    Case(("run",), 'sledagent: {config}: data_dir: expected a path, got ""', 2, 'data_dir = ""'),
+    Case(("run",), 'sledagent: {config}: token: expected a non-empty string, got ""', 2, 'token = ""'),
+    Case(("run",), "sledagent: {config}: debug_dirs: expected a non-empty list of paths (leave it out for data_dir/debug), got []", 2, "debug_dirs = []"),
+    # every bench's parameters are flags, checked before anything runs
+    Case(("bench", "migrate", "--vmms", "0"), 'sledagent: Invalid value "0" for --vmms. Must be >= 1 (see --help)', 2),
+    Case(("bench", "load", "--vmms", "-1"), 'sledagent: Invalid value "-1" for --vmms. Must be >= 1 (see --help)', 2),
+    Case(("bench", "restart", "--vmms", "0"), 'sledagent: Invalid value "0" for --vmms. Must be >= 1 (see --help)', 2),
+    Case(("bench", "scale", "--vmms", "0"), 'sledagent: Invalid value "0" for --vmms. Must be >= 1 (see --help)', 2),
+    Case(("bench", "sweep", "--vmms", "10", "0"), 'sledagent: Invalid value "(10, 0)" for --vmms. Must be >= 1 (see --help)', 2),
+    Case(("bench", "bundle", "--level", "12"), 'sledagent: Invalid value "12" for --level. Must be <= 9 (see --help)', 2),
+    Case(("bench", "faults", "--modes", "down", "bogus"), 'sledagent: Invalid value "bogus" for --modes. Choose from: "down", "503", "slow" (see --help)', 2),
+    Case(("bench", "crash", "--signal", "SIGFOO"), "sledagent: Invalid value \"SIGFOO\" for --signal. Expected a signal name such as SIGKILL or SIGTERM (see --help)", 2),
+    Case(("bench", "api", "--connections", "0"), 'sledagent: Invalid value "0" for --connections. Must be >= 1 (see --help)', 2),
+    Case(("bench", "mass-stop", "--get-timeout-s", "0"), 'sledagent: Invalid value "0.0" for --get-timeout-s. Must be > 0 (see --help)', 2),
+    # Nexus's URL: what nothing would honour is refused
+    Case(("run", "--nexus", "http://u:p@127.0.0.1:23500/api/v1"), 'sledagent: --nexus: expected an http://host:port URL, got "http://u:p@127.0.0.1:23500/api/v1"', 2),
+    Case(("run", "--nexus", "http://127.0.0.1"), 'sledagent: --nexus: expected an http://host:port URL, got "http://127.0.0.1"', 2),
+    Case(("run", "--nexus", "http://127.0.0.1:23500/api"), 'sledagent: --nexus: expected an http://host:port URL, got "http://127.0.0.1:23500/api"', 2),
+    Case(("run", "--nexus", "http://127.0.0.1:23500?x=1"), 'sledagent: --nexus: expected an http://host:port URL, got "http://127.0.0.1:23500?x=1"', 2),
+    Case(("run", "--nexus", "http://127.0.0.1:23500#top"), 'sledagent: --nexus: expected an http://host:port URL, got "http://127.0.0.1:23500#top"', 2),
+    Case(("run",), 'sledagent: {config}: nexus_url: expected an http://host:port URL, got "http://admin@[::1]:23500"', 2, 'nexus_url = "http://admin@[::1]:23500"'),
+    Case(("zone-bundle", "--url", "http://u:secret@127.0.0.1:1", "ls"), 'sledagent: --url: expected an http://host:port URL, got "http://u:***@127.0.0.1:1"', 2),
 ]  # fmt: skip
 
 
 async def _run(argv: list[str], cwd: Path) -> tuple[int, str, str]:
-    env = {**os.environ, "SLEDAGENT_TOKEN": ""}
+    env = {k: v for k, v in os.environ.items() if k != "SLEDAGENT_TOKEN"}  # no token
     result = await trio.run_process(
         argv, capture_stdout=True, capture_stderr=True, check=False, cwd=cwd, env=env
     )
@@ -110,7 +143,7 @@ def test_bad_flags_and_configs_exit_with_one_line_naming_the_problem(
     from sledagent._cli import main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SLEDAGENT_TOKEN", "")
+    monkeypatch.delenv("SLEDAGENT_TOKEN", raising=False)
     args, line = _argv(CASES[i], tmp_path, i)
     with pytest.raises(SystemExit) as exited:
         main(args)
@@ -211,6 +244,24 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_only_with_debug(
 def test_a_closed_pipe_is_quiet() -> None:
     lines, status = describe(ExceptionGroup("g", [BrokenPipeError()]))
     assert (lines, status) == ([], 141)
+
+
+@pytest.mark.usefixtures("structlog_restored")
+def test_an_empty_token_in_the_environment_is_refused_not_taken_for_no_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sledagent._cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLEDAGENT_TOKEN", "")
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--listen", "127.0.0.1:0"])
+    assert (exited.value.code, capsys.readouterr().err) == (
+        2,
+        "sledagent: $SLEDAGENT_TOKEN: expected a non-empty string (unset it to run without "
+        "a token)\n",
+    )
+    assert list(tmp_path.iterdir()) == []  # refused before the data directory is made
 
 
 def test_config_and_runtime_failures_together_exit_with_the_config_status() -> None:

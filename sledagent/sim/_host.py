@@ -41,9 +41,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .._failures import StartupError
+from .._failures import ListenError, StartupError, os_reason
 from .._h1client import ConnectionFailed, H1Pool
 from .._local_zones import LogSpec
+from .._preflight import listen_reason
 from .._server import serve_api
 from ..testing._nexus import FakeNexus
 from ._fleet import SimPropolisFleet
@@ -122,33 +123,22 @@ async def run_sim_host(
     async with trio.open_nursery() as nursery:
         fleet = SimPropolisFleet(listen=propolis_listen)
         await nursery.start(fleet.run)
-        nexus_url = (
-            await nursery.start(
-                lambda task_status: serve_api(
-                    recording_nexus_app(FakeNexus()),
-                    listen=nexus_listen,
-                    shutdown=shutdown,
-                    task_status=task_status,
-                )
-            )
-        )[0]
-        fleet_url = (
-            await nursery.start(
-                lambda task_status: serve_api(
-                    fleet_app(fleet, on_lease=renewed),
-                    listen=fleet_listen,
-                    shutdown=shutdown,
-                    task_status=task_status,
-                )
-            )
-        )[0]
-        state = {"pid": os.getpid(), "nexus_url": str(nexus_url), "fleet_url": str(fleet_url)}
+        nexus_url = await _serve(nursery, recording_nexus_app(FakeNexus()), nexus_listen, shutdown)
+        fleet_url = await _serve(
+            nursery, fleet_app(fleet, on_lease=renewed), fleet_listen, shutdown
+        )
+        state = {"pid": os.getpid(), "nexus_url": nexus_url, "fleet_url": fleet_url}
         if state_file is not None:
             # Held for the host's life: an agent that cannot read the state file still
             # knows a host serves this data dir, and never starts a second one.
-            lock = await trio.to_thread.run_sync(_hold_lock, state_file)
-            nursery.start_soon(_keep_lock_open, lock)
-            await trio.to_thread.run_sync(_write_state, state_file, state)
+            try:
+                lock = await trio.to_thread.run_sync(_hold_lock, state_file)
+                nursery.start_soon(_keep_lock_open, lock)
+                await trio.to_thread.run_sync(_write_state, state_file, state)
+            except OSError as exc:
+                raise StartupError(
+                    f"--state-file {state_file}: cannot write: {os_reason(exc)}"
+                ) from None
         task_status.started((str(nexus_url), str(fleet_url)))
         try:
             while not shutdown.is_set():
@@ -167,6 +157,20 @@ async def run_sim_host(
             if state_file is not None:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(_remove_state, state_file)
+
+
+async def _serve(nursery: trio.Nursery, app: Starlette, listen: str, shutdown: trio.Event) -> str:
+    """Serve ``app`` at ``listen``; its URL. Cannot bind: ``ListenError`` (one line,
+    ``cannot listen on 127.0.0.1:12345: address already in use``), as the agent's own."""
+    try:
+        binds = await nursery.start(
+            lambda task_status: serve_api(
+                app, listen=listen, shutdown=shutdown, task_status=task_status
+            )
+        )
+    except OSError as exc:  # raised before serving: nothing else to unwind
+        raise ListenError(listen, listen_reason(exc)) from None
+    return str(binds[0])
 
 
 def _write_state(path: Path, state: dict[str, object]) -> None:

@@ -31,6 +31,7 @@ import trio
 
 from .._failures import StartupError
 from .._h1client import ConnectionFailed, H1Pool
+from .._preflight import check_listen
 from .._wire import VmmState
 from ._host import lock_path
 
@@ -147,10 +148,22 @@ async def attach_sim_host(
             )
     if found is not None and await _answers(found):
         log.info("sim_host_found", pid=found.pid, fleet=found.fleet_url)
+        if not nexus_listen.endswith(":0") and _authority(found.nexus_url) != nexus_listen:
+            # Its guests outlive the agent, so it is kept: say where its Nexus really is.
+            log.warning(
+                "sim_host_nexus_listen_ignored",
+                nexus_listen=nexus_listen,
+                nexus_url=found.nexus_url,
+                reason="a simulated host already serves this data directory",
+            )
         return found
+    # What the host would report only in its log, the agent says itself (one line).
+    # Not sim_propolis_listen: a port taken there means the next free one.
+    await trio.to_thread.run_sync(check_listen, nexus_listen)
     await trio.to_thread.run_sync(lambda: data_dir.mkdir(parents=True, exist_ok=True))
     state_file = data_dir / STATE_NAME
     log_path = data_dir / LOG_NAME
+    log_start = await trio.to_thread.run_sync(_size, log_path)
     argv = [
         sys.executable, "-c", "from sledagent._cli import main; main()",
         "sim", "--state-file", str(state_file), "--idle-exit-s", str(IDLE_EXIT_S),
@@ -181,7 +194,33 @@ async def attach_sim_host(
     if _alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    said = await trio.to_thread.run_sync(_last_error, log_path, log_start)
+    if said:  # its own one line: "cannot listen on ...: address already in use"
+        raise SimHostError(f"{said} (the simulated host did not start; its log: {log_path})")
     raise SimHostError(f"the simulated host did not start (its log: {log_path})")
+
+
+def _authority(url: str) -> str:
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _last_error(log_path: Path, start: int) -> str | None:
+    """The last ``sledagent: ...`` line the host wrote to its log since ``start``."""
+    try:
+        with log_path.open("rb") as f:
+            f.seek(start)
+            text = f.read(1 << 16).decode(errors="replace")
+    except OSError:
+        return None
+    said = [line for line in text.splitlines() if line.startswith("sledagent: ")]
+    return said[-1].removeprefix("sledagent: ") if said else None
 
 
 async def renew_lease(host: SimHost) -> None:
