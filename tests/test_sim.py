@@ -171,3 +171,32 @@ async def test_a_sim_host_whose_state_file_was_damaged_is_found_again_not_double
             assert json.loads(state_file.read_text())["pid"] == first.pid  # written again
         finally:
             first.kill()
+
+
+@pytest.mark.parametrize(("status", "code"), [(403, None), (409, "Conflict"), (503, None)])
+async def test_the_simulated_propolis_answers_a_refusal_with_its_status_on_the_wire(
+    status: int, code: str | None
+) -> None:
+    """As the in-process fake does (a migrating source refuses a reboot with 403): over
+    the wire the status is kept (it was 503 for every refusal: a QA run of issue 19);
+    only a fault is 503."""
+    from sledagent._server import serve_api
+    from sledagent.sim._propolis import sim_propolis_app
+    from sledagent.testing import FakePropolis
+
+    vm = FakePropolis(uuid.uuid4())
+    vm.refuse(status, code)
+    stop = trio.Event()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(
+                lambda task_status: serve_api(
+                    sim_propolis_app(vm), listen="127.0.0.1:0", shutdown=stop,
+                    task_status=task_status,
+                )
+            )  # fmt: skip
+            async with httpx.AsyncClient(base_url=binds[0], timeout=10) as client:
+                r = await client.put("/instance/state", json="Reboot")
+            stop.set()
+    assert r.status_code == status
+    assert r.json()["error_code"] == (code if status < 500 else "Unavailable")

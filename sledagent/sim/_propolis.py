@@ -51,7 +51,11 @@ def sim_propolis_app(vm: FakePropolis) -> Starlette:
                 return _error(400, str(exc), "InvalidRequest")
             except PropolisGone as exc:  # 424 before a VM exists, 410 once it is gone
                 return _error(exc.status or 410, str(exc), "NoInstance")
-            except PeerError as exc:  # injected: the connection "drops"
+            except PeerError as exc:
+                # A refusal the fake makes (403: a migrating source refuses a state
+                # change, as Propolis does) keeps its status; an injected fault "drops".
+                if exc.status is not None and 400 <= exc.status < 500:
+                    return _error(exc.status, exc.peer_message or str(exc), exc.code)
                 return _error(503, str(exc), "Unavailable")
 
         return wrapped
