@@ -8,6 +8,7 @@ omicron's (``sled-agent/src/instance.rs``, ``common/instance.rs``) and Propolis'
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 import trio
@@ -328,3 +329,25 @@ async def test_a_repeated_migration_target_request_is_answered_and_changes_nothi
         sleds.propolis(m.source).hold(Phase.DEVICE, on=False)
         assert (await sleds.wait(m)).outcome == "completed"
         assert sleds.nexus.ledger.problems == []
+
+
+async def test_a_pending_target_gets_its_source_deadline_again_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The target's sled is killed while it waits for a silent source: the next start
+    takes it back and the deadline runs again (docs/design.md), so it still ends
+    ``failed`` with ``migration_in: failed``, never waits for ever (a QA mutation)."""
+    config = fast_config(migration_source_timeout_s=2.0)
+    with trio.fail_after(60):
+        async with open_two_sleds(config, journal_dir=tmp_path) as sleds:
+            src = await sleds.start_vmm("a")
+            sleds.propolis(src).hold(Phase.SYNC)  # the source never answers the start
+            m = await sleds.migrate(src)
+            await sleds.restart("b", kill=True)
+            await sleds.nexus.wait_for(m.target, VmmState.FAILED)
+            final = sleds.nexus.latest(m.target)
+            assert final is not None and final.migration_in is not None
+            assert final.migration_in.state is MigrationState.FAILED
+            assert sleds.state("a", src).vmm_state.state is VmmState.RUNNING
+            await sleds.drain()
+            assert sleds.nexus.ledger.problems == []

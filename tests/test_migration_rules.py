@@ -164,6 +164,18 @@ def test_the_ledger_names_a_generation_that_goes_back_or_changes_content() -> No
     assert "sent as in_progress and as failed" in found
 
 
+def test_the_ledger_names_a_migration_side_whose_generation_goes_back_alone() -> None:
+    """The VMM's generation rises, the migration side's goes back: caught on its own
+    (the VMM-level check must not be what finds it)."""
+    ledger = MigrationLedger()
+    pid = uuid.uuid4()
+    ledger.observe(0, pid, SledVmmState(vmm(gen=3), migration_in=mig(P.IN_PROGRESS, 3)))
+    ledger.observe(1, pid, SledVmmState(vmm(gen=4), migration_in=mig(P.IN_PROGRESS, 2)))
+    assert ledger.problems == [
+        f"migration {mig(P.IN_PROGRESS, 2).migration_id}: target generation 2 after 3"
+    ]
+
+
 def test_the_ledger_accepts_a_repeat_and_names_a_state_that_leaves_its_end() -> None:
     ledger = MigrationLedger()
     pid = uuid.uuid4()
