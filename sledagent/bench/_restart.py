@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import trio
 
+from .._retry_after import RetryOverloaded
 from .._stats import summary
 from .._wire import VmmState
 from ..testing import ensure_body_json
@@ -55,7 +56,8 @@ async def run_restart_bench(
         raise ValueError("vmms must be >= 1")
     interval = max(0.05, vmms / reads_per_s)
     pids = [uuid.uuid4() for _ in range(vmms)]
-    async with sim_process() as (nexus_url, fleet_url), httpx.AsyncClient(timeout=120) as client:
+    client = httpx.AsyncClient(timeout=120, transport=RetryOverloaded())
+    async with sim_process() as (nexus_url, fleet_url), client:
         with tempfile.TemporaryDirectory(prefix="sledagent-restart-") as tmp:
             root = Path(tmp)
             agent = f"max_zones = {max(1024, 2 * vmms)}\nshutdown_drain_s = 600.0\n"
