@@ -60,6 +60,21 @@ async def test_a_registration_is_answered_only_once_it_is_on_disk_whole(tmp_path
     assert loaded[pid].state.vmm_state.state is VmmState.STARTING
 
 
+def hold_writes(journal: StateJournal) -> tuple[threading.Event, threading.Event]:
+    """Hold the disk: the writer's next batch blocks in its thread (``entered`` is set)
+    until ``release`` is."""
+    entered, release = threading.Event(), threading.Event()
+    write = journal._write
+
+    def slow_write(*args: object) -> None:
+        entered.set()
+        release.wait(30)
+        write(*args)  # type: ignore[arg-type]
+
+    journal._write = slow_write  # type: ignore[method-assign]
+    return entered, release
+
+
 async def test_a_state_reaches_nexus_only_after_it_is_on_disk(tmp_path: Path) -> None:
     fakes = FakeHost(journal_path=tmp_path / "journal.sqlite3")
     with trio.fail_after(30):
@@ -68,16 +83,7 @@ async def test_a_state_reaches_nexus_only_after_it_is_on_disk(tmp_path: Path) ->
             await fakes.nexus.wait_for(pid, VmmState.RUNNING)
             journal = agent.notifier.journal
             assert journal is not None
-            # Hold the disk: the writer's next batch blocks in its thread.
-            entered, release = threading.Event(), threading.Event()
-            write = journal._write
-
-            def slow_write(*args: object) -> None:
-                entered.set()
-                release.wait(30)
-                write(*args)  # type: ignore[arg-type]
-
-            journal._write = slow_write  # type: ignore[method-assign]
+            entered, release = hold_writes(journal)
             fakes.propolis[pid].halt()
             await trio.to_thread.run_sync(entered.wait, 30)
             await trio.testing.wait_all_tasks_blocked()
@@ -102,15 +108,7 @@ async def test_a_state_is_answered_only_once_it_is_on_disk(change: str, tmp_path
             await fakes.nexus.wait_for(pid, VmmState.RUNNING)
             journal = agent.notifier.journal
             assert journal is not None
-            entered, release = threading.Event(), threading.Event()
-            write = journal._write
-
-            def slow_write(*args: object) -> None:
-                entered.set()
-                release.wait(30)
-                write(*args)  # type: ignore[arg-type]
-
-            journal._write = slow_write  # type: ignore[method-assign]
+            entered, release = hold_writes(journal)
             answers: list[SledVmmState] = []
 
             async def ask() -> None:
