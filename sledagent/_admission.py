@@ -95,15 +95,20 @@ class LoopLag(trio.abc.Instrument):
 _LOOP_LAG: trio.lowlevel.RunVar[LoopLag] = trio.lowlevel.RunVar("sledagent_loop_lag")
 
 
-def current_loop_lag() -> float:
-    """The lag of the running trio loop (``LoopLag``, installed on first use)."""
+def loop_lag() -> LoopLag:
+    """The running trio loop's ``LoopLag`` (installed on first use)."""
     try:
-        lag = _LOOP_LAG.get()
+        return _LOOP_LAG.get()
     except LookupError:
         lag = LoopLag()
         trio.lowlevel.add_instrument(lag)
         _LOOP_LAG.set(lag)
-    return lag.lag_s()
+        return lag
+
+
+def current_loop_lag() -> float:
+    """The lag of the running trio loop (``LoopLag``, installed on first use)."""
+    return loop_lag().lag_s()
 
 
 @attrs.frozen
@@ -123,7 +128,13 @@ class ReadAdmission:
     ``backlog``: publications under way (``SledAgent.publication_backlog``). ``lag``: how
     long a request waits for the thread now, seconds (``current_loop_lag``; a test
     passes its own). ``now``: the lag's clock, for the time a read waits for its turn.
-    ``clock``: for the log's burst timing (trio's, mockable)."""
+    ``clock``: for the log's burst timing (trio's, mockable).
+
+    With the server on a front thread (``_front``) the quick path's reads are decided on
+    the front's loop: ``lag`` is then the front loop's (how long the read waited) and
+    ``busy`` the agent's (``publication first`` protects the agent's thread, which
+    reads still share through the GIL). Counters are plain integers bumped from either
+    thread under the GIL."""
 
     def __init__(
         self,
@@ -138,6 +149,8 @@ class ReadAdmission:
         self.backlog = backlog
         #: How long a request waits for the thread now (seconds); tests set their own.
         self.lag = lag
+        #: How far the agent's thread lags (seconds); None: ``lag`` (the same thread).
+        self.busy: Callable[[], float] | None = None
         self.now = now
         self._clock = clock
         self._turns = trio.CapacityLimiter(self.limits.reads_per_batch)
@@ -171,13 +184,16 @@ class ReadAdmission:
         first (``reads_per_batch`` per scheduler batch). Serve the read at once (no
         schedule point) when this returns None."""
         lag = self.lag()
+        busy = lag if self.busy is None else self.busy()
         limits = self.limits
-        if lag <= limits.publishing_lag_s:
-            return self._decided(None, lag)  # the thread keeps up: no turn needed
+        if lag <= limits.publishing_lag_s and busy <= limits.publishing_lag_s:
+            return self._decided(None, lag)  # the threads keep up: no turn needed
         if lag > limits.late_s:
             return self._decided(LATE, lag)
-        if self.backlog() > 0:
+        if busy > limits.publishing_lag_s and self.backlog() > 0:
             return self._decided(PUBLICATION_FIRST, lag)
+        if lag <= limits.publishing_lag_s:
+            return self._decided(None, lag)  # a front thread that keeps up
         arrived = self.now() - lag
         await self._turns.acquire()
         self._turns.release()  # the next read's turn comes in the next batch

@@ -385,7 +385,12 @@ def build_app(
     async def quick_get(target: bytes, head: bytes) -> bytes | None:
         """``GET /vmms/{id}/state`` answered from the registry as whole bytes (the
         server's quick path: no ASGI exchange, no router); None: the router answers.
-        The same answers, headers, refusals and log lines as ``vmm_get_state``."""
+        The same answers, headers, refusals and log lines as ``vmm_get_state``.
+
+        Runs on the server's loop, which may be a front thread's (``_front``): it reads
+        only what is safe there (``Registry.answer`` and ``find``: dictionary lookups)
+        and touches no trio object of the agent's. A VMM whose state is not journaled
+        yet has no answer: the router's read waits for its journal write."""
         match = _STATE_TARGET.fullmatch(target)
         if match is None or manager.inline:  # inline: reads queue behind the runner
             return None
@@ -405,12 +410,14 @@ def build_app(
                 Error(message=exc.message, request_id=request_id, error_code=exc.error_code)
             )
             return _answer(503, body, request_id, b"retry-after: %d\r\n" % admission.retry_after_s)
-        entry = registry.find(propolis_id)
-        if entry is not None:
+        answer = registry.answer(propolis_id)
+        if answer is not None:
             if debug_requests:
                 log.debug("api_request", request_id=request_id, method="GET",
                           path=target.decode(), status=200)  # fmt: skip
-            return _answer(200, encode(await manager.answerable_state(entry)), request_id)
+            return _answer(200, answer, request_id)
+        if registry.find(propolis_id) is not None:
+            return None  # registered, its state not on disk yet: the router waits for it
         exc = NoSuchVmm(propolis_id)
         log.info(
             "api_refused",

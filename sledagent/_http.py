@@ -87,6 +87,9 @@ class HttpLimits:
     discard_timeout_s: float = attrs.field(default=2.0, validator=v.gt(0))
     #: On shutdown, requests in flight get this long to finish, seconds.
     graceful_s: float = attrs.field(default=5.0, validator=v.ge(0))
+    #: The agent's API server runs on a thread and trio loop of its own and answers
+    #: state reads there, never behind the agent's work (``_front``; issues 18, 21).
+    front_thread: bool = True
 
 
 @attrs.define

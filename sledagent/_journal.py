@@ -35,6 +35,7 @@ import datetime as dt
 import json
 import sqlite3
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,12 @@ class StateJournal:
         self._queued_seq = 0  # ops handed to the journal
         self._durable_seq = 0  # ops on disk (or given up on: a broken disk)
         self._flushed = trio.Event()
+        #: States recorded since the last batch was taken (newest per VMM), handed to
+        #: ``on_durable`` once their batch is on disk.
+        self._states: dict[uuid.UUID, SledVmmState] = {}
+        #: Told each batch's states once the batch is on disk (or given up on): what a
+        #: read may now answer (``Registry.set_answer``).
+        self.on_durable: Callable[[dict[uuid.UUID, SledVmmState]], None] | None = None
         #: The journal did not exist or was empty at ``load`` (and no legacy one was
         #: imported): zones of VMMs on the host are then not ours to take for unknown.
         self.started_empty = False
@@ -127,6 +134,7 @@ class StateJournal:
     ) -> int:
         """Journal a new VMM whole; returns the sequence number ``durable`` waits for."""
         self._latest_gen[propolis_id] = state.gen
+        self._states[propolis_id] = state
         return self._append(
             _UPSERT_REGISTRATION, (str(propolis_id), encode(body).decode(), _json(state))
         )
@@ -137,6 +145,7 @@ class StateJournal:
         if known is not None and state.gen < known:
             return self._queued_seq  # older than what is recorded: nothing to write
         self._latest_gen[propolis_id] = state.gen
+        self._states[propolis_id] = state
         return self._append(_UPSERT_STATE, (str(propolis_id), _json(state)))
 
     def mark(
@@ -300,6 +309,7 @@ class StateJournal:
 
     async def _flush(self) -> None:
         batch, self._queue = self._queue, []
+        states, self._states = self._states, {}
         upto = self._queued_seq
         if not batch:
             return
@@ -312,8 +322,11 @@ class StateJournal:
             # Cancelled before the thread ran (shutdown): the last, shielded flush
             # writes these; dropping them would lose the newest answers.
             self._queue[:0] = batch
+            self._states = {**states, **self._states}
             raise
         self._durable_seq = max(self._durable_seq, upto)
+        if self.on_durable is not None and states:
+            self.on_durable(states)
         self._flushed.set()
         self._flushed = trio.Event()
 

@@ -68,6 +68,7 @@ class InstanceManager:
         #: The same, every one since start (``sledagent_halt_to_publish_seconds``).
         self.halt_to_publish = Histogram(HALT_TO_PUBLISH_BUCKETS)
         ctx.notifier.on_delivered = self._on_delivered
+        ctx.notifier.answerable = self.registry.set_answer
 
     @property
     def inline(self) -> bool:
@@ -111,6 +112,8 @@ class InstanceManager:
         entry = VmmEntry(propolis_id=propolis_id, body=body, state=state)
         entry.runner = InstanceRunner(entry, self._ctx, on_abandoned=self._abandon)
         self.registry.add(entry)
+        if self._ctx.notifier.is_journaled(propolis_id):  # no journal: answerable now
+            self.registry.set_answer(propolis_id, state)
         self._runners.start_soon(entry.runner.run)
         log.info("vmm_registered", propolis_id=str(propolis_id), instance_id=str(body.instance_id))
         return state
@@ -224,6 +227,7 @@ class InstanceManager:
         entry.runner.on_adopted = self._adopted_one
         self._readopting += 1
         self.registry.add(entry)
+        self.registry.set_answer(vmm.propolis_id, vmm.state)  # read back from the disk
         self._runners.start_soon(entry.runner.run)
         if vmm.unacknowledged:  # Nexus may have missed it: the same content again
             self._ctx.notifier.publish(vmm.propolis_id, vmm.state)
@@ -252,6 +256,8 @@ class InstanceManager:
         entry.runner = InstanceRunner(entry, self._ctx, ended=True)
         entry.phase = VmmPhase.HALTED
         self.registry.add(entry)
+        if state is vmm.state:
+            self.registry.set_answer(pid, state)  # read back from the disk
         self._ctx.notifier.publish(pid, state)
         log.info(
             "vmm_ended_before_restart",

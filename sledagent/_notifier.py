@@ -36,6 +36,8 @@ log = structlog.get_logger("sledagent.notifier")
 
 #: ``on_delivered(propolis_id, state, acknowledged)``
 DeliveredHook = Callable[[uuid.UUID, SledVmmState, bool], None]
+#: ``answerable(propolis_id, state)``
+AnswerableHook = Callable[[uuid.UUID, SledVmmState], None]
 
 
 @attrs.frozen
@@ -85,6 +87,16 @@ class NexusNotifier:
         self._delivered = self._retries = self._gave_up = self._superseded = 0
         #: Why the latest failed delivery failed; cleared by the next success.
         self.last_error: str | None = None
+        #: Told each state a read may answer: once it is journaled (at once without a
+        #: journal). The manager points it at ``Registry.set_answer``.
+        self.answerable: AnswerableHook | None = None
+        if journal is not None:
+            journal.on_durable = self._journaled
+
+    def _journaled(self, states: dict[uuid.UUID, SledVmmState]) -> None:
+        if self.answerable is not None:
+            for propolis_id, state in states.items():
+                self.answerable(propolis_id, state)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve deliveries until cancelled."""
@@ -103,6 +115,8 @@ class NexusNotifier:
         slot.newest_gen = state.gen
         if self.journal is not None:
             slot.pending_seq = self.journal.record(propolis_id, state)
+        elif self.answerable is not None:
+            self.answerable(propolis_id, state)
         if slot.pending is not None:
             self._superseded += 1  # the older pending state will never be sent
         slot.pending = state
@@ -173,6 +187,8 @@ class NexusNotifier:
         if self.journal is not None:
             slot = self._slots.setdefault(propolis_id, _Slot())
             slot.pending_seq = self.journal.record_registration(propolis_id, body, state)
+        elif self.answerable is not None:
+            self.answerable(propolis_id, state)
 
     async def journaled(self, propolis_id: uuid.UUID) -> None:
         """Return once everything journaled for this VMM so far is on disk."""

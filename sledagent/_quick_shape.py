@@ -9,8 +9,9 @@ The shape: ``GET <target> HTTP/1.1``, header lines of a token name, a colon with
 before it and a value of visible ASCII, spaces and tabs (no obs-text, no folded line: RFC
 9112 5.2), the blank line, and nothing after it; exactly one ``Host`` (RFC 9112 3.2: none,
 or two, is a 400); no header that gives the request a body or a meaning the quick path does
-not implement (``Content-Length``, ``Transfer-Encoding``, ``Connection``, ``Expect``,
-``Upgrade``, ``TE``).
+not implement (``Content-Length``, ``Transfer-Encoding``, ``Expect``, ``Upgrade``,
+``TE``, and ``Connection`` unless it says only ``keep-alive``, what HTTP/1.1 does anyway:
+httpx and requests send it on every request).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ _SIMPLE_GET = re.compile(
     rb"GET (/[!-~]*) HTTP/1\.1\r\n((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[ \t]*[!-~ \t]*\r\n)+)\r\n"
 )
 _NOT_SIMPLE = re.compile(
-    rb"(?:^|\n)(?:content-length|transfer-encoding|connection|expect|upgrade|te):", re.I
+    rb"(?:^|\n)(?:content-length|transfer-encoding|expect|upgrade|te):"
+    rb"|(?:^|\n)connection:(?![ \t]*keep-alive[ \t]*\r\n)",
+    re.I,
 )
 _HOST = re.compile(rb"(?:^|\n)host:", re.I)
 

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import trio
 
+from ._codec import encode
 from ._errors import NoSuchVmm
 from ._wire import InstanceEnsureBody, SledVmmState
 
@@ -80,7 +81,27 @@ class VmmEntry:
 
 @attrs.define
 class Registry:
+    """The VMMs of this sled, and the answer a state read gets for each.
+
+    ``answer`` is read off the agent's thread (the front thread, ``_front``): it is a
+    plain dictionary lookup of bytes set here on the agent's thread, never a value being
+    built. An answer is the VMM's newest *journaled* state (``set_answer``, called as
+    each journal batch reaches the disk): a read never promises what a crash could take
+    back. A VMM with no answer yet is the app's (which waits for its journal write)."""
+
     _entries: dict[uuid.UUID, VmmEntry] = attrs.field(factory=dict)
+    #: The encoded ``SledVmmState`` a read of each VMM answers (JSON bytes).
+    _answers: dict[uuid.UUID, bytes] = attrs.field(factory=dict)
+
+    def answer(self, propolis_id: uuid.UUID) -> bytes | None:
+        """The body a state read answers now, or None (unknown, or not yet journaled)."""
+        return self._answers.get(propolis_id)
+
+    def set_answer(self, propolis_id: uuid.UUID, state: SledVmmState) -> None:
+        """``state`` is journaled: reads may answer it (a VMM no longer here: ignored,
+        a journal batch landing after its removal must not bring it back)."""
+        if propolis_id in self._entries:
+            self._answers[propolis_id] = encode(state)
 
     def get(self, propolis_id: uuid.UUID) -> VmmEntry:
         try:
@@ -97,6 +118,7 @@ class Registry:
 
     def remove(self, propolis_id: uuid.UUID) -> VmmEntry | None:
         entry = self._entries.pop(propolis_id, None)
+        self._answers.pop(propolis_id, None)
         if entry is not None:
             entry.phase = VmmPhase.REMOVED
         return entry

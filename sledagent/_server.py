@@ -22,6 +22,7 @@ import structlog
 import trio
 
 from ._addr import parse_listen
+from ._front import detach_listeners, serve_front, watch_agent_loop
 from ._http import STATS, ASGIApp, ConnectionTable, HttpLimits, refusal
 
 DEFAULT_LISTEN = "127.0.0.1:12345"
@@ -76,18 +77,41 @@ async def serve_http(
     (``http_serving``). On ``shutdown`` it stops accepting, closes idle connections and
     lets requests in flight finish within ``limits.graceful_s``, then cancels them.
     """
-    limits = limits or HttpLimits()
+    listeners, urls = await _bind(listen)
+    task_status.started(urls)
+    await serve_listeners(app, listeners, shutdown=shutdown, limits=limits, announce=announce)
+
+
+async def _bind(listen: str) -> tuple[list[trio.SocketListener], list[str]]:
     host, port = parse_listen(listen)  # ValueError for a port over 65535, not port % 65536
     listeners = await trio.open_tcp_listeners(port, host=host)
-    urls = []
-    for listener in listeners:
-        name = listener.socket.getsockname()
-        h = f"[{name[0]}]" if ":" in name[0] else name[0]
-        urls.append(f"http://{h}:{name[1]}")
+    return listeners, _urls(listeners)
+
+
+def _urls(listeners: list[trio.SocketListener]) -> list[str]:
+    names = [listener.socket.getsockname() for listener in listeners]
+    return [f"http://[{h}]:{p}" if ":" in h else f"http://{h}:{p}" for h, p, *_ in names]
+
+
+async def serve_listeners(
+    app: ASGIApp,
+    listeners: list[trio.SocketListener],
+    *,
+    shutdown: trio.Event,
+    limits: HttpLimits | None = None,
+    announce: bool = True,
+) -> None:
+    """``serve_http`` on listeners already bound (closed on return)."""
+    limits = limits or HttpLimits()
     table = ConnectionTable(app, limits)
     if announce:
         fds = fd_limit()
-        log.info("http_serving", urls=urls, max_connections=limits.max_connections, fd_limit=fds)
+        log.info(
+            "http_serving",
+            urls=_urls(listeners),
+            max_connections=limits.max_connections,
+            fd_limit=fds,
+        )
         if limits.max_connections >= fds:
             log.warning(
                 "http_connection_cap_over_fd_limit",
@@ -100,7 +124,6 @@ async def serve_http(
             async with trio.open_nursery() as accepting:
                 for listener in listeners:
                     accepting.start_soon(_accept_loop, listener, table, connections)
-                task_status.started(urls)
                 await shutdown.wait()
                 accepting.cancel_scope.cancel()
             for listener in listeners:
@@ -169,6 +192,7 @@ async def serve_api(
     shutdown: trio.Event,
     limits: HttpLimits | None = None,
     announce: bool = True,
+    front: bool = False,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``listen`` until ``shutdown`` is set; reports the bound URLs.
@@ -176,10 +200,33 @@ async def serve_api(
     Started with ``await nursery.start(...)``: the caller learns the real port (use
     port 0 in tests). On ``shutdown`` the server stops accepting, closes idle
     connections and lets requests in flight finish (``limits.graceful_s``).
+    ``front``: the server runs on a thread and trio loop of its own and answers state
+    reads there; the app still runs on the caller's loop (``_front``; the daemon's
+    default, ``[http] front_thread``).
     """
-    await serve_http(
-        app, listen, shutdown=shutdown, limits=limits, announce=announce, task_status=task_status
+    listeners, urls = await _bind(listen)
+    if not front:
+        task_status.started(urls)
+        await serve_listeners(app, listeners, shutdown=shutdown, limits=limits, announce=announce)
+        return
+    fds = detach_listeners(listeners)
+    watch_agent_loop(app)
+    task_status.started(urls)
+    await serve_front(
+        serve_listeners,
+        app,
+        fds,
+        shutdown=shutdown,
+        limits=limits or HttpLimits(),
+        announce=announce,
     )
 
 
-__all__ = ["DEFAULT_LISTEN", "HttpLimits", "fd_limit", "serve_api", "serve_http"]
+__all__ = [
+    "DEFAULT_LISTEN",
+    "HttpLimits",
+    "fd_limit",
+    "serve_api",
+    "serve_http",
+    "serve_listeners",
+]
