@@ -230,7 +230,7 @@ async def test_shutdown_stops_the_front_and_cancellation_stops_it_at_once() -> N
                             announce=False,
                             front=True,
                             task_status=task_status,
-                        )  # fmt: skip
+                        )
                     )
                     async with httpx.AsyncClient(base_url=urls[0], timeout=10) as client:
                         assert (await client.get("/metrics")).status_code == 200
@@ -261,7 +261,7 @@ async def test_a_port_in_use_fails_before_the_front_starts() -> None:
                                 announce=False,
                                 front=True,
                                 task_status=task_status,
-                            )  # fmt: skip
+                            )
                         )
             finally:
                 taken.close()
