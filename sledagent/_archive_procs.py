@@ -36,6 +36,7 @@ import trio
 
 from ._archive import IN_PROGRESS, TarArchiver, TempFilesInProgress, bundle_path
 from ._archive_worker import HEADER as _HEADER
+from ._archive_worker import NICE
 from ._host import ArchiveJob, BundleInfo
 
 _log = structlog.get_logger("sledagent.archive")
@@ -105,10 +106,13 @@ class ProcessArchiver:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         # "-c", not "-m": the package imports this module, and runpy warns when the
-        # module it runs as __main__ was imported first.
+        # module it runs as __main__ was imported first. The lower priority comes first:
+        # the worker's imports (the whole package, ~0.7 s of CPU) must not compete with
+        # the agent either (a restart re-adopting 1000 VMMs shared the CPU with them).
         self._argv = [
-            sys.executable, "-c", "import sys; from sledagent._archive_worker import serve; "
-            "serve(sys.argv[1:])",
+            sys.executable, "-c", "import os, sys\n"
+            f"try: os.nice({NICE})\nexcept OSError: pass\n"
+            "from sledagent._archive_worker import serve; serve(sys.argv[1:])",
             repr(([str(d) for d in self._local.debug_dirs], compression_level, max_file_bytes)),
         ]  # fmt: skip
         self._workers = workers

@@ -5,7 +5,6 @@ its own."""
 from __future__ import annotations
 
 import ast
-import contextlib
 import os
 import pickle
 import signal
@@ -17,7 +16,9 @@ from typing import Any
 
 #: Each message on the pipes: its length (4 bytes, big-endian), then a pickle.
 HEADER = struct.Struct(">I")
-_NICE = 10
+#: The worker's CPU priority (nice), set before it imports anything (``ProcessArchiver``):
+#: requests and publications (in the agent) go first.
+NICE = 10
 
 
 def _read_exactly(stream: Any, n: int) -> bytes | None:
@@ -35,8 +36,6 @@ def serve(argv: list[str]) -> None:
     archiver = TarArchiver(
         [Path(d) for d in dirs], compression_level=level, max_file_bytes=max_file_bytes
     )
-    with contextlib.suppress(OSError):
-        os.nice(_NICE)  # requests and publications (in the agent) go first
     # The agent decides when a worker ends (stdin closed, or killed): a Ctrl-C at the
     # terminal reaches the whole process group, and the agent's shutdown needs it alive.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -95,18 +95,24 @@ def _freeze_startup_heap() -> None:
 _READOPTION_GC_OFF_S = 30.0
 
 
-async def _freeze_after_readoption(agent: SledAgent) -> None:
-    """Collect, freeze and turn the cyclic GC back on once every VMM taken back after a
-    restart has had its Propolis's answer. Re-adopting 1000 VMMs allocates their runners,
-    pools and connections, all long-lived; with the GC on, half the agent's CPU in that
-    window went to collections (1.67 of 3.18 s at N=1000, two of them full) while reads
-    waited behind them. Bounded: the GC is back on after ``_READOPTION_GC_OFF_S`` anyway."""
+async def _after_readoption(agent: SledAgent, archiver: object) -> None:
+    """Once every VMM taken back after a restart has had its Propolis's answer: freeze
+    the heap and turn the cyclic GC back on, then start the bundle workers.
+
+    Re-adopting 1000 VMMs allocates their runners, pools and connections, all
+    long-lived; with the GC on, half the agent's CPU in that window went to collections
+    (1.67 of 3.18 s at N=1000, two of them full) while reads waited behind them. The
+    workers' start (an interpreter and the package's imports each, ~0.7 s of CPU) took
+    40-60% of a core each in that window on a 2-core host (session 9); a bundle needed
+    sooner starts its worker itself. Bounded: after ``_READOPTION_GC_OFF_S`` anyway."""
     try:
         with trio.move_on_after(_READOPTION_GC_OFF_S):
             await agent.readoption_done.wait()
     finally:
         _freeze_startup_heap()
         gc.enable()
+    if isinstance(archiver, ProcessArchiver):
+        await archiver.warm_up()
 
 
 async def _start_server(
@@ -118,6 +124,7 @@ async def _start_server(
     limits: HttpLimits | None = None,
     announce: bool = True,
     front: bool = False,
+    front_until: trio.Event | None = None,
 ) -> str:
     """Serve ``app`` in ``nursery``; its URL. A failure to bind is ``ListenError``."""
     try:
@@ -129,6 +136,7 @@ async def _start_server(
                 limits=limits,
                 announce=announce,
                 front=front,
+                front_until=front_until,
                 task_status=task_status,
             )
         )
@@ -268,8 +276,6 @@ async def _serve_agent(
         raise ConfigError(f"nexus_url: {exc}") from None
     dirs = config.bundle_dirs()
     archiver = archiver_for(config, dirs)
-    if isinstance(archiver, ProcessArchiver):
-        nursery.start_soon(archiver.warm_up)
     try:
         zones: ZoneBackend
         quota = config.bundle_quota_bytes
@@ -303,7 +309,7 @@ async def _serve_agent(
             ),
             journal=StateJournal(config.data_dir / JOURNAL_NAME),
         )
-        gc.disable()  # until the start's VMMs are taken back (``_freeze_after_readoption``)
+        gc.disable()  # until the start's VMMs are taken back (``_after_readoption``)
         async with open_sled_agent(
             config.agent, host, sled_id=sled_id, host_rebooted=rebooted
         ) as agent:
@@ -316,11 +322,12 @@ async def _serve_agent(
                 api_stop,
                 limits=config.http,
                 front=config.http.front_thread,
+                front_until=agent.readoption_done,
             )
             log.info(
                 "daemon_listening", api=api_url, nexus=nexus_url, data_dir=str(config.data_dir)
             )
-            nursery.start_soon(_freeze_after_readoption, agent)
+            nursery.start_soon(_after_readoption, agent, archiver)
             task_status.started(
                 DaemonInfo(
                     api_url,

@@ -21,11 +21,16 @@ mid-``send`` cancels that send on the front.
 
 Lifetime: ``serve_front`` runs the front loop in a worker thread for as long as its
 caller's task; the caller's shutdown event and its cancellation both reach the front.
-No task outlives it: the front's loop ends before ``serve_front`` returns.
+No task outlives it: the front's loop ends before ``serve_front`` returns. The daemon
+keeps the front only while a start re-adopts its VMMs (``_server.serve_api``'s
+``front_until``): with the agent's loop saturated, every syscall of the front waits to
+take the GIL back (the convoy effect), and at 2,000 reads/s a read waited longer on
+the front than on the agent's own loop (docs/performance.md, "Session 9").
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -151,18 +156,20 @@ class _BridgedApp:
         await _cross(front, agent, lambda: self.app(scope, receive_there, send_there))
 
 
-def watch_agent_loop(app: ASGIApp) -> None:
-    """Point the app's read admission, if it has one, at this (the agent's) loop: reads
-    are decided on the front, and "publication first" protects the agent's loop."""
+def watch_agent_loop(app: ASGIApp, *, front: bool = True) -> None:
+    """Point the app's read admission, if it has one, at this (the agent's) loop while
+    a front decides reads ("publication first" protects the agent's loop); with
+    ``front=False``, back to one loop for both."""
     admission = getattr(app, "admission", None)
     if isinstance(admission, ReadAdmission):
-        admission.busy = loop_lag().lag_s
+        admission.busy = loop_lag().lag_s if front else None
 
 
-def detach_listeners(listeners: list[trio.SocketListener]) -> list[int]:
-    """Descriptors of ``listeners``, given up by the loop that bound them (bound and
-    listening, never waited on there: nothing of them is registered with its loop)."""
-    return [listener.socket.detach() for listener in listeners]
+def duplicate_listeners(listeners: list[trio.SocketListener]) -> list[int]:
+    """New descriptors for the listening sockets of ``listeners`` (``dup``), for the
+    front's loop: the kernel hands each connection to one ``accept``, whichever loop
+    makes it, and closing a copy leaves the other listening."""
+    return [os.dup(listener.socket.fileno()) for listener in listeners]
 
 
 ServeListeners = Callable[..., Awaitable[None]]
@@ -176,12 +183,13 @@ async def serve_front(
     shutdown: trio.Event,
     limits: HttpLimits,
     announce: bool,
+    retire: Callable[[], bool] | None = None,
 ) -> None:
     """Serve ``app`` on the listening descriptors ``fds`` from a front loop in a thread
     of its own, until ``shutdown`` (graceful, as ``serve``) or cancellation (at once).
 
-    ``serve(app, listeners, shutdown=, limits=, announce=)`` is the server (``_server``'s
-    ``serve_listeners``), run on the front loop. Raises what it raises."""
+    ``serve(app, listeners, shutdown=, limits=, announce=, retire=)`` is the server
+    (``_server``'s ``serve_listeners``), run on the front loop. Raises what it raises."""
     agent_side, front_side = _Loop(), _Loop()
     bridged = _BridgedApp(app, agent_side, front_side)
     ready = trio.Event()  # set on the agent's loop once the front serves
@@ -204,8 +212,14 @@ async def serve_front(
             async with trio.open_nursery() as calls:
                 front_side.bind(calls)
                 agent_side.soon(ready.set)
-                await serve(bridged, listeners, shutdown=front_shutdown, limits=limits,
-                            announce=announce)  # fmt: skip
+                await serve(
+                    bridged,
+                    listeners,
+                    shutdown=front_shutdown,
+                    limits=limits,
+                    announce=announce,
+                    retire=retire,
+                )
                 calls.cancel_scope.cancel()
 
     async def relay() -> None:  # on the agent's loop: its shutdown and cancel, to the front

@@ -87,8 +87,9 @@ class HttpLimits:
     discard_timeout_s: float = attrs.field(default=2.0, validator=v.gt(0))
     #: On shutdown, requests in flight get this long to finish, seconds.
     graceful_s: float = attrs.field(default=5.0, validator=v.ge(0))
-    #: The agent's API server runs on a thread and trio loop of its own and answers
-    #: state reads there, never behind the agent's work (``_front``; issues 18, 21).
+    #: While a start re-adopts its VMMs, the API is served from a thread and trio loop
+    #: of its own and state reads are answered there, never behind that work
+    #: (``_front``; issue 18); then the agent's loop serves it.
     front_thread: bool = True
 
 
@@ -146,6 +147,11 @@ class ConnectionTable:
         self.app, self.limits = app, limits
         self.quick_get: QuickGet | None = getattr(app, "quick_get", None)
         self.draining = False
+        #: Handing over to another server on the same port (``_server.serve_api``): each
+        #: connection's next answer says ``connection: close`` and the connection ends;
+        #: idle ones end at their keep-alive timeout. No client meets a closed
+        #: connection it was told it could reuse (as it would if they were closed now).
+        self.retiring = False
         self.connections: set[_Connection] = set()
         self.idle: dict[_Connection, None] = {}
         #: Set (and replaced) whenever a connection ends: a descriptor is free.
@@ -209,6 +215,8 @@ class _Connection:
                 if request is None:
                     break
                 if request is _QUICK:
+                    if self.table.retiring:
+                        break  # its answer said connection: close
                     continue  # answered without h11: it is still between requests
                 await self._handle(request)
                 conn = self.h11
@@ -314,6 +322,8 @@ class _Connection:
         answer = await quick_get(target, data)
         if answer is None:
             return False
+        if self.table.retiring:  # the head ends at the first blank line
+            answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
         # One write(2) almost always takes a small answer whole; the rest, if any, the
         # usual way. (trio's send_all first enters a conflict detector and two contexts.)
         try:
@@ -486,6 +496,8 @@ class _Exchange:
                 or self._unread() > conn.limits.max_discard_bytes
             ):
                 # The body will not come (no 100 Continue) or is too big to drop: say so.
+                headers.append((b"connection", b"close"))
+            elif conn.table.retiring:  # this server hands over: the next request, elsewhere
                 headers.append((b"connection", b"close"))
             self.head = h11.Response(status_code=message["status"], headers=headers)
             return

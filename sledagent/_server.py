@@ -17,12 +17,13 @@ import contextlib
 import errno
 import os
 import resource
+from collections.abc import Callable
 
 import structlog
 import trio
 
 from ._addr import parse_listen
-from ._front import detach_listeners, serve_front, watch_agent_loop
+from ._front import duplicate_listeners, serve_front, watch_agent_loop
 from ._http import STATS, ASGIApp, ConnectionTable, HttpLimits, refusal
 
 DEFAULT_LISTEN = "127.0.0.1:12345"
@@ -100,8 +101,13 @@ async def serve_listeners(
     shutdown: trio.Event,
     limits: HttpLimits | None = None,
     announce: bool = True,
+    retire: Callable[[], bool] | None = None,
 ) -> None:
-    """``serve_http`` on listeners already bound (closed on return)."""
+    """``serve_http`` on listeners already bound (closed on return). ``retire``: asked
+    at ``shutdown``; True: another server takes over the port: connections are not closed under
+    their clients but told to close with their next answer (``ConnectionTable.retiring``),
+    idle ones at their keep-alive timeout; after ``keep_alive_s + graceful_s`` the rest
+    are cancelled."""
     limits = limits or HttpLimits()
     table = ConnectionTable(app, limits)
     if announce:
@@ -128,10 +134,15 @@ async def serve_listeners(
                 accepting.cancel_scope.cancel()
             for listener in listeners:
                 listener.socket.close()
-            table.draining = True
-            table.close_idle()
+            if retire is not None and retire():
+                table.retiring = True
+                grace = limits.keep_alive_s + limits.graceful_s
+            else:
+                table.draining = True
+                table.close_idle()
+                grace = limits.graceful_s
             # Requests in flight finish within the deadline; then the rest is cancelled.
-            connections.cancel_scope.deadline = trio.current_time() + limits.graceful_s
+            connections.cancel_scope.deadline = trio.current_time() + grace
     finally:
         for listener in listeners:  # also when cancelled rather than shut down
             listener.socket.close()
@@ -193,6 +204,7 @@ async def serve_api(
     limits: HttpLimits | None = None,
     announce: bool = True,
     front: bool = False,
+    front_until: trio.Event | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``listen`` until ``shutdown`` is set; reports the bound URLs.
@@ -200,26 +212,64 @@ async def serve_api(
     Started with ``await nursery.start(...)``: the caller learns the real port (use
     port 0 in tests). On ``shutdown`` the server stops accepting, closes idle
     connections and lets requests in flight finish (``limits.graceful_s``).
-    ``front``: the server runs on a thread and trio loop of its own and answers state
-    reads there; the app still runs on the caller's loop (``_front``; the daemon's
-    default, ``[http] front_thread``).
+
+    ``front``: the server first runs on a thread and trio loop of its own and answers
+    state reads there while the app runs on the caller's loop (``_front``), until
+    ``front_until`` is set (None: to the end). Then the front stops accepting and
+    retires its connections (each one's next answer says ``connection: close``, idle
+    ones close at their keep-alive timeout: ``serve_listeners``'s ``retire``) while
+    this loop accepts and serves everything itself. The daemon
+    hands over once a restart's VMMs are taken back (``[http] front_thread``): the
+    front keeps reads answered while the agent's loop re-adopts, but shares the GIL,
+    and with the agent's loop saturated (a mass halt at 2,000 reads/s) a read on the
+    front waited longer than on the agent's own loop (docs/performance.md, "Session 9").
     """
     listeners, urls = await _bind(listen)
     if not front:
         task_status.started(urls)
         await serve_listeners(app, listeners, shutdown=shutdown, limits=limits, announce=announce)
         return
-    fds = detach_listeners(listeners)
+    limits = limits or HttpLimits()
+    fds = duplicate_listeners(listeners)  # the front's own descriptors, closed by it
     watch_agent_loop(app)
     task_status.started(urls)
-    await serve_front(
-        serve_listeners,
-        app,
-        fds,
-        shutdown=shutdown,
-        limits=limits or HttpLimits(),
-        announce=announce,
-    )
+    handover = trio.Event()
+
+    async def hand_over_when_due() -> None:
+        async with trio.open_nursery() as waiting:
+            for event in (shutdown, front_until):
+                if event is not None:
+                    waiting.start_soon(_set_when, event, handover, waiting.cancel_scope)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: serve_front(
+                    serve_listeners,
+                    app,
+                    fds,
+                    shutdown=handover,
+                    limits=limits,
+                    announce=announce,
+                    retire=lambda: not shutdown.is_set(),
+                )
+            )
+            await hand_over_when_due()
+            watch_agent_loop(app, front=False)
+            if not shutdown.is_set():
+                log.info("http_front_handed_over")
+                await serve_listeners(
+                    app, listeners, shutdown=shutdown, limits=limits, announce=False
+                )
+    finally:
+        for listener in listeners:
+            listener.socket.close()
+
+
+async def _set_when(event: trio.Event, then: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    then.set()
+    scope.cancel()
 
 
 __all__ = [

@@ -265,3 +265,54 @@ async def test_a_port_in_use_fails_before_the_front_starts() -> None:
                         )
             finally:
                 taken.close()
+
+
+async def test_at_handover_each_connection_is_told_to_close_and_the_agents_loop_serves_next() -> (
+    None
+):
+    """The daemon keeps the front only while a start re-adopts (``front_until``): then
+    a kept-alive connection's next answer says ``connection: close`` (never a
+    connection closed under a client that may reuse it) and new ones are served."""
+    with trio.fail_after(DEADLINE_S):
+        async with open_fake_agent(fast_config()) as harness, trio.open_nursery() as nursery:
+            app = build_app(harness.agent)
+            stop, until = trio.Event(), trio.Event()
+            urls = await nursery.start(
+                lambda task_status: serve_api(
+                    app,
+                    listen="127.0.0.1:0",
+                    shutdown=stop,
+                    announce=False,
+                    front=True,
+                    front_until=until,
+                    task_status=task_status,
+                )
+            )
+            port = int(urls[0].rsplit(":", 1)[1])
+            pid = await harness.start_vmm()
+            request = f"GET /vmms/{pid}/state HTTP/1.1\r\nhost: x\r\n\r\n".encode()
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+
+                async def ask() -> bytes:
+                    await stream.send_all(request)
+                    data = b""
+                    while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+                        chunk = await stream.receive_some(65536)
+                        assert chunk, "the server closed the connection without an answer"
+                        data += chunk
+                    return data
+
+                assert b"connection: close" not in (await ask()).lower()
+                assert app.admission is not None and app.admission.busy is not None
+                until.set()
+                while b"connection: close" not in (answer := await ask()).lower():
+                    pass  # answered before the front heard of the handover
+                assert answer.startswith(b"HTTP/1.1 200")
+                assert await stream.receive_some(65536) == b""  # then it closed
+            async with httpx.AsyncClient(base_url=urls[0], timeout=10) as client:
+                for _ in range(3):
+                    r = await client.get(f"/vmms/{pid}/state")
+                    assert r.status_code == 200
+            assert app.admission.busy is None  # one loop decides reads again
+            stop.set()
