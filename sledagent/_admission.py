@@ -132,9 +132,8 @@ class ReadAdmission:
 
     With the server on a front thread (``_front``) the quick path's reads are decided on
     the front's loop: ``lag`` is then the front loop's (how long the read waited) and
-    ``busy`` the agent's (``publication first`` protects the agent's thread, which
-    reads still share through the GIL). Counters are plain integers bumped from either
-    thread under the GIL."""
+    ``busy`` what ``publication first`` compares (``_front.watch_agent_loop``). Counters
+    are plain integers bumped from either thread under the GIL."""
 
     def __init__(
         self,
@@ -149,7 +148,7 @@ class ReadAdmission:
         self.backlog = backlog
         #: How long a request waits for the thread now (seconds); tests set their own.
         self.lag = lag
-        #: How far the agent's thread lags (seconds); None: ``lag`` (the same thread).
+        #: The lag "publication first" looks at (seconds); None: ``lag`` (one thread).
         self.busy: Callable[[], float] | None = None
         self.now = now
         self._clock = clock

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from ._admission import ReadAdmission, loop_lag
+from ._admission import ReadAdmission
 from ._http import ASGIApp, HttpLimits, Message, Scope
 
 T = TypeVar("T")
@@ -157,12 +157,21 @@ class _BridgedApp:
 
 
 def watch_agent_loop(app: ASGIApp, *, front: bool = True) -> None:
-    """Point the app's read admission, if it has one, at this (the agent's) loop while
-    a front decides reads ("publication first" protects the agent's loop); with
-    ``front=False``, back to one loop for both."""
+    """Tell the app's read admission, if it has one, whether a front decides reads.
+
+    While a front serves (a start re-adopting its VMMs) a read costs the agent's loop
+    nothing but its share of the GIL, and is answered from the journal at once (issue
+    18: "answers its journaled state at once"): "publication first" is off (the
+    agent's lag counts as 0; re-adoption's first monitor answers would otherwise count
+    as a publication backlog and shed reads at start); only the front's own lag can
+    make a read ``late``. With ``front=False``, one loop decides both again."""
     admission = getattr(app, "admission", None)
     if isinstance(admission, ReadAdmission):
-        admission.busy = loop_lag().lag_s if front else None
+        admission.busy = _no_lag if front else None
+
+
+def _no_lag() -> float:
+    return 0.0
 
 
 def duplicate_listeners(listeners: list[trio.SocketListener]) -> list[int]:

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import trio
 
-from sledagent._admission import PUBLICATION_FIRST, ReadAdmission
+from sledagent._admission import LATE, PUBLICATION_FIRST, ReadAdmission
 from sledagent._api import build_app
 from sledagent._server import serve_api
 from sledagent.testing import AgentHarness, ensure_body_json, fast_config, open_fake_agent
@@ -178,22 +178,22 @@ async def test_a_wrong_token_is_refused_on_the_front_and_through_the_bridge() ->
             assert r.status_code == 200
 
 
-async def test_while_halts_are_published_and_the_agent_lags_front_reads_are_refused_at_once() -> (
-    None
-):
+async def test_on_the_front_a_publication_sheds_no_read_but_a_late_one_is_refused_at_once() -> None:
+    """While a front serves (a start re-adopting), reads cost the agent's loop only
+    their GIL share: "publication first" sheds none of them; a read that waited past
+    ``late_s`` on the front's own loop is still refused at once with 503."""
     with trio.fail_after(DEADLINE_S):
         async with front_server() as f:
             pid = await f.harness.start_vmm()
-            f.admission.busy = lambda: 0.02  # the agent's loop is 20 ms behind
-            f.admission.backlog = lambda: 3  # and three halts are on their way to Nexus
+            f.admission.backlog = lambda: 3  # three halts on their way to Nexus
+            r = await f.client.get(f"/vmms/{pid}/state")
+            assert r.status_code == 200, r.text
+            f.admission.lag = lambda: 0.2  # the front's own loop is 200 ms behind
             r = await f.client.get(f"/vmms/{pid}/state")
             assert r.status_code == 503
             assert r.headers["retry-after"] == "1"
             assert r.json()["error_code"] == "OVERLOADED"
-            assert f.admission.statistics().shed[PUBLICATION_FIRST] == 1
-            f.admission.backlog = lambda: 0  # nothing to publish: the lag alone sheds none
-            r = await f.client.get(f"/vmms/{pid}/state")
-            assert r.status_code == 200
+            assert f.admission.statistics().shed == {PUBLICATION_FIRST: 0, LATE: 1}
 
 
 async def test_a_client_that_leaves_mid_request_cancels_the_apps_task() -> None:
