@@ -27,6 +27,8 @@ from pathlib import Path
 
 import attrs
 
+from sledagent.sim._spawn import read_state
+
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "schemathesis" / "schemathesis.toml"
 
@@ -87,6 +89,12 @@ def run_fuzz(*, examples: int, seed: int, max_time_s: int | None = None) -> Fuzz
                 daemon_exit = None
             if daemon.stdout is not None:
                 daemon.stdout.close()
+            # The simulated guests outlive the daemon by design; their host rewrites its
+            # state file in the data directory each second: stopped before the directory
+            # is removed (else its removal races that write: "Directory not empty").
+            host = read_state(root / "data")
+            if host is not None:
+                host.kill()
         return FuzzResult(done.returncode, done.stdout + done.stderr, daemon_exit, log.read_text())
 
 
