@@ -14,6 +14,7 @@ import trio.testing
 
 from sledagent._agent import open_sled_agent
 from sledagent._errors import ShuttingDown, Unavailable
+from sledagent._manager import InstanceManager
 from sledagent._wire import VmmStateRequested, VmmStateRequestedType
 from sledagent.testing import AgentHarness, FakeHost, fast_config
 
@@ -33,18 +34,17 @@ async def test_a_state_change_waiting_for_readoption_at_shutdown_is_told_to_retr
     fakes.propolis[pid].hang()  # its Propolis does not answer: re-adoption waits
     outcome: list[BaseException | object] = []
 
-    async def nexus_asks(manager: object) -> None:
+    async def nexus_asks(manager: InstanceManager) -> None:
         try:
-            outcome.append(await agent.manager.put_state(pid, requested))
+            outcome.append(await manager.put_state(pid, requested))
         except Exception as exc:
             outcome.append(exc)
 
-    async with trio.open_nursery() as nexus:
-        async with open_sled_agent(config, fakes.host()) as agent:
-            nexus.start_soon(nexus_asks, agent.manager)
-            await trio.testing.wait_all_tasks_blocked()  # it waits for the re-adoption
-            assert not outcome
-        # The agent stopped (SIGTERM) with the request still waiting.
+    # The agent stops (SIGTERM) with the request still waiting; Nexus's call outlives it.
+    async with trio.open_nursery() as nexus, open_sled_agent(config, fakes.host()) as restarted:
+        nexus.start_soon(nexus_asks, restarted.manager)
+        await trio.testing.wait_all_tasks_blocked()  # it waits for the re-adoption
+        assert not outcome
     assert len(outcome) == 1
     assert isinstance(outcome[0], Unavailable), outcome[0]
     assert isinstance(outcome[0], ShuttingDown)
