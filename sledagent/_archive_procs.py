@@ -109,8 +109,12 @@ class ProcessArchiver:
         # module it runs as __main__ was imported first. The lower priority comes first:
         # the worker's imports (the whole package, ~0.7 s of CPU) must not compete with
         # the agent either (a restart re-adopting 1000 VMMs shared the CPU with them).
+        # SIGINT is ignored before the imports, not after them (in ``serve``): a Ctrl-C
+        # at the terminal reaches the whole process group, and a worker still importing
+        # printed a KeyboardInterrupt traceback (the agent decides when a worker ends).
         self._argv = [
-            sys.executable, "-c", "import os, sys\n"
+            sys.executable, "-c", "import os, signal, sys\n"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
             f"try: os.nice({NICE})\nexcept OSError: pass\n"
             "from sledagent._archive_worker import serve; serve(sys.argv[1:])",
             repr(([str(d) for d in self._local.debug_dirs], compression_level, max_file_bytes)),

@@ -321,7 +321,10 @@ async def _serve_agent(
                 config.listen,
                 api_stop,
                 limits=config.http,
-                front=config.http.front_thread,
+                # Nothing to re-adopt (a first start, 0 VMMs): no front at all. Else a
+                # connection the front took in its moment before the handover lived on it
+                # up to keep_alive_s, outside the agent's connection cap.
+                front=config.http.front_thread and not agent.readoption_done.is_set(),
                 front_until=agent.readoption_done,
             )
             log.info(

@@ -40,6 +40,7 @@ from ._errors import (
     GenerationExhausted,
     PeerError,
     PropolisGone,
+    ShuttingDown,
     Terminating,
     VmNotRunning,
     bounded,
@@ -179,6 +180,8 @@ class InstanceRunner(RunnerEnding):
         except trio.WouldBlock:
             raise ChannelFull(self.propolis_id, self._ctx.config.runner_queue_size) from None
         except (trio.ClosedResourceError, trio.BrokenResourceError):
+            if not self._halted:  # the agent stops (SIGTERM): the VMM lives on
+                raise self._shutting_down() from None
             raise Terminating(self.propolis_id) from None
 
     def terminate(self, force: VmmState | None = None) -> SledVmmState:
@@ -257,9 +260,27 @@ class InstanceRunner(RunnerEnding):
             self._set_adopted()
             self._send.close()
             for request in self._deferred:
-                self._answer_halted(request)
+                self._answer_unserved(request)
             self._answer_leftovers()
             self.finished.set()
+
+    def _shutting_down(self) -> ShuttingDown:
+        return ShuttingDown(
+            f"the sled agent is stopping; VMM {self.propolis_id} is left running for its "
+            "next start: retry"
+        )
+
+    def _answer_unserved(self, request: Request) -> None:
+        """A request the runner ends without serving: halted, the halt's answer; the
+        agent stopping (the runner cancelled, the VMM still live), 503 to retry.
+
+        Never ``NO_SUCH_INSTANCE`` for a VMM that lives on: Nexus marks a VMM its sled
+        says is not there Failed (omicron #6455, RFD 486), and the next start takes the
+        guest back: the duplicate a restart must not make (issue 18)."""
+        if self._halted:
+            self._answer_halted(request)
+        else:
+            request.reply.fail(self._shutting_down())
 
     def _answer_leftovers(self) -> None:
         while True:
@@ -267,7 +288,7 @@ class InstanceRunner(RunnerEnding):
                 request = self._recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            self._answer_halted(request)
+            self._answer_unserved(request)
 
     def _answer_halted(self, request: Request) -> None:
         """Answer a request the halt overtook: a read or a stop gets the terminal state
@@ -312,6 +333,8 @@ class InstanceRunner(RunnerEnding):
                 request.reply.fail(AgentError(f"internal error: {exc!r}"))
             finally:
                 self._request_scope = None
+                if not self._halted:  # cancelled from outside: the agent stops
+                    request.reply.fail(self._shutting_down())  # (no-op once answered)
         if scope.cancelled_caught:  # terminated while waiting on Propolis
             self._answer_halted(request)
 

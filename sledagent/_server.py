@@ -135,14 +135,15 @@ async def serve_listeners(
             for listener in listeners:
                 listener.socket.close()
             if retire is not None and retire():
+                # Not a shutdown: answers in flight (a bundle download) end whole, however
+                # long they take; idle connections end at their keep-alive timeout. The
+                # caller cancels what is left at its own shutdown (``serve_api``).
                 table.retiring = True
-                grace = limits.keep_alive_s + limits.graceful_s
             else:
                 table.draining = True
                 table.close_idle()
-                grace = limits.graceful_s
-            # Requests in flight finish within the deadline; then the rest is cancelled.
-            connections.cancel_scope.deadline = trio.current_time() + grace
+                # Requests in flight finish within the deadline; then the rest is cancelled.
+                connections.cancel_scope.deadline = trio.current_time() + limits.graceful_s
     finally:
         for listener in listeners:  # also when cancelled rather than shut down
             listener.socket.close()
@@ -261,6 +262,9 @@ async def serve_api(
                 await serve_listeners(
                     app, listeners, shutdown=shutdown, limits=limits, announce=False
                 )
+                # Shutdown: this loop's connections had their grace; the front's retiring
+                # ones (an answer still in flight since the handover) had as long.
+                nursery.cancel_scope.cancel()
     finally:
         for listener in listeners:
             listener.socket.close()
