@@ -211,7 +211,10 @@ def build_app(
                         error_code=exc.error_code,
                         message=exc.message,
                     )
-                    return _error(exc, request_id)
+                    # A 503 says when to try again (RFC 9110 10.2.3): Nexus's client and
+                    # ours (``RetryOverloaded``) wait that long instead of hammering.
+                    retry = {"retry-after": "1"} if exc.status == 503 else None
+                    return _error(exc, request_id, retry)
                 except ClientDisconnect:
                     raise  # the server ended the request (bad, slow or cut-off body): no bug
                 except Exception:  # a bug: logged with its request id, never a traceback

@@ -125,9 +125,10 @@ def refusal(status: int, message: str, *, head_only: bool = False) -> bytes:
         {"message": message, "error_code": None, "request_id": str(uuid.uuid4())}
     ).encode()
     reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+    retry = "retry-after: 1\r\n" if status == 503 else ""  # RFC 9110 10.2.3
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n"
     ).encode()
     return head if head_only else head + body
 

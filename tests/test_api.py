@@ -444,3 +444,32 @@ async def test_migration_target_is_refused_with_400_when_it_cannot_be_one(
                 assert r.json()["error_code"] == "INVALID_REQUEST" and named in r.json()["message"]
             r = await api.call("GET", state, 200, path={"propolis_id": target})
             assert r.json()["migration_in"]["state"] == "pending"  # untouched
+
+
+async def test_every_503_says_when_to_retry() -> None:
+    """Not only shed reads: a full host (as a VMM still being taken back, a stopping
+    agent). Nexus's client (and ``RetryOverloaded``) waits ``Retry-After`` and asks again
+    instead of hammering (RFC 9110 10.2.3)."""
+    with trio.fail_after(30):
+        async with (
+            open_fake_agent(fast_config(max_zones=1)) as harness,
+            trio.open_nursery() as nursery,
+        ):
+            stop = trio.Event()
+            urls = await nursery.start(
+                lambda task_status: serve_api(
+                    build_app(harness.agent),
+                    listen="127.0.0.1:0",
+                    shutdown=stop,
+                    announce=False,
+                    task_status=task_status,
+                )
+            )
+            async with httpx.AsyncClient(base_url=urls[0], timeout=10) as client:
+                first = await client.put(f"/vmms/{uuid.uuid4()}", json=ensure_body_json())
+                assert first.status_code == 200, first.text
+                r = await client.put(f"/vmms/{uuid.uuid4()}", json=ensure_body_json())
+            assert r.status_code == 503
+            assert r.json()["error_code"] == "INSUFFICIENT_CAPACITY"
+            assert r.headers["retry-after"] == "1"
+            stop.set()
