@@ -45,6 +45,15 @@ def serve(argv: list[str]) -> None:
     stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    try:
+        _serve_jobs(stdin, stdout, archiver, never)
+    except BrokenPipeError:
+        # The agent died (kill -9) while this worker ran a job: nobody reads the answer.
+        # Exit quietly rather than print a traceback into the agent's shared stderr log.
+        os._exit(0)
+
+
+def _serve_jobs(stdin: Any, stdout: Any, archiver: Any, never: threading.Event) -> None:
     stdout.write(HEADER.pack(0))  # ready: imports done (an empty frame)
     stdout.flush()
     while (head := _read_exactly(stdin, HEADER.size)) is not None:
