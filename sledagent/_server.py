@@ -219,11 +219,11 @@ async def serve_api(
     ``front_until`` is set (None: to the end). Then the front stops accepting and
     retires its connections (each one's next answer says ``connection: close``, idle
     ones close at their keep-alive timeout: ``serve_listeners``'s ``retire``) while
-    this loop accepts and serves everything itself. The daemon
-    hands over once a restart's VMMs are taken back (``[http] front_thread``): the
-    front keeps reads answered while the agent's loop re-adopts, but shares the GIL,
-    and with the agent's loop saturated (a mass halt at 2,000 reads/s) a read on the
-    front waited longer than on the agent's own loop (docs/performance.md, "Session 9").
+    this loop accepts and serves everything itself. The daemon hands over once a
+    restart's VMMs are taken back (``[http] front_thread``): the front keeps reads
+    answered while the agent's loop re-adopts, but shares the GIL, and with the agent's
+    loop saturated (a mass halt at 2,000 reads/s) a read on the front waited longer
+    than on the agent's own loop (docs/performance.md, "Session 9").
     """
     listeners, urls = await _bind(listen)
     if not front:
