@@ -29,6 +29,8 @@ from sledagent._api import build_app
 from sledagent._server import serve_api
 from sledagent.testing import AgentHarness, ensure_body_json, fast_config, open_fake_agent
 
+from ._front import port_of, serve_with_front
+
 DEADLINE_S = 30
 
 
@@ -47,19 +49,12 @@ async def front_server(*, token: str | None = None) -> AsyncIterator[Front]:
         app = build_app(harness.agent, token=token)
         stop = trio.Event()
         urls = await nursery.start(
-            lambda task_status: serve_api(
-                app,
-                listen="127.0.0.1:0",
-                shutdown=stop,
-                announce=False,
-                front=True,
-                task_status=task_status,
-            )
+            lambda task_status: serve_with_front(app, stop=stop, task_status=task_status)
         )
         headers = {"authorization": f"Bearer {token}"} if token else {}
         async with httpx.AsyncClient(base_url=urls[0], timeout=10, headers=headers) as client:
             assert app.admission is not None
-            yield Front(harness, client, int(urls[0].rsplit(":", 1)[1]), app.admission, stop)
+            yield Front(harness, client, port_of(urls[0]), app.admission, stop)
         stop.set()
 
 
@@ -223,13 +218,8 @@ async def test_shutdown_stops_the_front_and_cancellation_stops_it_at_once() -> N
                 stop = trio.Event()
                 async with trio.open_nursery() as nursery:
                     urls = await nursery.start(
-                        lambda task_status, stop=stop: serve_api(
-                            app,
-                            listen="127.0.0.1:0",
-                            shutdown=stop,
-                            announce=False,
-                            front=True,
-                            task_status=task_status,
+                        lambda task_status, stop=stop: serve_with_front(
+                            app, stop=stop, task_status=task_status
                         )
                     )
                     async with httpx.AsyncClient(base_url=urls[0], timeout=10) as client:
@@ -238,7 +228,7 @@ async def test_shutdown_stops_the_front_and_cancellation_stops_it_at_once() -> N
                         stop.set()
                     else:
                         nursery.cancel_scope.cancel()
-                port = int(urls[0].rsplit(":", 1)[1])
+                port = port_of(urls[0])
                 with pytest.raises(OSError):  # the listener is closed
                     socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
@@ -278,17 +268,11 @@ async def test_at_handover_each_connection_is_told_to_close_and_the_agents_loop_
             app = build_app(harness.agent)
             stop, until = trio.Event(), trio.Event()
             urls = await nursery.start(
-                lambda task_status: serve_api(
-                    app,
-                    listen="127.0.0.1:0",
-                    shutdown=stop,
-                    announce=False,
-                    front=True,
-                    front_until=until,
-                    task_status=task_status,
+                lambda task_status: serve_with_front(
+                    app, stop=stop, until=until, task_status=task_status
                 )
             )
-            port = int(urls[0].rsplit(":", 1)[1])
+            port = port_of(urls[0])
             pid = await harness.start_vmm()
             request = f"GET /vmms/{pid}/state HTTP/1.1\r\nhost: x\r\n\r\n".encode()
             stream = await trio.open_tcp_stream("127.0.0.1", port)

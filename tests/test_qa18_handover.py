@@ -11,7 +11,8 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from sledagent._http import HttpLimits, Message, Scope
-from sledagent._server import serve_api
+
+from ._front import port_of, serve_with_front
 
 DEADLINE_S = 30
 CHUNK = b"x" * 65536
@@ -36,18 +37,11 @@ async def test_an_answer_in_flight_at_handover_is_sent_whole() -> None:
         async with trio.open_nursery() as nursery:
             stop, until = trio.Event(), trio.Event()
             urls = await nursery.start(
-                lambda task_status: serve_api(
-                    app,
-                    listen="127.0.0.1:0",
-                    shutdown=stop,
-                    limits=limits,
-                    announce=False,
-                    front=True,
-                    front_until=until,
-                    task_status=task_status,
+                lambda task_status: serve_with_front(
+                    app, stop=stop, until=until, limits=limits, task_status=task_status
                 )
             )
-            port = int(urls[0].rsplit(":", 1)[1])
+            port = port_of(urls[0])
             async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
                 await stream.send_all(b"GET /bundle HTTP/1.1\r\nhost: x\r\n\r\n")
                 data = b""
@@ -88,20 +82,13 @@ async def test_a_shutdown_after_handover_ends_what_the_front_still_sends() -> No
             stop, until, served = trio.Event(), trio.Event(), trio.Event()
 
             async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
-                await serve_api(
-                    app,
-                    listen="127.0.0.1:0",
-                    shutdown=stop,
-                    limits=limits,
-                    announce=False,
-                    front=True,
-                    front_until=until,
-                    task_status=task_status,
+                await serve_with_front(
+                    app, stop=stop, until=until, limits=limits, task_status=task_status
                 )
                 served.set()
 
             urls = await nursery.start(serve)
-            port = int(urls[0].rsplit(":", 1)[1])
+            port = port_of(urls[0])
             async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
                 await stream.send_all(b"GET /bundle HTTP/1.1\r\nhost: x\r\n\r\n")
                 data = b""
