@@ -157,6 +157,7 @@ class ReadAdmission:
         self.waited = Histogram(READ_WAIT_BUCKETS)
         self._admitted = 0
         self._shed = dict.fromkeys(REASONS, 0)
+        self._elsewhere: AdmissionStatistics | None = None
         # The burst of refusals being logged: its start, count and last log line.
         self._burst_start: float | None = None
         self._burst_count = 0
@@ -211,7 +212,18 @@ class ReadAdmission:
         return reason
 
     def statistics(self) -> AdmissionStatistics:
-        return AdmissionStatistics(admitted=self._admitted, shed=dict(self._shed))
+        """Reads decided here and, with a front process, there (``absorb``)."""
+        admitted, shed = self._admitted, dict(self._shed)
+        if self._elsewhere is not None:
+            admitted += self._elsewhere.admitted
+            for reason, count in self._elsewhere.shed.items():
+                shed[reason] = shed.get(reason, 0) + count
+        return AdmissionStatistics(admitted=admitted, shed=shed)
+
+    def absorb(self, elsewhere: AdmissionStatistics) -> None:
+        """Count in the reads another process decided (the front process's cumulative
+        counts: each call replaces the last)."""
+        self._elsewhere = elsewhere
 
     def _shed_one(self, reason: str, lag: float) -> None:
         now = self._clock()

@@ -10,9 +10,7 @@ spec): explicit bundle jobs, the reaper's holdings, and the bundle quarantine.
 
 from __future__ import annotations
 
-import hmac
 import logging
-import random
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -34,7 +32,6 @@ from ._codec import decode, encode
 from ._errors import (
     AgentError,
     BadRequest,
-    NoSuchVmm,
     NotFound,
     Overloaded,
     PayloadTooLarge,
@@ -44,6 +41,8 @@ from ._errors import (
 from ._jobs import BundleJob
 from ._metrics import metrics_text, registry_for
 from ._openapi import openapi_document
+from ._quick_reads import bearer_matches, refused_read, state_reads
+from ._quick_reads import request_id as new_request_id
 from ._wire import (
     BundleJobStatus,
     CleanupContextUpdate,
@@ -62,14 +61,6 @@ DRAIN_LIMIT_BYTES = 16 << 20
 # and the registry, never joined to a path, so an unknown one is simply not found. One
 # that could climb out of a directory (``..``, a separator, NUL) is refused outright.
 _TRAVERSAL = re.compile(r"\.\.|[/\x00]")
-
-
-_ids = random.Random()
-
-
-def _request_id() -> str:
-    """A random (version 4) UUID, as dropshot's; drawn without a syscall per request."""
-    return str(uuid.UUID(int=_ids.getrandbits(128), version=4))
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -149,28 +140,6 @@ def _debug_enabled() -> bool:
     return True if check is None else bool(check(logging.DEBUG))
 
 
-#: ``GET /vmms/{propolis_id}/state`` as the quick path sees it (a UUID in its usual forms;
-#: anything else, percent-encoded or with a query, goes through the router).
-_STATE_TARGET = re.compile(rb"/vmms/([0-9A-Fa-f-]{32,36})/state")
-_BEARER = re.compile(rb"(?:^|\n)authorization:[ \t]*([!-~ \t]*?)[ \t]*\r\n", re.I)
-
-
-def _bearer_matches(value: bytes, token: bytes) -> bool:
-    """Whether an ``Authorization`` value carries ``token`` in the Bearer scheme, compared
-    in constant time. The scheme is case-insensitive (RFC 9110 11.1: ``bearer`` and
-    ``BEARER`` are ``Bearer``); one or more spaces separate it from the credentials
-    (RFC 9110 11.4)."""
-    scheme, _, credentials = value.partition(b" ")
-    return hmac.compare_digest(credentials.lstrip(b" "), token) and scheme.lower() == b"bearer"
-
-
-def _answer(status: int, body: bytes, request_id: str, extra: bytes = b"") -> bytes:
-    """A whole keep-alive answer, as h11 writes Starlette's (no reason phrase)."""
-    return b"HTTP/1.1 %d \r\ncontent-length: %d\r\ncontent-type: application/json\r\n%sx-request-id: %s\r\n\r\n%s" % (  # noqa: E501
-        status, len(body), extra, request_id.encode(), body
-    )  # fmt: skip
-
-
 def build_app(
     agent: SledAgent, *, token: str | None = None, reads: ReadLimits | None = None
 ) -> _Api:
@@ -190,11 +159,11 @@ def build_app(
     def route(path: str, methods: list[str], *, public: bool = False) -> Callable[[Handler], Route]:
         def wrap(handler: Handler) -> Route:
             async def endpoint(request: Request) -> Response:
-                request_id = _request_id()
+                request_id = new_request_id()
                 try:
                     if expected is not None and not public:
                         given = request.headers.get("authorization", "").encode()
-                        if not _bearer_matches(given, expected):
+                        if not bearer_matches(given, expected):
                             raise Unauthorized("missing or wrong bearer token")
                     response = await handler(request)
                 except Overloaded as exc:  # shed: counted and logged per burst, not here
@@ -252,18 +221,11 @@ def build_app(
     async def vmm_unregister(request: Request) -> Response:
         return _json(await manager.unregister(_uuid_param(request, "propolis_id")))
 
-    def refused_read(reason: str) -> Overloaded:
-        return Overloaded(
-            f"the agent is overloaded ({reason.replace('_', ' ')}): state read refused; "
-            f"retry in {admission.retry_after_s} s",
-            retry_after_s=admission.retry_after_s,
-        )
-
     @route("/vmms/{propolis_id}/state", ["GET"])
     async def vmm_get_state(request: Request) -> Response:
         propolis_id = _uuid_param(request, "propolis_id")
         if not manager.inline and (reason := admission.check()) is not None:
-            raise refused_read(reason)
+            raise refused_read(reason, admission.retry_after_s)
         return _json(await manager.get_state(propolis_id))
 
     @route("/vmms/{propolis_id}/state", ["PUT"])
@@ -385,54 +347,17 @@ def build_app(
 
     registry = manager.registry
 
-    async def quick_get(target: bytes, head: bytes) -> bytes | None:
-        """``GET /vmms/{id}/state`` answered from the registry as whole bytes (the
-        server's quick path: no ASGI exchange, no router); None: the router answers.
-        The same answers, headers, refusals and log lines as ``vmm_get_state``.
-
-        Runs on the server's loop, which may be a front thread's (``_front``): it reads
-        only what is safe there (``Registry.answer`` and ``find``: dictionary lookups)
-        and touches no trio object of the agent's. A VMM whose state is not journaled
-        yet has no answer: the router's read waits for its journal write."""
-        match = _STATE_TARGET.fullmatch(target)
-        if match is None or manager.inline:  # inline: reads queue behind the runner
-            return None
-        if expected is not None:
-            bearer = _BEARER.search(head)
-            if bearer is None or not _bearer_matches(bearer[1], expected):
-                return None  # the router answers 401
-        try:
-            propolis_id = uuid.UUID(match[1].decode())
-        except ValueError:
-            return None  # the router answers 400 naming the parameter
-        reason = await admission.admit()
-        request_id = _request_id()
-        if reason is not None:  # counted and logged per burst by the admission
-            exc: AgentError = refused_read(reason)
-            body = encode(
-                Error(message=exc.message, request_id=request_id, error_code=exc.error_code)
-            )
-            return _answer(503, body, request_id, b"retry-after: %d\r\n" % admission.retry_after_s)
-        answer = registry.answer(propolis_id)
-        if answer is not None:
-            if debug_requests:
-                log.debug("api_request", request_id=request_id, method="GET",
-                          path=target.decode(), status=200)  # fmt: skip
-            return _answer(200, answer, request_id)
-        if registry.find(propolis_id) is not None:
-            return None  # registered, its state not on disk yet: the router waits for it
-        exc = NoSuchVmm(propolis_id)
-        log.info(
-            "api_refused",
-            request_id=request_id,
-            method="GET",
-            path=target.decode(),
-            status=exc.status,
-            error_code=exc.error_code,
-            message=exc.message,
+    # The server's quick path for state reads: the same answers as ``vmm_get_state``,
+    # without the router. Inline: reads queue behind the runner (the router's).
+    quick_get = None
+    if not manager.inline:
+        quick_get = state_reads(
+            registry.answer,
+            lambda propolis_id: registry.find(propolis_id) is not None,
+            admission,
+            token=expected,
+            debug_requests=debug_requests,
         )
-        body = encode(Error(message=exc.message, request_id=request_id, error_code=exc.error_code))
-        return _answer(exc.status, body, request_id)
 
     return _Api(Router(routes=routes), quick_get=quick_get, admission=admission)
 
@@ -475,7 +400,7 @@ class _Api:
                 exc.status_code, "INVALID_REQUEST"
             )
             headers = {"Allow": self._allowed(scope)} if exc.status_code == 405 else None
-            await _error(err, _request_id(), headers)(scope, receive, send)
+            await _error(err, new_request_id(), headers)(scope, receive, send)
 
     def _allowed(self, scope: Scope) -> str:
         """The methods of every route on this path (RFC 9110 asks for them with a 405);

@@ -105,6 +105,7 @@ async def mass_stop(
     log_mb: NonNegative = 1.0,
     wire: Literal["memory", "http"] = "memory",
     reads_per_s: NonNegativeOrNone = None,
+    api_front: Literal["process", "agent"] = "process",
     json: Annotated[bool, cyclopts.Parameter(negative="")] = False,
 ) -> int:
     """Halt N VMMs at once and measure how long until Nexus is told, per policy.
@@ -139,6 +140,9 @@ async def mass_stop(
     reads_per_s
         With ``--wire http``: state reads offered per second in all, spread over the
         VMMs (0: none). Default: each VMM every 0.5 s (2 x N per second).
+    api_front
+        With ``--wire http``: who answers state reads: ``process`` (the daemon's
+        default, ``[http] front_process``) or ``agent`` (the agent's own thread).
     json
         Print only the JSON report.
     """
@@ -147,7 +151,11 @@ async def mass_stop(
         raise UsageError("--reads-per-s: >= 0, and only with --wire http")
     if wire == "http":
         wparams = WireParams(
-            vmms=vmms, log_mb=log_mb, get_timeout_s=get_timeout_s, reads_per_s=reads_per_s
+            vmms=vmms,
+            log_mb=log_mb,
+            get_timeout_s=get_timeout_s,
+            reads_per_s=reads_per_s,
+            api_front=api_front,
         )
         wreport = {
             "command": command_line(),

@@ -31,6 +31,7 @@ from ._archive import TarArchiver
 from ._archive_procs import ProcessArchiver
 from ._bundle_store import DiskBundleStore
 from ._clients import HttpNexusClient, HttpPropolisConnector
+from ._config import TerminationPolicy
 from ._daemon_config import TOKEN_ENV as TOKEN_ENV
 from ._daemon_config import ConfigError as ConfigError
 from ._daemon_config import DaemonConfig as DaemonConfig
@@ -39,14 +40,18 @@ from ._daemon_config import config_from_toml as config_from_toml
 from ._daemon_config import load_config as load_config
 from ._datadir import hold_data_dir, host_rebooted, sled_id_of
 from ._failures import ListenError, StartupError
+from ._front_channel import FrontSettings
+from ._front_proc import FrontProcess
 from ._h1client import H1Pool
 from ._host import ZoneBackend
 from ._http import ASGIApp
 from ._illumos import IllumosConfig, IllumosZoneBackend, require_tools
 from ._journal import StateJournal
 from ._local_zones import LocalZoneBackend, LocalZonesConfig, PropolisLauncher
+from ._log import SETTINGS as LOG_SETTINGS
 from ._preflight import listen_reason, prepare_host
-from ._server import HttpLimits, serve_api
+from ._registry import Registry
+from ._server import HttpLimits, announce_serving, bind_listeners, serve_api
 from .sim._fleet import SimPropolisFleet
 from .sim._host import RemoteFleetLauncher
 from .sim._nexus import recording_nexus_app
@@ -115,6 +120,22 @@ async def _after_readoption(agent: SledAgent, archiver: object) -> None:
         await archiver.warm_up()
 
 
+async def _start_front(config: DaemonConfig) -> FrontProcess | None:
+    """The front process, spawned as early as possible (its imports overlap the
+    agent's start), or None: off in the config, or the inline baseline (whose reads
+    queue behind its runners, as in omicron). One that cannot start is logged and
+    the agent serves the API itself."""
+    if not config.http.front_process or (
+        config.agent.termination_policy is TerminationPolicy.INLINE
+    ):
+        return None
+    try:
+        return await FrontProcess.start()
+    except OSError as exc:
+        log.error("http_front_failed", error=str(exc), action="the agent serves the API itself")
+        return None
+
+
 async def _start_server(
     nursery: trio.Nursery,
     app: ASGIApp,
@@ -125,8 +146,33 @@ async def _start_server(
     announce: bool = True,
     front: bool = False,
     front_until: trio.Event | None = None,
+    front_process: FrontProcess | None = None,
+    registry: Registry | None = None,
+    settings: FrontSettings | None = None,
 ) -> str:
-    """Serve ``app`` in ``nursery``; its URL. A failure to bind is ``ListenError``."""
+    """Serve ``app`` in ``nursery``; its URL. A failure to bind is ``ListenError``.
+    ``front_process`` (with the ``registry`` it replicates and its ``settings``): the
+    API is served through it (``_front_proc``)."""
+    if front_process is not None and registry is not None and settings is not None:
+        try:
+            listeners, urls = await bind_listeners(listen)
+        except OSError as exc:
+            raise ListenError(listen, listen_reason(exc)) from None
+        if announce:
+            announce_serving(listeners, settings.limits)
+        admission = getattr(app, "admission", None)
+        await nursery.start(
+            lambda task_status: front_process.serve(
+                app,
+                listeners,
+                registry=registry,
+                settings=settings,
+                shutdown=shutdown,
+                admission=admission if isinstance(admission, ReadAdmission) else None,
+                task_status=task_status,
+            )
+        )
+        return urls[0]
     try:
         binds = await nursery.start(
             lambda task_status: serve_api(
@@ -158,6 +204,8 @@ class DaemonInfo:
     sim_host: SimHost | None = None
     #: The API's state-read admission (what was served and shed, how long reads waited).
     admission: ReadAdmission | None = None
+    #: The front process serving the API (``[http] front_process``), if there is one.
+    front_pid: int | None = None
 
 
 async def run_daemon(
@@ -179,17 +227,23 @@ async def run_daemon(
         async with hold_data_dir(config.data_dir):
             # Once the data directory is ours: a second agent on it is refused in one line.
             log.info("daemon_starting", pid=os.getpid(), data_dir=str(config.data_dir))
-            sled_id = await trio.to_thread.run_sync(sled_id_of, config.data_dir)
-            rebooted = await trio.to_thread.run_sync(host_rebooted, config.data_dir)
-            peers = await _peers(config, nursery, servers_stop)
+            front = await _start_front(config)
             try:
-                await _serve_agent(
-                    config, nursery, peers, sled_id, rebooted, token, shutdown, task_status
-                )
+                sled_id = await trio.to_thread.run_sync(sled_id_of, config.data_dir)
+                rebooted = await trio.to_thread.run_sync(host_rebooted, config.data_dir)
+                peers = await _peers(config, nursery, servers_stop)
+                try:
+                    await _serve_agent(
+                        config, nursery, peers, sled_id, rebooted, token, front, shutdown,
+                        task_status,
+                    )  # fmt: skip
+                finally:
+                    if isinstance(peers.recording, RemoteNexusView):
+                        with trio.CancelScope(shield=True):
+                            await peers.recording.aclose()
             finally:
-                if isinstance(peers.recording, RemoteNexusView):
-                    with trio.CancelScope(shield=True):
-                        await peers.recording.aclose()
+                if front is not None:
+                    await front.aclose()
         servers_stop.set()
         nursery.cancel_scope.cancel()
     log.info("daemon_stopped")
@@ -261,10 +315,12 @@ async def _serve_agent(
     sled_id: uuid.UUID,
     rebooted: bool,
     token: str | None,
+    front: FrontProcess | None,
     shutdown: trio.Event,
     task_status: trio.TaskStatus[DaemonInfo],
 ) -> None:
-    """The agent on ``peers``, served over HTTP until ``shutdown``."""
+    """The agent on ``peers``, served over HTTP until ``shutdown`` (through ``front``,
+    the front process, if there is one)."""
     nexus_url, launcher = peers.nexus_url, peers.launcher
     connector = HttpPropolisConnector()
     await nursery.start(connector.run)
@@ -326,6 +382,14 @@ async def _serve_agent(
                 # up to keep_alive_s, outside the agent's connection cap.
                 front=config.http.front_thread and not agent.readoption_done.is_set(),
                 front_until=agent.readoption_done,
+                front_process=front,
+                registry=agent.manager.registry,
+                settings=FrontSettings(
+                    limits=config.http,
+                    reads=config.reads,
+                    token=token,
+                    debug_requests=LOG_SETTINGS["level"] == "debug",
+                ),
             )
             log.info(
                 "daemon_listening", api=api_url, nexus=nexus_url, data_dir=str(config.data_dir)
@@ -340,6 +404,7 @@ async def _serve_agent(
                     peers.recording,
                     peers.sim_host,
                     api_app.admission,
+                    front.process.pid if front is not None else None,
                 )
             )
             await shutdown.wait()

@@ -57,6 +57,10 @@ ASGIApp = Callable[
 #: ``None`` hands the request to the app as usual. See ``_Connection._quick``.
 QuickGet = Callable[[bytes, bytes], Awaitable["bytes | None"]]
 
+#: ``await handover(socket, data)``: give the connection and the bytes read from it to
+#: another server (``ConnectionTable.handover``).
+Handover = Callable[[trio.socket.SocketType, bytes], Awaitable[None]]
+
 _RECV = 64 * 1024
 _DISCONNECT: Message = {"type": "http.disconnect"}
 log = structlog.get_logger("sledagent.http")
@@ -91,6 +95,11 @@ class HttpLimits:
     #: of its own and state reads are answered there, never behind that work
     #: (``_front``; issue 18); then the agent's loop serves it.
     front_thread: bool = True
+    #: The API's sockets are served by a process of its own that answers state reads
+    #: from a replica of the journaled answers and hands every other request, with its
+    #: connection, to the agent (``_front_main``; issue 21): reads never wait for the
+    #: agent's thread, nor it for them. Overrides ``front_thread``.
+    front_process: bool = True
 
 
 @attrs.define
@@ -110,9 +119,28 @@ class HttpStatistics:
     #: mid-body), by stage (``head``, ``body``): no answer was sent, so no refusal is
     #: counted (hypercorn, too, closes such a connection without an answer).
     abandoned: dict[str, int] = attrs.Factory(dict)
+    #: The front process's counts (``_front_proc``: cumulative, as they last arrived).
+    elsewhere: HttpStatistics | None = None
 
     def left(self, stage: str) -> None:
         self.abandoned[stage] = self.abandoned.get(stage, 0) + 1
+
+    def with_elsewhere(self) -> HttpStatistics:
+        """These counts and the front process's (``elsewhere``), for ``/metrics``."""
+        other = self.elsewhere
+        if other is None:
+            return self
+
+        def add(a: dict[Any, int], b: dict[Any, int]) -> dict[Any, int]:
+            return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
+
+        return HttpStatistics(
+            connections_open=self.connections_open + other.connections_open,
+            accept_errors=add(self.accept_errors, other.accept_errors),
+            idle_closed=self.idle_closed + other.idle_closed,
+            refused=add(self.refused, other.refused),
+            abandoned=add(self.abandoned, other.abandoned),
+        )
 
 
 STATS = HttpStatistics()
@@ -153,13 +181,18 @@ class ConnectionTable:
         #: idle ones end at their keep-alive timeout. No client meets a closed
         #: connection it was told it could reuse (as it would if they were closed now).
         self.retiring = False
+        #: Set in the front process (``_front_main``): a request the quick path did not
+        #: answer is handed, with the bytes read so far, to the agent with the connection.
+        self.handover: Handover | None = None
         self.connections: set[_Connection] = set()
         self.idle: dict[_Connection, None] = {}
         #: Set (and replaced) whenever a connection ends: a descriptor is free.
         self.freed = trio.Event()
 
-    def open(self, stream: trio.SocketStream) -> _Connection:
-        conn = _Connection(stream, self)
+    def open(self, stream: trio.SocketStream, initial: bytes | None = None) -> _Connection:
+        """A connection of this table; ``initial``: its first bytes, read by another
+        server that handed it over (``_front_proc``)."""
+        conn = _Connection(stream, self, initial)
         self.connections.add(conn)
         STATS.connections_open += 1
         return conn
@@ -188,8 +221,12 @@ class ConnectionTable:
 
 
 class _Connection:
-    def __init__(self, stream: trio.SocketStream, table: ConnectionTable) -> None:
+    def __init__(
+        self, stream: trio.SocketStream, table: ConnectionTable, initial: bytes | None = None
+    ) -> None:
         self.stream, self.table, self.limits = stream, table, table.limits
+        #: Bytes another server read from this connection before handing it over.
+        self.initial = initial
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_bytes)
         self.idle_scope: trio.CancelScope | None = None
         #: The request's declared Content-Length (None: chunked or no body).
@@ -247,19 +284,18 @@ class _Connection:
         try:
             if not self.h11.trailing_data[0]:  # nothing buffered: idle until a request
                 table = self.table
-                table.idle[self] = None
-                try:
-                    deadline = trio.current_time() + self.limits.keep_alive_s
-                    with trio.CancelScope(deadline=deadline) as idle:
-                        self.idle_scope = idle  # shed or shutdown: closes it
-                        data = await _receive_idle(self.stream)
-                finally:
-                    self.idle_scope = None
-                    table.idle.pop(self, None)
-                if idle.cancelled_caught:
-                    return None
+                if self.initial is not None:  # handed over with these bytes (``_front_proc``)
+                    data, self.initial = self.initial, None
+                else:
+                    received = await self._await_request()
+                    if received is None:
+                        return None
+                    data = received
                 if table.quick_get is not None and await self._quick(data, table.quick_get):
                     return _QUICK
+                if table.handover is not None and data:
+                    await table.handover(self.stream.socket, data)
+                    return None  # the connection is another server's now: ours just closes
                 self.h11.receive_data(data)
             with trio.move_on_after(self.limits.head_timeout_s) as head:
                 event = await self._read_event()
@@ -308,6 +344,21 @@ class _Connection:
             # No body: take h11's EndOfMessage now, so that nothing is left to discard.
             self.h11.next_event()
         return event
+
+    async def _await_request(self) -> bytes | None:
+        """The next bytes of the connection between requests (b"": the peer closed);
+        None once it has been idle ``keep_alive_s`` (or was shed)."""
+        table = self.table
+        table.idle[self] = None
+        try:
+            deadline = trio.current_time() + self.limits.keep_alive_s
+            with trio.CancelScope(deadline=deadline) as idle:
+                self.idle_scope = idle  # shed or shutdown: closes it
+                return await _receive_idle(self.stream)
+        finally:
+            self.idle_scope = None
+            table.idle.pop(self, None)
+        return None
 
     async def _quick(self, data: bytes, quick_get: QuickGet) -> bool:
         """Answer ``data`` without h11 if it is exactly one simple bodyless ``GET`` and

@@ -16,6 +16,11 @@ def wants_colour(stream: TextIO) -> bool:
     return stream.isatty() and not os.environ.get("NO_COLOR")
 
 
+#: How this process's logging was last configured (``json``, ``level``): a child process
+#: of the agent's (the front process) logs the same way.
+SETTINGS: dict[str, object] = {"json": None, "level": "info"}
+
+
 def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
     """Configure structlog once for the process.
 
@@ -24,6 +29,7 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
     """
     if json is None:
         json = not sys.stderr.isatty()
+    SETTINGS.update(json=json, level=level)
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if json

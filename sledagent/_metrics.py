@@ -153,7 +153,7 @@ class HttpCollector(Collector):
     """The HTTP servers of this process (``_http.STATS``): what they turned away."""
 
     def collect(self) -> Iterator[Metric]:
-        s = HTTP_STATS
+        s = HTTP_STATS.with_elsewhere()
         yield GaugeMetricFamily(
             "sledagent_http_connections", "Open server connections.", value=s.connections_open
         )

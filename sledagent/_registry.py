@@ -92,6 +92,16 @@ class Registry:
     _entries: dict[uuid.UUID, VmmEntry] = attrs.field(factory=dict)
     #: The encoded ``SledVmmState`` a read of each VMM answers (JSON bytes).
     _answers: dict[uuid.UUID, bytes] = attrs.field(factory=dict)
+    #: Told of every change of an answer (``_front_proc``: the front process's replica):
+    #: ``observer(propolis_id, answer)``, ``b""`` for a VMM registered with none yet,
+    #: None for one removed. Called in the step that makes the change.
+    observer: Callable[[uuid.UUID, bytes | None], None] | None = None
+
+    def replica(self) -> list[tuple[bytes, bytes]]:
+        """Every VMM's id (16 bytes) and answer (``b""``: none yet), for an observer
+        that starts now."""
+        answers = self._answers
+        return [(pid.bytes, answers.get(pid, b"")) for pid in self._entries]
 
     def answer(self, propolis_id: uuid.UUID) -> bytes | None:
         """The body a state read answers now, or None (unknown, or not yet journaled)."""
@@ -101,7 +111,9 @@ class Registry:
         """``state`` is journaled: reads may answer it (a VMM no longer here: ignored,
         a journal batch landing after its removal must not bring it back)."""
         if propolis_id in self._entries:
-            self._answers[propolis_id] = encode(state)
+            answer = self._answers[propolis_id] = encode(state)
+            if self.observer is not None:
+                self.observer(propolis_id, answer)
 
     def get(self, propolis_id: uuid.UUID) -> VmmEntry:
         try:
@@ -115,10 +127,14 @@ class Registry:
     def add(self, entry: VmmEntry) -> None:
         assert entry.propolis_id not in self._entries
         self._entries[entry.propolis_id] = entry
+        if self.observer is not None:
+            self.observer(entry.propolis_id, b"")
 
     def remove(self, propolis_id: uuid.UUID) -> VmmEntry | None:
         entry = self._entries.pop(propolis_id, None)
         self._answers.pop(propolis_id, None)
+        if entry is not None and self.observer is not None:
+            self.observer(propolis_id, None)
         if entry is not None:
             entry.phase = VmmPhase.REMOVED
         return entry

@@ -17,17 +17,20 @@ import contextlib
 import errno
 import os
 import resource
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 import trio
 
 from ._addr import parse_listen
 from ._front import duplicate_listeners, serve_front, watch_agent_loop
-from ._http import STATS, ASGIApp, ConnectionTable, HttpLimits, refusal
+from ._http import STATS, ASGIApp, ConnectionTable, Handover, HttpLimits, refusal
 
 DEFAULT_LISTEN = "127.0.0.1:12345"
 log = structlog.get_logger("sledagent.http")
+
+#: ``await incoming(admit)``: brings connections to ``admit(stream, first_bytes)``.
+Incoming = Callable[[Callable[[trio.SocketStream, "bytes | None"], None]], Awaitable[None]]
 
 _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _BACKOFF_S = (0.01, 1.0)
@@ -78,12 +81,13 @@ async def serve_http(
     (``http_serving``). On ``shutdown`` it stops accepting, closes idle connections and
     lets requests in flight finish within ``limits.graceful_s``, then cancels them.
     """
-    listeners, urls = await _bind(listen)
+    listeners, urls = await bind_listeners(listen)
     task_status.started(urls)
     await serve_listeners(app, listeners, shutdown=shutdown, limits=limits, announce=announce)
 
 
-async def _bind(listen: str) -> tuple[list[trio.SocketListener], list[str]]:
+async def bind_listeners(listen: str) -> tuple[list[trio.SocketListener], list[str]]:
+    """Listening sockets on ``listen`` (``host:port``), and their URLs."""
     host, port = parse_listen(listen)  # ValueError for a port over 65535, not port % 65536
     listeners = await trio.open_tcp_listeners(port, host=host)
     return listeners, _urls(listeners)
@@ -102,34 +106,34 @@ async def serve_listeners(
     limits: HttpLimits | None = None,
     announce: bool = True,
     retire: Callable[[], bool] | None = None,
+    handover: Handover | None = None,
+    incoming: Incoming | None = None,
 ) -> None:
     """``serve_http`` on listeners already bound (closed on return). ``retire``: asked
     at ``shutdown``; True: another server takes over the port: connections are not closed under
     their clients but told to close with their next answer (``ConnectionTable.retiring``),
     idle ones at their keep-alive timeout; after ``keep_alive_s + graceful_s`` the rest
-    are cancelled."""
+    are cancelled. ``handover``: requests the quick path does not answer go elsewhere
+    with their connection (the front process: ``ConnectionTable.handover``).
+    ``incoming(admit)``: a task that brings connections from elsewhere (handed over by
+    the front process) and passes each to ``admit(stream, first_bytes)``; it runs as
+    the accept loops do, until ``shutdown``."""
     limits = limits or HttpLimits()
     table = ConnectionTable(app, limits)
+    table.handover = handover
     if announce:
-        fds = fd_limit()
-        log.info(
-            "http_serving",
-            urls=_urls(listeners),
-            max_connections=limits.max_connections,
-            fd_limit=fds,
-        )
-        if limits.max_connections >= fds:
-            log.warning(
-                "http_connection_cap_over_fd_limit",
-                max_connections=limits.max_connections,
-                fd_limit=fds,
-                hint="descriptors run out before the cap: raise the limit (ulimit -n)",
-            )
+        announce_serving(listeners, limits)
     try:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accepting:
                 for listener in listeners:
                     accepting.start_soon(_accept_loop, listener, table, connections)
+                if incoming is not None:
+                    at_cap = _Burst("http_connection_cap_reached")
+                    accepting.start_soon(
+                        incoming,
+                        lambda stream, first: _admit(table, connections, at_cap, stream, first),
+                    )
                 await shutdown.wait()
                 accepting.cancel_scope.cancel()
             for listener in listeners:
@@ -147,6 +151,25 @@ async def serve_listeners(
     finally:
         for listener in listeners:  # also when cancelled rather than shut down
             listener.socket.close()
+
+
+def announce_serving(listeners: list[trio.SocketListener], limits: HttpLimits) -> None:
+    """Log where a server listens, its connection cap and the descriptor limit
+    (``http_serving``), and warn if descriptors would run out before the cap."""
+    fds = fd_limit()
+    log.info(
+        "http_serving",
+        urls=_urls(listeners),
+        max_connections=limits.max_connections,
+        fd_limit=fds,
+    )
+    if limits.max_connections >= fds:
+        log.warning(
+            "http_connection_cap_over_fd_limit",
+            max_connections=limits.max_connections,
+            fd_limit=fds,
+            hint="descriptors run out before the cap: raise the limit (ulimit -n)",
+        )
 
 
 async def _accept_loop(
@@ -180,11 +203,23 @@ async def _accept_loop(
                 backoff = min(backoff * 2, _BACKOFF_S[1])
             continue
         backoff = _BACKOFF_S[0]
-        if len(table.connections) >= table.limits.max_connections and not table.shed_idle():
-            at_cap.failed(max_connections=table.limits.max_connections)
-            nursery.start_soon(_turn_away, stream)
-            continue
-        nursery.start_soon(table.open(stream).serve)
+        _admit(table, nursery, at_cap, stream)
+
+
+def _admit(
+    table: ConnectionTable,
+    nursery: trio.Nursery,
+    at_cap: _Burst,
+    stream: trio.SocketStream,
+    first: bytes | None = None,
+) -> None:
+    """Serve ``stream`` (whose first bytes, read elsewhere, are ``first``), or turn it
+    away with 503 at the connection cap when no idle connection can make room."""
+    if len(table.connections) >= table.limits.max_connections and not table.shed_idle():
+        at_cap.failed(max_connections=table.limits.max_connections)
+        nursery.start_soon(_turn_away, stream)
+        return
+    nursery.start_soon(table.open(stream, first).serve)
 
 
 async def _turn_away(stream: trio.SocketStream) -> None:
@@ -225,7 +260,7 @@ async def serve_api(
     loop saturated (a mass halt at 2,000 reads/s) a read on the front waited longer
     than on the agent's own loop (docs/performance.md, "Session 9").
     """
-    listeners, urls = await _bind(listen)
+    listeners, urls = await bind_listeners(listen)
     if not front:
         task_status.started(urls)
         await serve_listeners(app, listeners, shutdown=shutdown, limits=limits, announce=announce)

@@ -54,14 +54,30 @@ class Histogram:
         self.bounds = tuple(sorted(float(b) for b in bounds))
         self._counts = [0] * (len(self.bounds) + 1)  # the last: above every bound
         self._sum = 0.0
+        #: Another process's counts of the same histogram (``absorb``), added to ours.
+        self._elsewhere: tuple[list[int], float] | None = None
 
     def observe(self, value: float) -> None:
         self._counts[bisect.bisect_left(self.bounds, value)] += 1
         self._sum += value
 
+    def raw(self) -> tuple[list[int], float]:
+        """This process's own counts per bucket (the last: above every bound) and sum."""
+        return list(self._counts), self._sum
+
+    def absorb(self, counts: list[int], total: float) -> None:
+        """Count in another process's ``raw()`` (cumulative: replaces its last one).
+        Counts of another shape are ignored (a histogram with other bounds)."""
+        if len(counts) == len(self._counts):
+            self._elsewhere = (list(counts), total)
+
     def snapshot(self) -> HistogramSnapshot:
+        counts, total = self._counts, self._sum
+        if self._elsewhere is not None:
+            counts = [a + b for a, b in zip(counts, self._elsewhere[0], strict=True)]
+            total += self._elsewhere[1]
         cumulative, running = [], 0
-        for bound, n in zip((*self.bounds, math.inf), self._counts, strict=True):
+        for bound, n in zip((*self.bounds, math.inf), counts, strict=True):
             running += n
             cumulative.append((bound, running))
-        return HistogramSnapshot(tuple(cumulative), running, self._sum)
+        return HistogramSnapshot(tuple(cumulative), running, total)

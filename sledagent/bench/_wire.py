@@ -41,6 +41,7 @@ from .._admission import ReadAdmission
 from .._config import AgentConfig, BackoffPolicy, TerminationPolicy
 from .._daemon import DaemonConfig, run_daemon
 from .._host import zone_name_for
+from .._http import HttpLimits
 from .._stats import summary
 from .._wire import VmmState
 from ..testing import ensure_body_json
@@ -65,6 +66,9 @@ class WireParams:
     reads_per_s: float | None = None
     #: Phase-2 slots (``bundle_archive_concurrency``); None: the agent's default.
     archive_slots: int | None = None
+    #: Who answers state reads: the front process (``[http] front_process``, the
+    #: daemon's default) or the agent's own thread.
+    api_front: Literal["process", "agent"] = "process"
 
     def read_interval_s(self) -> float | None:
         """Each VMM's read period, seconds; None: no reads."""
@@ -199,6 +203,7 @@ async def _run_wire(
             seed_cache=cache,
             archive_in=p.archive_in,
             agent=agent,
+            http=HttpLimits(front_process=p.api_front == "process"),
         )
         shutdown = trio.Event()
         async with trio.open_nursery() as nursery:

@@ -1,0 +1,267 @@
+"""The front process as the agent sees it: started, fed the registry's answers, served.
+
+The front process (``_front_main``: why, and what it does there) accepts on the API's
+listening sockets and answers state reads from a replica; everything else comes back
+here with its connection, and is served by the agent's own server code
+(``serve_listeners``'s ``incoming``). Here:
+
+- ``FrontProcess.start`` spawns it early (its imports, ~0.3 s, overlap the agent's start);
+- ``serve`` sends it the registry (every VMM, with its journaled answer if it has one),
+  then the listening sockets; from then on every change of an answer
+  (``Registry.observer``: registered, journaled, removed) is sent the moment it is made,
+  before any answer that depends on it can reach a client (read-your-writes);
+- connections handed back are served here; the front's counters are counted into
+  ``/metrics`` (``ReadAdmission.absorb``, ``HttpStatistics.elsewhere``);
+- at shutdown the front is told to stop and given the server's grace to finish; if it
+  dies before (a crash, an operator's kill), this logs it and serves the port itself:
+  the listening sockets never left this process.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+
+import msgspec
+import structlog
+import trio
+import trio_util
+
+from ._admission import AdmissionStatistics, ReadAdmission
+from ._front_channel import (
+    ANSWERS,
+    HANDOVER,
+    LISTEN,
+    STATS,
+    STOP,
+    Channel,
+    ChannelClosed,
+    FrontSettings,
+    FrontStats,
+    encode_answers,
+)
+from ._http import STATS as HTTP_STATS
+from ._http import ASGIApp, HttpLimits, HttpStatistics
+from ._log import SETTINGS as LOG_SETTINGS
+from ._registry import Registry
+from ._server import serve_listeners
+
+log = structlog.get_logger("sledagent.http")
+
+#: The front's interpreter imports only the modules it runs, not the package's
+#: ``__init__`` (which imports the whole agent: ~0.7 s against ~0.3 s): the package is
+#: put in ``sys.modules`` as a bare namespace first. SIGINT is ignored before anything
+#: else (a Ctrl-C at the terminal reaches the whole process group; the agent decides).
+_BOOT = """\
+import signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+import importlib.util, types
+spec = importlib.util.find_spec("sledagent")
+package = types.ModuleType("sledagent")
+package.__path__ = list(spec.submodule_search_locations)
+package.__spec__ = spec
+sys.modules["sledagent"] = package
+from sledagent._front_main import main
+main(sys.argv[1:])
+"""
+
+
+class FrontProcess:
+    """A running front process and the agent's end of its channel."""
+
+    def __init__(self, process: trio.Process, channel: Channel) -> None:
+        self.process = process
+        self.channel = channel
+        self._pending: collections.deque[tuple[bytes, bytes, Sequence[int]]] = collections.deque()
+        self._wake = trio.Event()
+        self._closed = False
+        #: The front's counters as they last arrived.
+        self.stats: FrontStats | None = None
+
+    @classmethod
+    async def start(cls) -> FrontProcess:
+        """Spawn the front process; it waits for ``serve`` to send it the sockets.
+        Raises ``OSError`` if it cannot be spawned."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        logging = json.dumps({"json": LOG_SETTINGS["json"], "level": LOG_SETTINGS["level"]})
+        argv = [sys.executable, "-c", _BOOT, str(theirs.fileno()), logging]
+        try:
+            process = await trio.lowlevel.open_process(
+                argv,
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # it logs to stderr; stdout is the agent's
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        log.info("http_front_started", pid=process.pid)
+        return cls(process, Channel(ours))
+
+    async def aclose(self) -> None:
+        """Make sure the process has ended (killed if it still runs) and is reaped."""
+        with trio.CancelScope(shield=True):
+            if self.process.returncode is None:
+                self.process.kill()
+            await self.process.wait()
+            self.channel.close()
+
+    # --- the registry's answers, one way ------------------------------------------------
+
+    def changed(self, propolis_id: uuid.UUID, answer: bytes | None) -> None:
+        """``Registry.observer``: a VMM's answer changed (``b""``: registered, none yet;
+        None: removed). Sent now, from the caller's step, unless earlier ones wait."""
+        self._send(ANSWERS, encode_answers([(propolis_id.bytes, answer)])[0])
+
+    def _send(self, kind: bytes, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
+        if self._closed:
+            return
+        if not self._pending:
+            try:
+                if self.channel.send_nowait(kind, payload, fds):
+                    return
+            except ChannelClosed:
+                self._closed = True
+                return
+        self._pending.append((kind, payload, fds))  # in order, behind what waits
+        self._wake.set()
+
+    async def _flush(self) -> None:
+        """Send what could not be sent at once (the front was not reading: at start,
+        still importing; or busy), in order."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._pending:
+                kind, payload, fds = self._pending[0]
+                try:
+                    await self.channel.send(kind, payload, fds)
+                except ChannelClosed:
+                    self._pending.clear()
+                    self._closed = True
+                    return
+                self._pending.popleft()
+
+    # --- serving ------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        app: ASGIApp,
+        listeners: list[trio.SocketListener],
+        *,
+        registry: Registry,
+        settings: FrontSettings,
+        shutdown: trio.Event,
+        admission: ReadAdmission | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve ``app`` on ``listeners`` through the front until ``shutdown`` (graceful,
+        as ``serve_listeners``). The listeners stay open here (closed on return).
+        Started (``nursery.start``) once the registry and the sockets are on their way:
+        the front serves from then on, whatever this loop does."""
+        limits = settings.limits
+        for payload in encode_answers(registry.replica()):
+            self._send(ANSWERS, payload)
+        registry.observer = self.changed
+        fds = [lst.socket.fileno() for lst in listeners]
+        self._send(LISTEN, msgspec.msgpack.encode(settings), fds)
+        task_status.started()
+        gone = trio.Event()
+        local_stop = trio.Event()
+
+        async def incoming(admit: Callable[[trio.SocketStream, bytes | None], None]) -> None:
+            try:
+                await self._receive(admit, admission)
+            finally:
+                gone.set()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush)
+                async with trio.open_nursery() as serving:
+                    serving.start_soon(
+                        lambda: serve_listeners(
+                            app,
+                            [],
+                            shutdown=local_stop,
+                            limits=limits,
+                            announce=False,
+                            incoming=incoming,
+                        )
+                    )
+                    await trio_util.wait_any(shutdown.wait, gone.wait)
+                    if shutdown.is_set():
+                        self._send(STOP)
+                        # The front finishes the answers it has begun, within the grace.
+                        with trio.move_on_after(limits.graceful_s + 1):
+                            await gone.wait()
+                    else:
+                        await self._serve_alone(app, listeners, registry, limits, shutdown)
+                    local_stop.set()
+                nursery.cancel_scope.cancel()
+        finally:
+            registry.observer = None
+            for listener in listeners:
+                listener.socket.close()
+            await self.aclose()
+
+    async def _serve_alone(
+        self,
+        app: ASGIApp,
+        listeners: list[trio.SocketListener],
+        registry: Registry,
+        limits: HttpLimits,
+        shutdown: trio.Event,
+    ) -> None:
+        """The front died: serve the port from here (the sockets never left)."""
+        registry.observer = None
+        with trio.CancelScope(shield=True):
+            await self.process.wait()
+        log.error(
+            "http_front_exited",
+            pid=self.process.pid,
+            returncode=self.process.returncode,
+            action="the agent serves the API itself",
+        )
+        await serve_listeners(app, listeners, shutdown=shutdown, limits=limits, announce=False)
+
+    async def _receive(
+        self,
+        admit: Callable[[trio.SocketStream, bytes | None], None],
+        admission: ReadAdmission | None,
+    ) -> None:
+        """Connections handed back, and counters, until the front closes the channel."""
+        try:
+            while True:
+                kind, payload, fds = await self.channel.receive()
+                if kind == HANDOVER and len(fds) == 1:
+                    sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fds[0]))
+                    admit(trio.SocketStream(sock), payload)
+                    continue
+                for fd in fds:
+                    os.close(fd)
+                if kind == STATS:
+                    self._absorb(msgspec.msgpack.decode(payload, type=FrontStats), admission)
+        except ChannelClosed:
+            return
+
+    def _absorb(self, stats: FrontStats, admission: ReadAdmission | None) -> None:
+        self.stats = stats
+        if admission is not None:
+            admission.absorb(AdmissionStatistics(admitted=stats.admitted, shed=stats.shed))
+            admission.waited.absorb(stats.waited_counts, stats.waited_sum)
+        HTTP_STATS.elsewhere = HttpStatistics(
+            connections_open=stats.connections_open,
+            accept_errors=stats.accept_errors,
+            idle_closed=stats.idle_closed,
+            refused=stats.refused,
+            abandoned=stats.abandoned,
+        )

@@ -1,0 +1,126 @@
+"""The quick path's answers to ``GET /vmms/{propolis_id}/state`` (issue 21), as whole bytes.
+
+One function builds them for both servers that answer state reads: the agent's own
+(``_api.build_app``: from the registry) and the front process (``_front_main``: from its
+replica of the registry's answers). Both give the same answers, headers, refusals and
+log lines as the router's ``vmm_get_state``: a 200 with the VMM's newest *journaled*
+``SledVmmState``, a 404 ``NO_SUCH_INSTANCE`` for a VMM that is not registered, a 503
+``OVERLOADED`` with ``Retry-After`` when the read admission sheds it. Anything else (a
+bad or missing token, a target the router must judge, a VMM whose state is not journaled
+yet) is ``None``: the router answers it, on the agent's loop.
+
+Kept apart from ``_api`` (Starlette, the agent) so that the front process imports only
+this, the wire models and the admission.
+"""
+
+from __future__ import annotations
+
+import hmac
+import random
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from ._admission import ReadAdmission
+from ._codec import encode
+from ._errors import AgentError, NoSuchVmm, Overloaded
+from ._wire import Error
+
+log = structlog.get_logger("sledagent.api")
+
+#: ``await quick_get(target, head) -> whole answer bytes | None`` (``_http.QuickGet``).
+QuickGet = Callable[[bytes, bytes], Awaitable["bytes | None"]]
+
+#: ``GET /vmms/{propolis_id}/state`` as the quick path sees it (a UUID in its usual forms;
+#: anything else, percent-encoded or with a query, goes through the router).
+STATE_TARGET = re.compile(rb"/vmms/([0-9A-Fa-f-]{32,36})/state")
+_BEARER = re.compile(rb"(?:^|\n)authorization:[ \t]*([!-~ \t]*?)[ \t]*\r\n", re.I)
+
+_ids = random.Random()
+
+
+def request_id() -> str:
+    """A random (version 4) UUID, as dropshot's; drawn without a syscall per request."""
+    return str(uuid.UUID(int=_ids.getrandbits(128), version=4))
+
+
+def bearer_matches(value: bytes, token: bytes) -> bool:
+    """Whether an ``Authorization`` value carries ``token`` in the Bearer scheme, compared
+    in constant time. The scheme is case-insensitive (RFC 9110 11.1: ``bearer`` and
+    ``BEARER`` are ``Bearer``); one or more spaces separate it from the credentials
+    (RFC 9110 11.4)."""
+    scheme, _, credentials = value.partition(b" ")
+    return hmac.compare_digest(credentials.lstrip(b" "), token) and scheme.lower() == b"bearer"
+
+
+def whole_answer(status: int, body: bytes, request_id: str, extra: bytes = b"") -> bytes:
+    """A whole keep-alive answer, as h11 writes Starlette's (no reason phrase)."""
+    return b"HTTP/1.1 %d \r\ncontent-length: %d\r\ncontent-type: application/json\r\n%sx-request-id: %s\r\n\r\n%s" % (  # noqa: E501
+        status, len(body), extra, request_id.encode(), body
+    )  # fmt: skip
+
+
+def refused_read(reason: str, retry_after_s: int) -> Overloaded:
+    """The error of a state read the admission shed (503 ``OVERLOADED``)."""
+    return Overloaded(
+        f"the agent is overloaded ({reason.replace('_', ' ')}): state read refused; "
+        f"retry in {retry_after_s} s",
+        retry_after_s=retry_after_s,
+    )
+
+
+def state_reads(
+    answer: Callable[[uuid.UUID], bytes | None],
+    known: Callable[[uuid.UUID], bool],
+    admission: ReadAdmission,
+    *,
+    token: bytes | None = None,
+    debug_requests: bool = False,
+) -> QuickGet:
+    """The quick path for state reads over ``answer(propolis_id)`` (the encoded journaled
+    ``SledVmmState``; None: none yet) and ``known(propolis_id)`` (registered here).
+    ``token``: every read must carry ``Authorization: Bearer <token>`` (else the router
+    answers its 401). ``debug_requests``: log each answer (``api_request``)."""
+
+    async def quick_get(target: bytes, head: bytes) -> bytes | None:
+        match = STATE_TARGET.fullmatch(target)
+        if match is None:
+            return None
+        if token is not None:
+            bearer = _BEARER.search(head)
+            if bearer is None or not bearer_matches(bearer[1], token):
+                return None  # the router answers 401
+        try:
+            propolis_id = uuid.UUID(match[1].decode())
+        except ValueError:
+            return None  # the router answers 400 naming the parameter
+        reason = await admission.admit()
+        rid = request_id()
+        if reason is not None:  # counted and logged per burst by the admission
+            exc: AgentError = refused_read(reason, admission.retry_after_s)
+            body = encode(Error(message=exc.message, request_id=rid, error_code=exc.error_code))
+            return whole_answer(503, body, rid, b"retry-after: %d\r\n" % admission.retry_after_s)
+        state = answer(propolis_id)
+        if state is not None:
+            if debug_requests:
+                log.debug("api_request", request_id=rid, method="GET",
+                          path=target.decode(), status=200)  # fmt: skip
+            return whole_answer(200, state, rid)
+        if known(propolis_id):
+            return None  # registered, its state not on disk yet: the router waits for it
+        exc = NoSuchVmm(propolis_id)
+        log.info(
+            "api_refused",
+            request_id=rid,
+            method="GET",
+            path=target.decode(),
+            status=exc.status,
+            error_code=exc.error_code,
+            message=exc.message,
+        )
+        body = encode(Error(message=exc.message, request_id=rid, error_code=exc.error_code))
+        return whole_answer(exc.status, body, rid)
+
+    return quick_get

@@ -1,0 +1,340 @@
+"""The API's front process (``_front_main``, ``_front_proc``; issue 21): state reads are
+answered by a process of its own and never wait for the agent's thread.
+
+The proofs do not depend on speed: the agent's trio thread is *blocked* (it waits on a
+``threading.Event``) while another thread reads; an answer can then only come from the
+front process. Every other request is handed to the agent with its connection and must
+behave exactly as without the front; a state change is read back at once; the front
+dies with the agent and, if it dies alone, the agent serves the port itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import trio
+
+from sledagent import VmmState
+from sledagent._daemon import DaemonConfig, DaemonInfo, run_daemon
+from sledagent._http import HttpLimits
+from sledagent.testing import RetryOverloaded, ensure_body_json, fast_config
+
+DEADLINE_S = 60
+T = TypeVar("T")
+
+
+@asynccontextmanager
+async def daemon(
+    tmp_path: Path, *, token: str | None = None, front_process: bool = True
+) -> AsyncIterator[DaemonInfo]:
+    config = DaemonConfig(
+        listen="127.0.0.1:0", data_dir=tmp_path / "data", log_rate_bps=1024, seed_log_mb=0.01,
+        agent=fast_config(), propolis="sim-inprocess", token=token,
+        http=HttpLimits(front_process=front_process),
+    )  # fmt: skip
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        info: DaemonInfo = await nursery.start(run_daemon, config, shutdown)
+        yield info
+        shutdown.set()
+
+
+def port(info: DaemonInfo) -> int:
+    return int(info.api_url.rsplit(":", 1)[1])
+
+
+def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def while_blocked(fn: Callable[[], T]) -> T:
+    """``fn()`` run on a thread of its own while this (the agent's) trio thread is
+    blocked, not yielding to its loop, until ``fn`` returns; its result."""
+    result: list[Any] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:  # handed to the test
+            result.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(DEADLINE_S), "no answer while the agent's loop was blocked"
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]  # type: ignore[no-any-return]
+
+
+async def start_vmm(api: httpx.AsyncClient, info: DaemonInfo) -> uuid.UUID:
+    pid = uuid.uuid4()
+    r = await api.put(f"/vmms/{pid}", json=ensure_body_json())
+    assert r.status_code == 200, r.text
+    r = await api.put(f"/vmms/{pid}/state", json={"state": {"type": "running"}})
+    assert r.status_code == 200, r.text
+    assert info.recording_nexus is not None
+    await info.recording_nexus.wait_for(pid, VmmState.RUNNING)
+    return pid
+
+
+async def test_state_reads_are_answered_while_the_agents_thread_is_blocked(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with daemon(tmp_path) as info, httpx.AsyncClient(base_url=info.api_url) as api:
+            assert info.front_pid is not None
+            pid = await start_vmm(api, info)
+            await info.agent.notifier.wait_idle()
+            expected = (await api.get(f"/vmms/{pid}/state")).json()
+            status, body = while_blocked(lambda: http_get(port(info), f"/vmms/{pid}/state"))
+            assert status == 200
+            assert json.loads(body) == expected
+            assert json.loads(body)["vmm_state"]["state"] == "running"
+            unknown = uuid.uuid4()
+            status, body = while_blocked(lambda: http_get(port(info), f"/vmms/{unknown}/state"))
+            assert status == 404
+            answer = json.loads(body)
+            assert answer["error_code"] == "NO_SUCH_INSTANCE"
+            assert set(answer) == {"message", "error_code", "request_id"}
+
+
+async def test_a_state_change_is_read_back_at_once_on_a_new_connection(tmp_path: Path) -> None:
+    """Read-your-writes across the two processes: a registration's or a state change's
+    answer is never followed by an older state (or a 404) on another connection."""
+    with trio.fail_after(DEADLINE_S):
+        async with daemon(tmp_path) as info, httpx.AsyncClient(base_url=info.api_url) as api:
+            for _ in range(10):
+                pid = uuid.uuid4()
+                r = await api.put(f"/vmms/{pid}", json=ensure_body_json())
+                assert r.status_code == 200, r.text
+                registered = r.json()["vmm_state"]["gen"]
+                async with httpx.AsyncClient(base_url=info.api_url) as other:
+                    r = await other.get(f"/vmms/{pid}/state")
+                assert r.status_code == 200, r.text
+                assert r.json()["vmm_state"]["gen"] >= registered
+                r = await api.put(f"/vmms/{pid}/state", json={"state": {"type": "running"}})
+                assert r.status_code == 200, r.text
+                changed = r.json()["updated_runtime"]
+                async with httpx.AsyncClient(base_url=info.api_url) as other:
+                    r = await other.get(f"/vmms/{pid}/state")
+                assert r.json()["vmm_state"]["gen"] >= changed["vmm_state"]["gen"]
+                r = await api.delete(f"/vmms/{pid}")
+                assert r.status_code == 200, r.text
+                async with httpx.AsyncClient(base_url=info.api_url) as other:
+                    r = await other.get(f"/vmms/{pid}/state")
+                assert r.status_code == 404, r.text
+
+
+async def test_every_other_request_is_served_by_the_agent_on_the_same_connection(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with daemon(tmp_path) as info, httpx.AsyncClient(base_url=info.api_url) as api:
+            pid = await start_vmm(api, info)
+            # One kept-alive connection: a read (front), then requests the agent serves.
+            r = await api.get(f"/vmms/{pid}/state")
+            assert r.status_code == 200
+            r = await api.get("/zones")
+            assert r.status_code == 200 and r.json() == [f"oxz_propolis-server_{pid}"]
+            r = await api.get(f"/vmms/{pid}/state")
+            assert r.status_code == 200
+            r = await api.put(
+                f"/vmms/{pid}/state",
+                content=b"{not json",
+                headers={"content-type": "application/json"},
+            )
+            assert r.status_code == 400
+            assert r.json()["request_id"] == r.headers["x-request-id"]
+            r = await api.get("/no/such/route")
+            assert r.status_code == 404 and r.json()["error_code"] == "NOT_FOUND"
+            r = await api.get(f"/vmms/{pid}/state?x=1")  # not the quick shape: the router
+            assert r.status_code == 200
+
+
+async def test_a_request_split_across_packets_is_answered_whole(tmp_path: Path) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with daemon(tmp_path) as info, httpx.AsyncClient(base_url=info.api_url) as api:
+            pid = await start_vmm(api, info)
+            stream = await trio.open_tcp_stream("127.0.0.1", port(info))
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await stream.send_all(f"GET /vmms/{pid}/st".encode())
+            await trio.sleep(0.05)  # (either way it must be answered whole)
+            await stream.send_all(b"ate HTTP/1.1\r\nhost: x\r\n\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                answer += await stream.receive_some()
+            assert answer.startswith(b"HTTP/1.1 200 ")
+            assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["vmm_state"]["state"] == "running"
+            await stream.aclose()
+
+
+async def test_a_token_is_required_by_the_front_as_by_the_agent(tmp_path: Path) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            daemon(tmp_path, token="s3cret") as info,
+            httpx.AsyncClient(
+                base_url=info.api_url, headers={"authorization": "Bearer s3cret"}
+            ) as api,
+        ):
+            pid = await start_vmm(api, info)
+            status, _ = while_blocked(
+                lambda: http_get(
+                    port(info), f"/vmms/{pid}/state", {"authorization": "Bearer s3cret"}
+                )
+            )
+            assert status == 200
+            for wrong in ({}, {"authorization": "Bearer nope"}):
+                async with httpx.AsyncClient(base_url=info.api_url, headers=wrong) as other:
+                    r = await other.get(f"/vmms/{pid}/state")
+                assert r.status_code == 401
+                assert r.json()["error_code"] == "UNAUTHORIZED"
+
+
+async def test_reads_the_front_answered_are_counted_in_the_agents_metrics(tmp_path: Path) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with daemon(tmp_path) as info, httpx.AsyncClient(base_url=info.api_url) as api:
+            pid = await start_vmm(api, info)
+            for _ in range(20):
+                assert (await api.get(f"/vmms/{pid}/state")).status_code == 200
+            while True:  # the front reports its counters about once a second
+                text = (await api.get("/metrics")).text
+                admitted = next(
+                    float(line.split()[-1])
+                    for line in text.splitlines()
+                    if line.startswith("sledagent_reads_admitted_total")
+                )
+                if admitted >= 20:
+                    break
+                await trio.sleep(0.2)
+            assert "sledagent_read_wait_seconds_count" in text
+
+
+async def test_the_agent_serves_the_port_itself_when_the_front_process_dies(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            daemon(tmp_path) as info,
+            httpx.AsyncClient(base_url=info.api_url, transport=RetryOverloaded()) as api,
+        ):
+            pid = await start_vmm(api, info)
+            assert info.front_pid is not None
+            os.kill(info.front_pid, signal.SIGKILL)
+            # The front's connections went with it; a new one is the agent's.
+            for _ in range(5):
+                async with httpx.AsyncClient(base_url=info.api_url) as fresh:
+                    r = await fresh.get(f"/vmms/{pid}/state")
+                assert r.status_code == 200, r.text
+                assert r.json()["vmm_state"]["state"] == "running"
+            async with httpx.AsyncClient(base_url=info.api_url) as fresh:
+                r = await fresh.put(f"/vmms/{pid}/state", json={"state": {"type": "stopped"}})
+            assert r.status_code == 200, r.text
+
+
+async def test_shutdown_ends_the_front_process(tmp_path: Path) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with daemon(tmp_path) as info:
+            front = info.front_pid
+            assert front is not None
+            assert http_get(port(info), f"/vmms/{uuid.uuid4()}/state")[0] == 404
+        # run_daemon has returned: the front was told to stop and has been reaped.
+        try:
+            os.kill(front, 0)
+        except ProcessLookupError:
+            pass
+        else:
+            raise AssertionError(f"front process {front} outlived the daemon")
+
+
+async def test_without_the_front_process_the_agent_serves_every_read(tmp_path: Path) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            daemon(tmp_path, front_process=False) as info,
+            httpx.AsyncClient(base_url=info.api_url) as api,
+        ):
+            assert info.front_pid is None
+            pid = await start_vmm(api, info)
+            assert (await api.get(f"/vmms/{pid}/state")).status_code == 200
+
+
+async def test_a_killed_agent_takes_its_front_with_it_and_the_port_is_free_again(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of the agent: the front process must not keep the API's socket, or the
+    next start could not bind it (a restart must cost nothing)."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    free = probe.getsockname()[1]
+    probe.close()
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'listen = "127.0.0.1:{free}"\ndata_dir = "{tmp_path / "data"}"\n'
+        'propolis = "sim-inprocess"\n'
+    )
+    log = tmp_path / "agent.log"
+    argv = [sys.executable, "-c", "from sledagent._cli import main; main()", "run",
+            "--config", str(config)]  # fmt: skip
+    with trio.fail_after(DEADLINE_S), open(log, "wb") as err:
+        agent = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=err)
+        try:
+            assert agent.stdout is not None
+            await agent.stdout.receive_some()  # "sledagent listening on ..."
+            front = None
+            while front is None:
+                for line in log.read_text().splitlines():
+                    if '"http_front_serving"' in line:
+                        front = json.loads(line)["pid"]
+                await trio.sleep(0.05)
+            status, _ = await trio.to_thread.run_sync(http_get, free, f"/vmms/{uuid.uuid4()}/state")
+            assert status == 404
+            agent.kill()
+            await agent.wait()
+            while True:  # it wakes on the channel's end and exits (polled: another process)
+                if not _alive(front):
+                    break
+                await trio.sleep(0.05)
+        finally:
+            if agent.returncode is None:
+                agent.kill()
+                await agent.wait()
+            if agent.stdout is not None:
+                await agent.stdout.aclose()
+    rebind = socket.socket()
+    rebind.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    rebind.bind(("127.0.0.1", free))  # what the next start does
+    rebind.listen()
+    rebind.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purpose (its sockets are closed): the front's parent is
+    # dead, so init reaps it; until then /proc says "Z".
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    return False
