@@ -28,29 +28,25 @@ reads: ``_api.py``). Anything else is h11's.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
-import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
-from http import HTTPStatus
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
-import attrs
 import h11
 import structlog
 import trio
-from attrs import validators as v
 
+from ._http_common import STATS as STATS
+from ._http_common import ASGIApp as ASGIApp
+from ._http_common import HttpLimits as HttpLimits
+from ._http_common import HttpStatistics as HttpStatistics
+from ._http_common import Message as Message
+from ._http_common import Scope as Scope
+from ._http_common import refusal as refusal
+from ._http_exchange import Exchange
 from ._quick_shape import simple_get_target
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-ASGIApp = Callable[
-    [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
-    Awaitable[None],
-]
 
 #: ``await quick_get(target, head) -> whole answer bytes | None`` (an app's optional
 #: attribute): answers a bodyless ``GET`` without h11, the ASGI exchange or the router;
@@ -62,103 +58,7 @@ QuickGet = Callable[[bytes, bytes], Awaitable["bytes | None"]]
 Handover = Callable[[trio.socket.SocketType, bytes], Awaitable[None]]
 
 _RECV = 64 * 1024
-_DISCONNECT: Message = {"type": "http.disconnect"}
 log = structlog.get_logger("sledagent.http")
-
-
-@attrs.frozen(kw_only=True)
-class HttpLimits:
-    """The server's limits and timeouts (TOML table ``[http]``; docs/operations.md).
-
-    Defaults follow hypercorn's where it has one (docs/design.md has the table)."""
-
-    #: Connections open at once. Past it the oldest idle connection is closed to make
-    #: room; with none idle, a new connection gets 503 and is closed at once.
-    max_connections: int = attrs.field(default=2048, validator=v.ge(1))
-    #: Largest request head (request line and headers), bytes; larger: 431.
-    max_head_bytes: int = attrs.field(default=16 * 1024, validator=v.ge(256))
-    #: Largest request body, bytes; larger: 413 (declared: before the app runs).
-    max_body_bytes: int = attrs.field(default=16 << 20, validator=v.ge(0))
-    #: A connection with no request in progress is closed after this long, seconds.
-    keep_alive_s: float = attrs.field(default=5.0, validator=v.gt(0))
-    #: A request's head must arrive within this long of its first byte, else 408.
-    head_timeout_s: float = attrs.field(default=5.0, validator=v.gt(0))
-    #: While the app reads a body, no byte for this long: 408 and close.
-    body_timeout_s: float = attrs.field(default=10.0, validator=v.gt(0))
-    #: A body the app did not read is read and dropped, up to this many bytes within
-    #: ``discard_timeout_s``, to keep the connection; beyond either it is closed.
-    max_discard_bytes: int = attrs.field(default=1 << 20, validator=v.ge(0))
-    discard_timeout_s: float = attrs.field(default=2.0, validator=v.gt(0))
-    #: On shutdown, requests in flight get this long to finish, seconds.
-    graceful_s: float = attrs.field(default=5.0, validator=v.ge(0))
-    #: While a start re-adopts its VMMs, the API is served from a thread and trio loop
-    #: of its own and state reads are answered there, never behind that work
-    #: (``_front``; issue 18); then the agent's loop serves it.
-    front_thread: bool = True
-    #: The API's sockets are served by a process of its own that answers state reads
-    #: from a replica of the journaled answers and hands every other request, with its
-    #: connection, to the agent (``_front_main``; issue 21): reads never wait for the
-    #: agent's thread, nor it for them. Overrides ``front_thread``.
-    front_process: bool = True
-
-
-@attrs.define
-class HttpStatistics:
-    """What the servers of this process turned away, read at scrape time (``_metrics``).
-
-    Counted only off the hot path (errors, refusals, connection open/close)."""
-
-    connections_open: int = 0
-    #: accept(2) failures by errno name (``EMFILE``, ``ENFILE``, ``ENOBUFS``, ...).
-    accept_errors: dict[str, int] = attrs.Factory(dict)
-    #: Idle connections closed to make room (connection cap or descriptors exhausted).
-    idle_closed: int = 0
-    #: Answers the server gave itself (the app never saw the request), by status.
-    refused: dict[int, int] = attrs.Factory(dict)
-    #: Requests their client left before sending them whole (closed or reset mid-head or
-    #: mid-body), by stage (``head``, ``body``): no answer was sent, so no refusal is
-    #: counted (hypercorn, too, closes such a connection without an answer).
-    abandoned: dict[str, int] = attrs.Factory(dict)
-    #: The front process's counts (``_front_proc``: cumulative, as they last arrived).
-    elsewhere: HttpStatistics | None = None
-
-    def left(self, stage: str) -> None:
-        self.abandoned[stage] = self.abandoned.get(stage, 0) + 1
-
-    def with_elsewhere(self) -> HttpStatistics:
-        """These counts and the front process's (``elsewhere``), for ``/metrics``."""
-        other = self.elsewhere
-        if other is None:
-            return self
-
-        def add(a: dict[Any, int], b: dict[Any, int]) -> dict[Any, int]:
-            return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
-
-        return HttpStatistics(
-            connections_open=self.connections_open + other.connections_open,
-            accept_errors=add(self.accept_errors, other.accept_errors),
-            idle_closed=self.idle_closed + other.idle_closed,
-            refused=add(self.refused, other.refused),
-            abandoned=add(self.abandoned, other.abandoned),
-        )
-
-
-STATS = HttpStatistics()
-
-
-def refusal(status: int, message: str, *, head_only: bool = False) -> bytes:
-    """A whole ``connection: close`` answer in the contract's error shape."""
-    STATS.refused[status] = STATS.refused.get(status, 0) + 1
-    body = json.dumps(
-        {"message": message, "error_code": None, "request_id": str(uuid.uuid4())}
-    ).encode()
-    reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
-    retry = "retry-after: 1\r\n" if status == 503 else ""  # RFC 9110 10.2.3
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n"
-    ).encode()
-    return head if head_only else head + body
 
 
 #: ``_next_request``'s answer for a request the quick path has answered.
@@ -270,7 +170,7 @@ class _Connection:
             with trio.move_on_after(1, shield=True):
                 await self.stream.aclose()
 
-    async def _read_event(self) -> Any:
+    async def read_event(self) -> Any:
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
@@ -298,9 +198,9 @@ class _Connection:
                     return None  # the connection is another server's now: ours just closes
                 self.h11.receive_data(data)
             with trio.move_on_after(self.limits.head_timeout_s) as head:
-                event = await self._read_event()
+                event = await self.read_event()
             if head.cancelled_caught:
-                await self._refuse(408, "request head not received in time", linger=False)
+                await self.refuse(408, "request head not received in time", linger=False)
                 return None
         except trio.BrokenResourceError:  # reset: mid-head if any of it had come
             if self.h11.trailing_data[0]:
@@ -311,7 +211,7 @@ class _Connection:
                 STATS.left("head")
                 return None
             status = 431 if exc.error_status_hint == 431 else 400  # h11's 501 included
-            await self._refuse(status, f"malformed request: {exc}")
+            await self.refuse(status, f"malformed request: {exc}")
             return None
         if not isinstance(event, h11.Request):
             return None  # ConnectionClosed, or the peer left between requests
@@ -327,16 +227,16 @@ class _Connection:
         self.body_length = None if length is None else int(length)
         head_only = event.method == b"HEAD"
         if size > self.limits.max_head_bytes:
-            await self._refuse(431, f"request head over {self.limits.max_head_bytes} bytes")
+            await self.refuse(431, f"request head over {self.limits.max_head_bytes} bytes")
             return None
         if chunked is not None and (length is not None or event.http_version == b"1.0"):
             # RFC 9112 6.1, 6.3: ambiguous framing, the shape of request smuggling.
-            await self._refuse(
+            await self.refuse(
                 400, "transfer-encoding with content-length, or in HTTP/1.0", head_only=head_only
             )
             return None
         if self.body_length is not None and self.body_length > self.limits.max_body_bytes:
-            await self._refuse(
+            await self.refuse(
                 413, f"request body over {self.limits.max_body_bytes} bytes", head_only=head_only
             )
             return None
@@ -388,7 +288,7 @@ class _Connection:
             await self.stream.send_all(answer[sent:])
         return True
 
-    async def _refuse(
+    async def refuse(
         self, status: int, message: str, *, head_only: bool = False, linger: bool = True
     ) -> None:
         """Answer with an error the app never saw; the connection then ends (the stream
@@ -414,7 +314,7 @@ class _Connection:
         left = self.limits.max_discard_bytes
         with trio.move_on_after(self.limits.discard_timeout_s):
             while self.h11.their_state is h11.SEND_BODY:
-                event = await self._read_event()
+                event = await self.read_event()
                 if isinstance(event, h11.ConnectionClosed):
                     return False
                 if isinstance(event, h11.Data):
@@ -431,7 +331,7 @@ class _Connection:
         try:
             path = unquote(raw_path.decode("ascii"), errors="strict")
         except UnicodeDecodeError:
-            await self._refuse(400, "request target is not ASCII", head_only=method == "HEAD")
+            await self.refuse(400, "request target is not ASCII", head_only=method == "HEAD")
             raise _Close from None
         scope: Scope = {
             "type": "http",
@@ -448,7 +348,7 @@ class _Connection:
             "server": self.local,
             "extensions": {},
         }
-        state = _Exchange(self, method == "HEAD")
+        state = Exchange(self, method == "HEAD")
         try:
             await self.table.app(scope, state.receive, state.send)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -458,121 +358,17 @@ class _Connection:
                 raise _Close from None
             log.exception("asgi_app_failed", method=method, path=path)
             if not state.started:
-                await self._refuse(500, "internal error", head_only=state.head_only)
+                await self.refuse(500, "internal error", head_only=state.head_only)
             raise _Close from None  # a response cut short cannot be repaired
         finally:
             state.done.set()
         if state.aborted:
             raise _Close
         if not state.started:
-            await self._refuse(500, "the application sent no response")
+            await self.refuse(500, "the application sent no response")
             raise _Close
         if not state.finished:
             raise _Close
-
-
-class _Exchange:
-    """ASGI ``receive``/``send`` for one request on a connection."""
-
-    def __init__(self, conn: _Connection, head_only: bool) -> None:
-        self.conn = conn
-        self.head_only = head_only
-        self.started = self.finished = self.aborted = False
-        self.head: h11.Response | None = None
-        self.head_sent = self.body_done = False
-        self.received = 0
-        self.done = trio.Event()
-
-    async def _abort(self, status: int, message: str, *, linger: bool = True) -> Message:
-        """The server ends the request (bad body, too slow, too big): it answers if the
-        app has not, and the app sees the client leave."""
-        if not self.started:
-            await self.conn._refuse(status, message, linger=linger)
-        self.aborted = self.body_done = self.started = self.finished = True
-        return _DISCONNECT
-
-    async def receive(self) -> Message:
-        conn = self.conn
-        if self.body_done:
-            # ASGI: once the body is read, receive() waits for the end of the exchange
-            # (apps that stream a response listen for the client leaving this way).
-            await self.done.wait()
-            return _DISCONNECT
-        if conn.h11.their_state is not h11.SEND_BODY:
-            self.body_done = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        limits = conn.limits
-        try:
-            if conn.h11.they_are_waiting_for_100_continue:
-                await conn.stream.send_all(
-                    conn.h11.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
-                )
-            with trio.move_on_after(limits.body_timeout_s) as stalled:
-                event = await conn._read_event()
-        except h11.RemoteProtocolError as exc:
-            if not conn.peer_left:  # bad chunk, more than declared: the client's error
-                return await self._abort(400, f"malformed request body: {exc}")
-            STATS.left("body")  # closed mid-body: it left, nothing to answer
-            self.aborted = self.body_done = self.started = self.finished = True
-            return _DISCONNECT
-        except (trio.BrokenResourceError, trio.ClosedResourceError):  # reset mid-body
-            STATS.left("body")
-            self.aborted = self.body_done = self.started = self.finished = True
-            return _DISCONNECT
-        if stalled.cancelled_caught:
-            return await self._abort(408, "request body not received in time", linger=False)
-        if isinstance(event, h11.Data):
-            self.received += len(event.data)
-            if self.received > limits.max_body_bytes:
-                return await self._abort(413, f"request body over {limits.max_body_bytes} bytes")
-            return {"type": "http.request", "body": bytes(event.data), "more_body": True}
-        if isinstance(event, h11.EndOfMessage):
-            self.body_done = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        self.body_done = True
-        return _DISCONNECT
-
-    async def send(self, message: Message) -> None:
-        if self.aborted:
-            return  # the server answered already; the app's answer goes nowhere
-        conn = self.conn
-        kind = message["type"]
-        if kind == "http.response.start":
-            if self.started:
-                raise RuntimeError("response already started")
-            self.started = True
-            headers = list(message.get("headers", []))
-            h = conn.h11
-            if h.their_state is h11.SEND_BODY and (
-                h.they_are_waiting_for_100_continue
-                or self._unread() > conn.limits.max_discard_bytes
-            ):
-                # The body will not come (no 100 Continue) or is too big to drop: say so.
-                headers.append((b"connection", b"close"))
-            elif conn.table.retiring:  # this server hands over: the next request, elsewhere
-                headers.append((b"connection", b"close"))
-            self.head = h11.Response(status_code=message["status"], headers=headers)
-            return
-        if kind != "http.response.body" or self.head is None or self.finished:
-            raise RuntimeError(f"unexpected ASGI message {kind!r}")
-        out = b""
-        if not self.head_sent:
-            out += conn.h11.send(self.head) or b""
-            self.head_sent = True
-        body = message.get("body", b"")
-        if body and not self.head_only:  # HEAD: the headers of GET, no body (RFC 9110 9.3.2)
-            out += conn.h11.send(h11.Data(data=body)) or b""
-        if not message.get("more_body", False):
-            out += conn.h11.send(h11.EndOfMessage()) or b""
-            self.finished = True
-            self.done.set()
-        if out:  # a response of known length goes out in one write
-            await conn.stream.send_all(out)
-
-    def _unread(self) -> int:
-        """Declared body bytes not read yet (a chunked body: 0, unknown)."""
-        length = self.conn.body_length
-        return 0 if length is None else length - self.received
 
 
 async def _receive_idle(stream: trio.SocketStream) -> bytes:
