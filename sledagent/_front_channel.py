@@ -10,7 +10,8 @@ a payload:
   not journaled yet, ``None`` for one removed), ``LISTEN`` (the listening sockets, then
   the settings as msgpack ``FrontSettings``: sent after the whole registry, so the front
   never answers from half of it), ``STOP`` (stop accepting, finish, exit);
-- front -> agent: ``HANDOVER`` (a connection, and the bytes read from it), ``STATS``
+- front -> agent: ``SERVING`` (it accepts on the sockets: the agent stops accepting
+  there itself), ``HANDOVER`` (a connection, and the bytes read from it), ``STATS``
   (msgpack ``FrontStats``, cumulative, about once a second).
 
 Both ends are non-blocking; ``send_nowait`` and ``receive_nowait`` never wait, so the
@@ -35,6 +36,7 @@ LISTEN = b"L"
 STOP = b"S"
 HANDOVER = b"H"
 STATS = b"T"
+SERVING = b"R"
 
 #: Largest message either side sends: a handover carries up to 64 KiB read (``_http``).
 MAX_MESSAGE = 128 * 1024

@@ -49,6 +49,7 @@ from ._front_channel import (
     ANSWERS,
     HANDOVER,
     LISTEN,
+    SERVING,
     STATS,
     STOP,
     Channel,
@@ -202,6 +203,7 @@ async def serve(channel: Channel) -> None:
 
         nursery.start_soon(report)
         log.info("http_front_serving", pid=os.getpid(), answers=len(replica.answers))
+        nursery.start_soon(replica.send, SERVING, b"")  # the agent stops accepting
         await serve_listeners(
             _QuickOnly(quick_get),
             listeners,

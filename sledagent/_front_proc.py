@@ -38,6 +38,7 @@ from ._front_channel import (
     ANSWERS,
     HANDOVER,
     LISTEN,
+    SERVING,
     STATS,
     STOP,
     Channel,
@@ -83,6 +84,8 @@ class FrontProcess:
         self._closed = False
         #: The front's counters as they last arrived.
         self.stats: FrontStats | None = None
+        #: Set once the front accepts on the API's sockets.
+        self.serving = trio.Event()
 
     @classmethod
     async def start(cls) -> FrontProcess:
@@ -197,6 +200,9 @@ class FrontProcess:
                             incoming=incoming,
                         )
                     )
+                    if not self.serving.is_set():
+                        serving.start_soon(self._until_the_front_serves, app, listeners, limits,
+                                           shutdown, gone)  # fmt: skip
                     await trio_util.wait_any(shutdown.wait, gone.wait)
                     if shutdown.is_set():
                         self._send(STOP)
@@ -212,6 +218,47 @@ class FrontProcess:
             for listener in listeners:
                 listener.socket.close()
             await self.aclose()
+
+    async def _until_the_front_serves(
+        self,
+        app: ASGIApp,
+        listeners: list[trio.SocketListener],
+        limits: HttpLimits,
+        shutdown: trio.Event,
+        gone: trio.Event,
+    ) -> None:
+        """Accept here too until the front says it serves: its interpreter may still be
+        importing when the agent listens (a loaded host: about a second), and a read
+        must not wait in the listen backlog meanwhile. Then these connections retire as
+        a front thread's do (``serve_listeners``'s ``retire``: each one's next answer
+        says ``connection: close``); at shutdown they have the server's grace."""
+        enough = trio.Event()
+        copies = [
+            trio.SocketListener(
+                trio.socket.from_stdlib_socket(socket.socket(fileno=os.dup(lst.socket.fileno())))
+            )
+            for lst in listeners
+        ]
+
+        async def until_enough() -> None:
+            await trio_util.wait_any(self.serving.wait, shutdown.wait, gone.wait)
+            enough.set()
+
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(until_enough)
+                nursery.start_soon(
+                    lambda: serve_listeners(
+                        app,
+                        copies,
+                        shutdown=enough,
+                        limits=limits,
+                        announce=False,
+                        retire=lambda: not shutdown.is_set(),
+                    )
+                )
+                await shutdown.wait()
+                scope.deadline = trio.current_time() + limits.graceful_s
 
     async def _serve_alone(
         self,
@@ -250,6 +297,8 @@ class FrontProcess:
                     os.close(fd)
                 if kind == STATS:
                     self._absorb(msgspec.msgpack.decode(payload, type=FrontStats), admission)
+                elif kind == SERVING:
+                    self.serving.set()
         except ChannelClosed:
             return
 

@@ -22,16 +22,23 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import trio
+import trio.testing
 
 from sledagent import VmmState
+from sledagent._admission import ReadLimits
+from sledagent._api import build_app
 from sledagent._daemon import DaemonConfig, DaemonInfo, run_daemon
+from sledagent._front_channel import LISTEN, SERVING, Channel, FrontSettings
+from sledagent._front_proc import FrontProcess
 from sledagent._http import HttpLimits
-from sledagent.testing import RetryOverloaded, ensure_body_json, fast_config
+from sledagent._server import bind_listeners
+from sledagent.testing import RetryOverloaded, ensure_body_json, fast_config, open_fake_agent
 
 DEADLINE_S = 60
 T = TypeVar("T")
@@ -338,3 +345,49 @@ def _alive(pid: int) -> bool:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     return False
+
+
+async def test_until_the_front_serves_the_agent_answers_then_hands_the_port_over() -> None:
+    """A front still importing (a loaded host) must not leave reads in the listen
+    backlog: the agent accepts meanwhile. Once the front says it serves, the agent's
+    connections are told ``connection: close`` and new ones go to the front. Here the
+    test is the front (its end of the channel), and its process only sleeps."""
+    async with open_fake_agent(fast_config()) as harness, trio.open_nursery() as nursery:
+        pid = await harness.start_vmm()
+        app = build_app(harness.agent)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sleeper = await trio.lowlevel.open_process(
+            [sys.executable, "-c", "import time; time.sleep(600)"]
+        )
+        front = FrontProcess(sleeper, Channel(ours))
+        listeners, urls = await bind_listeners("127.0.0.1:0")
+        stop = trio.Event()
+        settings = FrontSettings(limits=HttpLimits(), reads=ReadLimits())
+        with trio.fail_after(DEADLINE_S):
+            await nursery.start(
+                partial(front.serve, app, listeners, registry=harness.agent.manager.registry,
+                        settings=settings, shutdown=stop)
+            )  # fmt: skip
+            channel = Channel(theirs)
+            async with httpx.AsyncClient(base_url=urls[0]) as api:
+                r = await api.get(f"/vmms/{pid}/state")  # the front has not said it serves
+                assert r.status_code == 200 and "connection" not in r.headers
+                while (message := await channel.receive())[0] != LISTEN:
+                    pass  # the registry's answers first, then the sockets
+                listening = [socket.socket(fileno=fd) for fd in message[2]]
+                await channel.send(SERVING)
+                await trio.testing.wait_all_tasks_blocked()
+                r = await api.get(f"/vmms/{pid}/state")
+                assert r.status_code == 200
+                assert r.headers["connection"] == "close"  # the agent retires it
+                # A new connection waits for the front (this test) to accept it.
+                client = await trio.open_tcp_stream("127.0.0.1", int(urls[0].rsplit(":", 1)[1]))
+                accepted, _ = await trio.to_thread.run_sync(listening[0].accept)
+                await client.send_all(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
+                assert (await trio.to_thread.run_sync(accepted.recv, 100)).startswith(b"GET /x")
+                accepted.close()
+                await client.aclose()
+                for sock in listening:
+                    sock.close()
+            stop.set()
+            channel.close()  # the "front" exits: the agent stops waiting for it
