@@ -40,6 +40,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 
+import attrs
 import msgspec
 import structlog
 import trio
@@ -176,7 +177,10 @@ async def serve(channel: Channel) -> None:
             trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
             for fd in fds
         ]
-        admission = ReadAdmission(lambda: 0, settings.reads)  # nothing to publish here
+        # Nothing is published here, and reads are all this loop does: taking turns
+        # would only reorder them. A read is answered, or refused once ``late``.
+        reads = attrs.evolve(settings.reads, publishing_lag_s=settings.reads.late_s)
+        admission = ReadAdmission(lambda: 0, reads)
         token = settings.token.encode() if settings.token else None
         quick = state_reads(
             replica.answer,
