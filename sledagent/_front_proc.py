@@ -290,13 +290,19 @@ class FrontProcess:
             while True:
                 kind, payload, fds = await self.channel.receive()
                 if kind == HANDOVER and len(fds) == 1:
-                    sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fds[0]))
-                    admit(trio.SocketStream(sock), payload)
+                    stream = _stream(fds[0])
+                    if stream is not None:
+                        admit(stream, payload)
                     continue
                 for fd in fds:
                     os.close(fd)
                 if kind == STATS:
-                    self._absorb(msgspec.msgpack.decode(payload, type=FrontStats), admission)
+                    try:
+                        stats = msgspec.msgpack.decode(payload, type=FrontStats)
+                    except msgspec.DecodeError as exc:  # a bug; the counters can wait
+                        log.warning("http_front_stats_unreadable", error=str(exc))
+                        continue
+                    self._absorb(stats, admission)
                 elif kind == SERVING:
                     self.serving.set()
         except ChannelClosed:
@@ -314,3 +320,18 @@ class FrontProcess:
             refused=stats.refused,
             abandoned=stats.abandoned,
         )
+
+
+def _stream(fd: int) -> trio.SocketStream | None:
+    """A stream over a handed-over connection's descriptor (owned from here on); None if
+    it is no longer one (reset by its client on the way: nothing to serve)."""
+    try:
+        raw = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        return None
+    try:
+        return trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+    except OSError:
+        raw.close()
+        return None
