@@ -241,6 +241,7 @@ async def api_bench(
     *,
     requests: Count = 5000,
     connections: Count = 50,
+    front: Literal["agent", "process"] = "agent",
 ) -> int:
     """Serve the API and read one VMM's state back to back from another process.
 
@@ -253,11 +254,14 @@ async def api_bench(
         Requests in all.
     connections
         Keep-alive connections reading at once.
+    front
+        ``agent``: the agent's loop answers; ``process``: the front process does
+        (``[http] front_process``), its CPU per request reported apart.
     """
     configure_logging(json=True, level="error")
     report = {
         "command": command_line(),
-        **(await run_api_bench(requests=requests, connections=connections)),
+        **(await run_api_bench(requests=requests, connections=connections, front=front)),
     }
     print(jsonlib.dumps(report))
     return 0
