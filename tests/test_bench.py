@@ -17,6 +17,14 @@ async def test_bench_api_answers_every_request_from_the_reader_process() -> None
     assert report["latency_s"]["p99"] >= report["latency_s"]["p50"] > 0  # type: ignore[index]
 
 
+async def test_bench_api_through_the_front_process_reports_the_fronts_cpu_apart() -> None:
+    with trio.fail_after(60):
+        report = await run_api_bench(requests=200, connections=4, front="process")
+    assert report["answered"] == 200 and report["errors"] == 0 and report["timeouts"] == 0
+    assert report["params"]["front"] == "process"  # type: ignore[index]
+    assert "front_cpu_ms_per_request" in report
+
+
 @pytest.mark.deadline_s(180)  # a benchmark's processes
 async def test_bench_scale_reports_what_each_vmm_costs_and_leaves_nothing_running() -> None:
     from sledagent.bench._scale import run_scale_bench
