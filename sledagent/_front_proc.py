@@ -12,6 +12,8 @@ here with its connection, and is served by the agent's own server code
   before any answer that depends on it can reach a client (read-your-writes);
 - connections handed back are served here; the front's counters are counted into
   ``/metrics`` (``ReadAdmission.absorb``, ``HttpStatistics.elsewhere``);
+- until the front says it serves, the agent accepts on the sockets too (a front still
+  importing must not leave reads in the listen backlog);
 - at shutdown the front is told to stop and given the server's grace to finish; if it
   dies before (a crash, an operator's kill), this logs it and serves the port itself:
   the listening sockets never left this process.
@@ -48,7 +50,7 @@ from ._front_channel import (
     encode_answers,
 )
 from ._http import STATS as HTTP_STATS
-from ._http import ASGIApp, HttpLimits, HttpStatistics
+from ._http import ASGIApp, HttpStatistics
 from ._log import SETTINGS as LOG_SETTINGS
 from ._registry import Registry
 from ._server import serve_listeners
@@ -167,9 +169,15 @@ class FrontProcess:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve ``app`` on ``listeners`` through the front until ``shutdown`` (graceful,
-        as ``serve_listeners``). The listeners stay open here (closed on return).
-        Started (``nursery.start``) once the registry and the sockets are on their way:
-        the front serves from then on, whatever this loop does."""
+        as ``serve_listeners``). Started (``nursery.start``) once the registry and the
+        sockets are on their way: the front serves from then on, whatever this loop does.
+
+        One server here (one connection table, so one cap) for the whole life: the
+        connections the front hands back, and the ones it accepts itself, on the same
+        sockets, while the front does not: until the front says it serves (its
+        interpreter may still be importing when the agent listens, about a second on a
+        loaded host, and a read must not wait in the listen backlog meanwhile) and
+        again for good if the front dies (``http_front_exited``)."""
         limits = settings.limits
         for payload in encode_answers(registry.replica()):
             self._send(ANSWERS, payload)
@@ -177,14 +185,25 @@ class FrontProcess:
         fds = [lst.socket.fileno() for lst in listeners]
         self._send(LISTEN, msgspec.msgpack.encode(settings), fds)
         task_status.started()
+        accepting = trio_util.AsyncBool(not self.serving.is_set())
         gone = trio.Event()
         local_stop = trio.Event()
 
         async def incoming(admit: Callable[[trio.SocketStream, bytes | None], None]) -> None:
-            try:
-                await self._receive(admit, admission)
-            finally:
-                gone.set()
+            await self._receive(admit, admission, accepting)
+            gone.set()  # the front closed the channel: it exited
+            if shutdown.is_set():
+                return
+            registry.observer = None
+            accepting.value = True  # the sockets never left this process
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self.process.wait()
+            log.error(
+                "http_front_exited",
+                pid=self.process.pid,
+                returncode=self.process.returncode,
+                action="the agent serves the API itself",
+            )
 
         try:
             async with trio.open_nursery() as nursery:
@@ -193,24 +212,21 @@ class FrontProcess:
                     serving.start_soon(
                         lambda: serve_listeners(
                             app,
-                            [],
+                            listeners,
                             shutdown=local_stop,
                             limits=limits,
                             announce=False,
                             incoming=incoming,
+                            accepting=accepting,
                         )
                     )
-                    if not self.serving.is_set():
-                        serving.start_soon(self._until_the_front_serves, app, listeners, limits,
-                                           shutdown, gone)  # fmt: skip
-                    await trio_util.wait_any(shutdown.wait, gone.wait)
-                    if shutdown.is_set():
+                    await shutdown.wait()
+                    accepting.value = False
+                    if not gone.is_set():
                         self._send(STOP)
                         # The front finishes the answers it has begun, within the grace.
                         with trio.move_on_after(limits.graceful_s + 1):
                             await gone.wait()
-                    else:
-                        await self._serve_alone(app, listeners, registry, limits, shutdown)
                     local_stop.set()
                 nursery.cancel_scope.cancel()
         finally:
@@ -219,71 +235,11 @@ class FrontProcess:
                 listener.socket.close()
             await self.aclose()
 
-    async def _until_the_front_serves(
-        self,
-        app: ASGIApp,
-        listeners: list[trio.SocketListener],
-        limits: HttpLimits,
-        shutdown: trio.Event,
-        gone: trio.Event,
-    ) -> None:
-        """Accept here too until the front says it serves: its interpreter may still be
-        importing when the agent listens (a loaded host: about a second), and a read
-        must not wait in the listen backlog meanwhile. Then these connections retire as
-        a front thread's do (``serve_listeners``'s ``retire``: each one's next answer
-        says ``connection: close``); at shutdown they have the server's grace."""
-        enough = trio.Event()
-        copies = [
-            trio.SocketListener(
-                trio.socket.from_stdlib_socket(socket.socket(fileno=os.dup(lst.socket.fileno())))
-            )
-            for lst in listeners
-        ]
-
-        async def until_enough() -> None:
-            await trio_util.wait_any(self.serving.wait, shutdown.wait, gone.wait)
-            enough.set()
-
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(until_enough)
-                nursery.start_soon(
-                    lambda: serve_listeners(
-                        app,
-                        copies,
-                        shutdown=enough,
-                        limits=limits,
-                        announce=False,
-                        retire=lambda: not shutdown.is_set(),
-                    )
-                )
-                await shutdown.wait()
-                scope.deadline = trio.current_time() + limits.graceful_s
-
-    async def _serve_alone(
-        self,
-        app: ASGIApp,
-        listeners: list[trio.SocketListener],
-        registry: Registry,
-        limits: HttpLimits,
-        shutdown: trio.Event,
-    ) -> None:
-        """The front died: serve the port from here (the sockets never left)."""
-        registry.observer = None
-        with trio.CancelScope(shield=True):
-            await self.process.wait()
-        log.error(
-            "http_front_exited",
-            pid=self.process.pid,
-            returncode=self.process.returncode,
-            action="the agent serves the API itself",
-        )
-        await serve_listeners(app, listeners, shutdown=shutdown, limits=limits, announce=False)
-
     async def _receive(
         self,
         admit: Callable[[trio.SocketStream, bytes | None], None],
         admission: ReadAdmission | None,
+        accepting: trio_util.AsyncBool,
     ) -> None:
         """Connections handed back, and counters, until the front closes the channel."""
         try:
@@ -305,6 +261,7 @@ class FrontProcess:
                     self._absorb(stats, admission)
                 elif kind == SERVING:
                     self.serving.set()
+                    accepting.value = False  # the front accepts from now on
         except ChannelClosed:
             return
 

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 import trio
+import trio_util
 
 from ._addr import parse_listen
 from ._front import duplicate_listeners, serve_front, watch_agent_loop
@@ -108,6 +109,7 @@ async def serve_listeners(
     retire: Callable[[], bool] | None = None,
     handover: Handover | None = None,
     incoming: Incoming | None = None,
+    accepting: trio_util.AsyncBool | None = None,
 ) -> None:
     """``serve_http`` on listeners already bound (closed on return). ``retire``: asked
     at ``shutdown``; True: another server takes over the port: connections are not closed under
@@ -117,17 +119,22 @@ async def serve_listeners(
     with their connection (the front process: ``ConnectionTable.handover``).
     ``incoming(admit)``: a task that brings connections from elsewhere (handed over by
     the front process) and passes each to ``admit(stream, first_bytes)``; it runs as
-    the accept loops do, until ``shutdown``."""
+    the accept loops do, until ``shutdown``. ``accepting``: the listeners are accepted
+    on only while it is True (the front process accepts on them otherwise)."""
     limits = limits or HttpLimits()
     table = ConnectionTable(app, limits)
     table.handover = handover
+    gate = accepting
     if announce:
         announce_serving(listeners, limits)
     try:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accepting:
                 for listener in listeners:
-                    accepting.start_soon(_accept_loop, listener, table, connections)
+                    if gate is None:
+                        accepting.start_soon(_accept_loop, listener, table, connections)
+                    else:
+                        accepting.start_soon(_gated, gate, listener, table, connections)
                 if incoming is not None:
                     at_cap = _Burst("http_connection_cap_reached")
                     accepting.start_soon(
@@ -170,6 +177,21 @@ def announce_serving(listeners: list[trio.SocketListener], limits: HttpLimits) -
             fd_limit=fds,
             hint="descriptors run out before the cap: raise the limit (ulimit -n)",
         )
+
+
+async def _gated(
+    gate: trio_util.AsyncBool,
+    listener: trio.SocketListener,
+    table: ConnectionTable,
+    nursery: trio.Nursery,
+) -> None:
+    """``_accept_loop`` while ``gate`` is True."""
+    while True:
+        await gate.wait_value(True)
+        async with trio.open_nursery() as accepting:
+            accepting.start_soon(_accept_loop, listener, table, nursery)
+            await gate.wait_value(False)
+            accepting.cancel_scope.cancel()
 
 
 async def _accept_loop(
