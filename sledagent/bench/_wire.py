@@ -65,6 +65,8 @@ class WireParams:
     reads_per_s: float | None = None
     #: Phase-2 slots (``bundle_archive_concurrency``); None: the agent's default.
     archive_slots: int | None = None
+    #: Phase-2 slots for small bundles (``bundle_archive_max_concurrency``); None: default.
+    archive_max_slots: int | None = None
 
     def read_interval_s(self) -> float | None:
         """Each VMM's read period, seconds; None: no reads."""
@@ -187,6 +189,8 @@ async def _run_wire(
     )
     if p.archive_slots is not None:
         agent = attrs.evolve(agent, bundle_archive_concurrency=p.archive_slots)
+    if p.archive_max_slots is not None:
+        agent = attrs.evolve(agent, bundle_archive_max_concurrency=p.archive_max_slots)
     with tempfile.TemporaryDirectory(prefix="sledagent-wire-") as tmp:
         config = DaemonConfig(
             listen="127.0.0.1:0",
