@@ -69,7 +69,7 @@ class AgentConfig:
     @property
     def archive_max_slots(self) -> int:
         """Phase-2 slots for small bundles (and archive worker processes)."""
-        if self.bundle_archive_max_concurrency is None:
+        if self.bundle_archive_max_concurrency == 0:
             return 2 * self.bundle_archive_concurrency
         return self.bundle_archive_max_concurrency
 
@@ -124,10 +124,8 @@ class AgentConfig:
     #: while the bytes being archived (logs and command outputs, all of them together)
     #: stay within ``bundle_archive_small_bytes``: a small bundle's archive is mostly
     #: fixed cost that is not CPU (docs/performance.md, "Session 10"). Default: twice
-    #: ``bundle_archive_concurrency``; equal to it: a fixed count.
-    bundle_archive_max_concurrency: int | None = attrs.field(
-        default=None, validator=v.optional(_at_least(1))
-    )
+    #: ``bundle_archive_concurrency`` (0); equal to it: a fixed count.
+    bundle_archive_max_concurrency: int = attrs.field(default=0, validator=_at_least(0))
     bundle_archive_small_bytes: int = attrs.field(default=16 << 20, validator=v.ge(0))
     #: Each zone command's own timeout; a timeout is recorded and the rest kept.
     command_timeout_s: float = attrs.field(default=30.0, validator=_positive)
