@@ -137,7 +137,10 @@ def test_every_bundle_is_archived_within_the_bounds(
 def test_a_config_with_fewer_small_bundle_slots_than_slots_is_refused_naming_both() -> None:
     from sledagent._config import AgentConfig
 
-    with pytest.raises(ValueError, match="bundle_archive_max_concurrency.*bundle_archive_conc"):
+    with pytest.raises(
+        ValueError,
+        match=r"bundle_archive_max_concurrency .2. must be >= bundle_archive_concurrency .4.",
+    ):
         AgentConfig(bundle_archive_concurrency=4, bundle_archive_max_concurrency=2)
     assert AgentConfig(bundle_archive_concurrency=3).archive_max_slots == 6  # 0: twice
     assert (
