@@ -97,6 +97,8 @@ class SledAgent:
             self.store,
             collect_concurrency=config.bundle_collect_concurrency,
             archive_concurrency=config.bundle_archive_concurrency,
+            archive_max_concurrency=config.archive_max_slots,
+            archive_small_bytes=config.bundle_archive_small_bytes,
             command_timeout_s=config.command_timeout_s,
             snapshot_cleanup_timeout_s=config.snapshot_cleanup_timeout_s,
         )

@@ -10,7 +10,8 @@ drain goes"). A process has a GIL of its own; the trio thread is left only the p
 
 How: up to ``workers`` processes (``sledagent._archive_worker``), started by ``warm_up``
 or on first use and kept; each takes one job at a time over its stdin (a length-prefixed
-pickle of the ``ArchiveJob``: a trusted child of ours, nothing else reads the pipe) and
+pickle of the ``ArchiveJob``: a trusted child of ours, nothing else reads the pipe; a
+large output shared by many bundles, such as ``ss -an``, is sent once: ``BlobMirror``) and
 answers on stdout with the ``BundleInfo`` or the error. The child runs the very same
 ``TarArchiver`` code (temporary name, fsync, rename, copies), at a lower CPU priority
 (nice +10, like the threads), so everything that code guarantees holds. What the process
@@ -36,7 +37,7 @@ import trio
 
 from ._archive import IN_PROGRESS, TarArchiver, TempFilesInProgress, bundle_path
 from ._archive_worker import HEADER as _HEADER
-from ._archive_worker import NICE
+from ._archive_worker import NICE, BlobMirror
 from ._host import ArchiveJob, BundleInfo
 
 _log = structlog.get_logger("sledagent.archive")
@@ -50,10 +51,11 @@ class _Worker:
     def __init__(self, process: trio.Process) -> None:
         self.process = process
         self._buffer = bytearray()
+        self._blobs = BlobMirror()  # what this worker holds of the shared outputs
 
     async def call(self, job: ArchiveJob) -> Any:
         assert self.process.stdin is not None and self.process.stdout is not None
-        payload = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = self._blobs.encode(job)
         await self.process.stdin.send_all(_HEADER.pack(len(payload)) + payload)
         head = await self._read(_HEADER.size)
         return pickle.loads(await self._read(_HEADER.unpack(head)[0]))

@@ -10,7 +10,8 @@ Phase 2 (the zone is no longer needed): write the archive from the snapshot (the
 archiver does this in a worker thread), add it to the store, and drop the snapshot under
 a shielded cancel scope with its own deadline, so a cancelled bundle leaks no snapshot.
 
-Each phase has its own ``trio.CapacityLimiter``; their statistics are exported. omicron
+Phase 1 has its own ``trio.CapacityLimiter``, phase 2 its ``ArchiveSlots`` (more slots
+for small bundles); their statistics are exported. omicron
 serializes every bundle on the host, and list/get/delete/cleanup too, behind one mutex
 (#5236); here listing and deleting go to the store and never wait for a bundle.
 """
@@ -24,6 +25,7 @@ import attrs
 import structlog
 import trio
 
+from ._archive_slots import ArchiveSlots
 from ._host import (
     ArchiveJob,
     Archiver,
@@ -77,6 +79,12 @@ def _limiter_stats(limiter: trio.CapacityLimiter) -> LimiterStatistics:
     )
 
 
+def _input_bytes(commands: tuple[CommandOutput, ...], snapshot: Snapshot) -> int:
+    """What a bundle's archive reads: its logs' bytes and its commands' outputs."""
+    logs = sum(f.size - f.start for f in snapshot.files)
+    return logs + sum(len(c.output) for c in commands)
+
+
 class ZoneBundler:
     _HELD_SAMPLES = 4096
 
@@ -88,6 +96,8 @@ class ZoneBundler:
         *,
         collect_concurrency: int,
         archive_concurrency: int,
+        archive_max_concurrency: int | None = None,
+        archive_small_bytes: int = 0,
         command_timeout_s: float,
         snapshot_cleanup_timeout_s: float,
     ) -> None:
@@ -95,7 +105,11 @@ class ZoneBundler:
         self._archiver = archiver
         self.store = store
         self.collect_limiter = trio.CapacityLimiter(collect_concurrency)
-        self.archive_limiter = trio.CapacityLimiter(archive_concurrency)
+        #: Phase 2: ``archive_concurrency`` bundles of any size at once, up to
+        #: ``archive_max_concurrency`` while the bytes in flight fit ``archive_small_bytes``.
+        self.archive_slots = ArchiveSlots(
+            archive_concurrency, max_slots=archive_max_concurrency, small_bytes=archive_small_bytes
+        )
         self._command_timeout_s = command_timeout_s
         self._cleanup_timeout_s = snapshot_cleanup_timeout_s
         self._created = 0
@@ -109,7 +123,11 @@ class ZoneBundler:
     def statistics(self) -> BundlerStatistics:
         return BundlerStatistics(
             collect=_limiter_stats(self.collect_limiter),
-            archive=_limiter_stats(self.archive_limiter),
+            archive=LimiterStatistics(
+                borrowed=self.archive_slots.running,
+                total=self.archive_slots.max_slots,
+                waiting=self.archive_slots.waiting,
+            ),
             created=self._created,
             failed=self._failed,
             zone_held_s=tuple(self._held),
@@ -148,7 +166,7 @@ class ZoneBundler:
                 on_released()
             keep_snapshot = False
             try:
-                async with self.archive_limiter:
+                async with self.archive_slots.hold(_input_bytes(commands, snapshot)):
                     t0 = trio.current_time()
                     try:
                         info = await self._archiver.write(ArchiveJob(metadata, commands, snapshot))
@@ -192,7 +210,7 @@ class ZoneBundler:
                 "recovered", (), _RECOVERED_NOTE, None, 0.0,
                 error="commands not run: archived from a snapshot a crash left behind",
             )  # fmt: skip
-            async with self.archive_limiter:
+            async with self.archive_slots.hold(_input_bytes((note,), snapshot)):
                 info = await self._archiver.write(ArchiveJob(metadata, (note,), snapshot))
             await self.store.add(info)
         except Exception as exc:

@@ -59,6 +59,20 @@ class BackoffPolicy:
 class AgentConfig:
     """Everything the core needs to know; see docs/operations.md for the reference."""
 
+    def __attrs_post_init__(self) -> None:
+        if self.archive_max_slots < self.bundle_archive_concurrency:
+            raise ValueError(
+                f"bundle_archive_max_concurrency ({self.bundle_archive_max_concurrency}) "
+                f"must be >= bundle_archive_concurrency ({self.bundle_archive_concurrency})"
+            )
+
+    @property
+    def archive_max_slots(self) -> int:
+        """Phase-2 slots for small bundles (and archive worker processes)."""
+        if self.bundle_archive_max_concurrency == 0:
+            return 2 * self.bundle_archive_concurrency
+        return self.bundle_archive_max_concurrency
+
     termination_policy: TerminationPolicy = attrs.field(
         default=TerminationPolicy.REAPER, converter=TerminationPolicy
     )
@@ -106,6 +120,13 @@ class AgentConfig:
     bundle_archive_concurrency: int = attrs.field(
         factory=lambda: os.cpu_count() or 1, validator=_at_least(1)
     )
+    #: Beyond ``bundle_archive_concurrency``, bundles archive at once up to this many
+    #: while the bytes being archived (logs and command outputs, all of them together)
+    #: stay within ``bundle_archive_small_bytes``: a small bundle's archive is mostly
+    #: fixed cost that is not CPU (docs/performance.md, "Session 10"). Default: twice
+    #: ``bundle_archive_concurrency`` (0); equal to it: a fixed count.
+    bundle_archive_max_concurrency: int = attrs.field(default=0, validator=_at_least(0))
+    bundle_archive_small_bytes: int = attrs.field(default=16 << 20, validator=v.ge(0))
     #: Each zone command's own timeout; a timeout is recorded and the rest kept.
     command_timeout_s: float = attrs.field(default=30.0, validator=_positive)
     #: How long dropping a snapshot may take during cleanup (shielded).

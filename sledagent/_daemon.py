@@ -70,7 +70,8 @@ JOURNAL_NAME = "journal.sqlite3"
 
 
 def archiver_for(config: DaemonConfig, dirs: list[Path]) -> TarArchiver | ProcessArchiver:
-    """The configured archiver; as many worker processes as phase-2 slots."""
+    """The configured archiver; as many worker processes as phase-2 slots (small
+    bundles' included: ``AgentConfig.archive_max_slots``)."""
     level, cap = config.agent.compression_level, config.max_bundle_file_mb << 20
     if config.archive_in == "thread":
         return TarArchiver(dirs, compression_level=level, max_file_bytes=cap)
@@ -78,7 +79,7 @@ def archiver_for(config: DaemonConfig, dirs: list[Path]) -> TarArchiver | Proces
         dirs,
         compression_level=level,
         max_file_bytes=cap,
-        workers=config.agent.bundle_archive_concurrency,
+        workers=config.agent.archive_max_slots,
     )
 
 

@@ -128,6 +128,13 @@ class LocalZoneBackend:
         self.launcher = launcher
         self._fs_limiter = trio.CapacityLimiter(config.fs_concurrency)
         self.host_commands = SharedCommands(config.host_command_ttl_s)
+        #: The pids this backend recorded in each zone's ``zone.json`` since it started
+        #: (none for a zone whose Propolis is launched elsewhere). Phase 1 lists a zone
+        #: known here without a thread to read them back: in a mass stop of 1000 zones
+        #: each thread call waits for a thread and the GIL, tens of ms, while the zone is
+        #: held (docs/performance.md, "Session 10"). Zones of a previous run are read from
+        #: disk; teardown always reads the file (what it must kill).
+        self._recorded_pids: dict[str, tuple[int, ...]] = {}
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -135,6 +142,7 @@ class LocalZoneBackend:
         zone = Zone(spec.zone_name, spec.propolis_id, spec.propolis_addr, spec.nic_ids)
         try:
             await self._thread(self._create_tree, zone)
+            self._recorded_pids[zone.name] = ()
             if self.launcher is not None:
                 # The launched Propolis is the zone's VMM process: it writes the log.
                 addr = await self.launcher.launch(
@@ -150,7 +158,9 @@ class LocalZoneBackend:
                     stdin=b"",
                     capture_stdout=True,
                 )
-                await self._thread(self._record_pids, zone.name, [int(started.stdout)])
+                pids = [int(started.stdout)]
+                self._recorded_pids[zone.name] = tuple(pids)  # before: a cancel must see it
+                await self._thread(self._record_pids, zone.name, pids)
         except BaseException:
             with trio.CancelScope(shield=True):  # leave nothing behind
                 await self.halt_and_remove(zone)
@@ -214,6 +224,14 @@ class LocalZoneBackend:
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, path)  # a crash leaves the old record or the new, whole
 
+    async def _zone_pids(self, name: str) -> list[int]:
+        """The zone's own processes still alive, for its diagnostics; no thread when
+        this backend installed it and recorded none."""
+        if self._recorded_pids.get(name) == ():
+            await trio.lowlevel.checkpoint()
+            return []
+        return await self._thread(self._pids, name)
+
     def _pids(self, name: str) -> list[int]:
         try:
             meta = json.loads((_zone_dir(self.config, name) / "zone.json").read_text())
@@ -264,6 +282,7 @@ class LocalZoneBackend:
         name = zone.name
         if self.launcher is not None:
             await self.launcher.retire(name)
+        # From the file (the truth), not ``_recorded_pids``: nothing may outlive the zone.
         pids = await self._thread(self._pids, name)
         if pids:
             for pid in pids:
@@ -275,6 +294,7 @@ class LocalZoneBackend:
             await _wait_all_exit(pids)
         # One call for both trees (each thread call costs a GIL round trip per syscall).
         await self._thread(self._remove_trees, name)
+        self._recorded_pids.pop(name, None)
 
     def _remove_trees(self, name: str) -> None:
         # The zone's own tree last: while it is there, a kill in between leaves a zone the
@@ -293,7 +313,7 @@ class LocalZoneBackend:
     # --- diagnostics ------------------------------------------------------------------
 
     async def bundle_commands(self, zone: Zone) -> Sequence[ZoneCommand]:
-        pids = await self._thread(self._pids, zone.name)
+        pids = await self._zone_pids(zone.name)
         cmds = [ZoneCommand(argv) for argv in HOST_COMMANDS]
         if pids:  # a zone whose Propolis runs elsewhere has no process here to list
             pid_list = ",".join(str(p) for p in pids)

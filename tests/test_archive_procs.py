@@ -8,14 +8,18 @@ import os
 import signal
 import sys
 import tarfile
+import uuid
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
 
 from sledagent import ProcessArchiver, TarArchiver
 from sledagent._archive_procs import ArchiveWorkerDied
+from sledagent._archive_worker import BlobMirror, _decode
+from sledagent._host import ArchiveJob, CommandOutput
 
 from ._hold import held_source, until_writing
 from .test_archive import leftovers, make_job
@@ -180,3 +184,45 @@ async def test_a_bundle_arriving_while_workers_start_waits_for_them_not_for_a_ne
     finally:
         await archiver.aclose()
     assert archiver.started == 1  # one interpreter start, shared
+
+
+def _with_output(job: ArchiveJob, name: str, output: bytes, bundle: uuid.UUID) -> ArchiveJob:
+    meta = attrs.evolve(job.metadata, id=attrs.evolve(job.metadata.id, bundle_id=bundle))
+    snapshot = attrs.evolve(job.snapshot, bundle_id=bundle)
+    command = CommandOutput(name, ("ss", "-an"), output, 0, 0.1)
+    return ArchiveJob(meta, (*job.commands[:1], command), snapshot)
+
+
+def test_a_large_output_shared_by_bundles_is_sent_to_a_worker_once(tmp_path: Path) -> None:
+    """``ss -an`` at 1000 zones is ~650 KB, the same in every zone bundled within a second:
+    it crosses the pipe once per worker, not once per bundle (performance.md, Session 10)."""
+    base = make_job(tmp_path)
+    shared = b"tcp LISTEN 0 128 127.0.0.1:12400 0.0.0.0:*\n" * 8000  # ~350 KB
+    mirror, held = BlobMirror(), {}
+    jobs = [_with_output(base, "ss", shared, uuid.uuid4()) for _ in range(3)]
+    changed = shared.replace(b"LISTEN", b"ESTAB ", 1)  # a later run: other bytes
+    jobs.append(_with_output(base, "ss", changed, uuid.uuid4()))
+    sizes = []
+    for job in jobs:
+        payload = mirror.encode(job)
+        sizes.append(len(payload))
+        decoded, held = _decode(payload, held)
+        assert decoded == job  # what the worker archives is the job, byte for byte
+    assert sizes[0] > len(shared) and sizes[3] > len(shared)  # sent when new
+    assert max(sizes[1:3]) < 4096  # named, not sent
+    assert list(held.values()) == [changed]  # the worker keeps only what the last job used
+
+
+async def test_bundles_sharing_an_output_each_carry_it_whole(tmp_path: Path) -> None:
+    base = make_job(tmp_path)
+    shared = b"u_str ESTAB 0 0 * 4242 * 4243\n" * 10000
+    other = b"u_str LISTEN 0 0 * 77 * 0\n" * 10000
+    jobs = [_with_output(base, "ss", out, uuid.uuid4()) for out in (shared, shared, other, shared)]
+    archiver = ProcessArchiver([tmp_path / "d0"], workers=1)
+    try:
+        infos = [await archiver.write(job) for job in jobs]
+    finally:
+        await archiver.aclose()
+    assert archiver.started == 1  # one worker: it had the blob for the second bundle
+    for info, out in zip(infos, (shared, shared, other, shared), strict=True):
+        assert members(info.paths[0])["ss"] == b'Command: ["ss", "-an"]\n' + out

@@ -44,7 +44,11 @@ def check_bundle(path: str, zone_name: str, cause: ZoneBundleCause) -> list[str]
 @pytest.mark.deadline_s(180)  # real zones and bundles
 async def test_eight_zones_with_limiters_at_two_give_eight_correct_bundles(tmp_path: Path) -> None:
     local = LocalHost.at(tmp_path, log_rate_bps=4096, seed_log_bytes=LOG_MB << 20, debug_dirs=2)
-    config = fast_config(bundle_collect_concurrency=2, bundle_archive_concurrency=2)
+    config = fast_config(
+        bundle_collect_concurrency=2,
+        bundle_archive_concurrency=2,
+        bundle_archive_max_concurrency=2,  # a fixed count (no more slots for small bundles)
+    )
     with trio.fail_after(120):
         async with open_fake_agent(config, local) as h:
             ids = [await h.start_vmm() for _ in range(8)]

@@ -66,6 +66,8 @@ class WireParams:
     reads_per_s: float | None = None
     #: Phase-2 slots (``bundle_archive_concurrency``); None: the agent's default.
     archive_slots: int | None = None
+    #: Phase-2 slots for small bundles (``bundle_archive_max_concurrency``); None: default.
+    archive_max_slots: int | None = None
     #: Who answers state reads: the front process (``[http] front_process``, the
     #: daemon's default) or the agent's own thread.
     api_front: Literal["process", "agent"] = "process"
@@ -191,6 +193,8 @@ async def _run_wire(
     )
     if p.archive_slots is not None:
         agent = attrs.evolve(agent, bundle_archive_concurrency=p.archive_slots)
+    if p.archive_max_slots is not None:
+        agent = attrs.evolve(agent, bundle_archive_max_concurrency=p.archive_max_slots)
     with tempfile.TemporaryDirectory(prefix="sledagent-wire-") as tmp:
         config = DaemonConfig(
             listen="127.0.0.1:0",
