@@ -150,6 +150,9 @@ class ReadAdmission:
         self.lag = lag
         #: The lag "publication first" looks at (seconds); None: ``lag`` (one thread).
         self.busy: Callable[[], float] | None = None
+        #: Reads take turns while the loop lags (False: a loop that only reads, the
+        #: front process's, where turns would only reorder them).
+        self.turns = True
         self.now = now
         self._clock = clock
         self._turns = trio.CapacityLimiter(self.limits.reads_per_batch)
@@ -192,8 +195,8 @@ class ReadAdmission:
             return self._decided(LATE, lag)
         if busy > limits.publishing_lag_s and self.backlog() > 0:
             return self._decided(PUBLICATION_FIRST, lag)
-        if lag <= limits.publishing_lag_s:
-            return self._decided(None, lag)  # a front thread that keeps up
+        if lag <= limits.publishing_lag_s or not self.turns:
+            return self._decided(None, lag)  # a front that keeps up, or only reads
         arrived = self.now() - lag
         await self._turns.acquire()
         self._turns.release()  # the next read's turn comes in the next batch

@@ -9,7 +9,10 @@ a payload:
   ``answer`` is the encoded journaled ``SledVmmState``, ``b""`` for a VMM registered but
   not journaled yet, ``None`` for one removed), ``LISTEN`` (the listening sockets, then
   the settings as msgpack ``FrontSettings``: sent after the whole registry, so the front
-  never answers from half of it), ``STOP`` (stop accepting, finish, exit);
+  never answers from half of it), ``PUBLISHING`` (msgpack float: how far behind the
+  agent's thread runs while halts are being published, seconds; 0.0: it keeps up or
+  nothing is published; sent when that changes: "publication first" in the front),
+  ``STOP`` (stop accepting, finish, exit);
 - front -> agent: ``SERVING`` (it accepts on the sockets: the agent stops accepting
   there itself), ``HANDOVER`` (a connection, and the bytes read from it), ``STATS``
   (msgpack ``FrontStats``, cumulative, about once a second).
@@ -34,6 +37,7 @@ from ._http import HttpLimits
 ANSWERS = b"A"
 LISTEN = b"L"
 STOP = b"S"
+PUBLISHING = b"P"
 HANDOVER = b"H"
 STATS = b"T"
 SERVING = b"R"

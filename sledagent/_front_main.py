@@ -40,7 +40,6 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 
-import attrs
 import msgspec
 import structlog
 import trio
@@ -50,6 +49,7 @@ from ._front_channel import (
     ANSWERS,
     HANDOVER,
     LISTEN,
+    PUBLISHING,
     SERVING,
     STATS,
     STOP,
@@ -82,6 +82,15 @@ class Replica:
         self.stop = trio.Event()
         self.listen: tuple[FrontSettings, list[int]] | None = None
         self.listening = trio.Event()
+        #: How far behind the agent's thread runs while it publishes halts (seconds).
+        self.agent_behind_s = 0.0
+
+    def publishing(self) -> int:
+        """1 while the agent says it publishes behind time (the admission's backlog)."""
+        return 1 if self.agent_behind_s > 0 else 0
+
+    def agent_lag(self) -> float:
+        return self.agent_behind_s
 
     def answer(self, propolis_id: uuid.UUID) -> bytes | None:
         return self.answers.get(propolis_id) or None  # b"": registered, not journaled
@@ -126,6 +135,8 @@ class Replica:
         elif kind == LISTEN and self.listen is None:
             self.listen = (msgspec.msgpack.decode(payload, type=FrontSettings), fds)
             self.listening.set()
+        elif kind == PUBLISHING:
+            self.agent_behind_s = msgspec.msgpack.decode(payload, type=float)
         elif kind == STOP:
             self.stop.set()
         else:
@@ -177,10 +188,13 @@ async def serve(channel: Channel) -> None:
             trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
             for fd in fds
         ]
-        # Nothing is published here, and reads are all this loop does: taking turns
-        # would only reorder them. A read is answered, or refused once ``late``.
-        reads = attrs.evolve(settings.reads, publishing_lag_s=settings.reads.late_s)
-        admission = ReadAdmission(lambda: 0, reads)
+        # "Publication first" as the agent reports it (``PUBLISHING``): while its
+        # thread lags publishing halts, reads are refused here at once (on a small
+        # host they take the CPU the publication needs, and a refused client waits
+        # its Retry-After). Reads are all this loop does: no turns among them.
+        admission = ReadAdmission(replica.publishing, settings.reads)
+        admission.busy = replica.agent_lag
+        admission.turns = False
         token = settings.token.encode() if settings.token else None
         quick = state_reads(
             replica.answer,

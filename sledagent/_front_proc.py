@@ -27,6 +27,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Sequence
 
@@ -35,11 +36,12 @@ import structlog
 import trio
 import trio_util
 
-from ._admission import AdmissionStatistics, ReadAdmission
+from ._admission import AdmissionStatistics, ReadAdmission, current_loop_lag
 from ._front_channel import (
     ANSWERS,
     HANDOVER,
     LISTEN,
+    PUBLISHING,
     SERVING,
     STATS,
     STOP,
@@ -56,6 +58,41 @@ from ._registry import Registry
 from ._server import serve_listeners
 
 log = structlog.get_logger("sledagent.http")
+
+#: How often the agent looks whether it publishes behind time (``_report_publishing``).
+PUBLISHING_EVERY_S = 0.02
+#: Reads step aside for publications only while the agent's thread waited for a CPU
+#: more than this share of the time (``CpuWait``).
+CPU_WAIT_SHED = 0.1
+
+
+class CpuWait:
+    """The share of wall time the calling thread spent runnable but waiting for a CPU
+    since the last call (Linux ``/proc/thread-self/schedstat``: its run delay). Where
+    the kernel does not say, 1.0: the host is assumed to be short of CPU (as before
+    the front process, when every read cost the agent's own thread).
+
+    ``read``: the run delay so far, nanoseconds (tests pass their own)."""
+
+    def __init__(self, read: Callable[[], int | None] | None = None) -> None:
+        self._read = read or _run_delay_ns
+        self._last = (time.monotonic_ns(), self._read())
+
+    def fraction(self) -> float:
+        now, delay = time.monotonic_ns(), self._read()
+        (then, before), self._last = self._last, (now, delay)
+        if delay is None or before is None or now <= then:
+            return 1.0
+        return (delay - before) / (now - then)
+
+
+def _run_delay_ns() -> int | None:
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as stat:
+            return int(stat.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
 
 #: The front's interpreter imports only the modules it runs, not the package's
 #: ``__init__`` (which imports the whole agent: ~0.7 s against ~0.3 s): the package is
@@ -88,6 +125,10 @@ class FrontProcess:
         self.stats: FrontStats | None = None
         #: Set once the front accepts on the API's sockets.
         self.serving = trio.Event()
+        #: The agent's lag the front was last told of (``PUBLISHING``; 0.0: none).
+        self.told_publishing = 0.0
+        #: How much of the time the agent's thread waits for a CPU (tests: their own).
+        self.cpu_wait: CpuWait = CpuWait()
 
     @classmethod
     async def start(cls) -> FrontProcess:
@@ -208,6 +249,8 @@ class FrontProcess:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush)
+                if admission is not None:
+                    nursery.start_soon(self._report_publishing, admission)
                 async with trio.open_nursery() as serving:
                     serving.start_soon(
                         lambda: serve_listeners(
@@ -234,6 +277,29 @@ class FrontProcess:
             for listener in listeners:
                 listener.socket.close()
             await self.aclose()
+
+    async def _report_publishing(self, admission: ReadAdmission) -> None:
+        """Tell the front, when it changes, whether reads must step aside for halts being
+        published (``ReadAdmission``'s "publication first", decided in the front: a read
+        refused there is refused at once, not after waiting for this thread).
+
+        They must when halts are under way (``backlog``), this thread lags (more than
+        ``publishing_lag_s``) *and* it waits for a CPU (``CpuWait``: more than
+        ``CPU_WAIT_SHED`` of the last interval): the reads the front answers, and their
+        clients on the same host, then take CPU the publication needs. With a core of
+        its own (a large host) the agent's lag is its own work, and reads answered on
+        another core cost it nothing: they are not shed. The value sent is the lag."""
+        threshold = admission.limits.publishing_lag_s
+        told = 0.0
+        while True:
+            await trio.sleep(PUBLISHING_EVERY_S)
+            behind = current_loop_lag()
+            waited = self.cpu_wait.fraction()
+            if behind <= threshold or admission.backlog() <= 0 or waited < CPU_WAIT_SHED:
+                behind = 0.0
+            if (behind > 0) != (told > 0) or abs(behind - told) > threshold * 4:
+                self._send(PUBLISHING, msgspec.msgpack.encode(behind))
+                told = self.told_publishing = behind
 
     async def _receive(
         self,

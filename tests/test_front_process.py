@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -35,7 +36,7 @@ from sledagent._admission import ReadLimits
 from sledagent._api import build_app
 from sledagent._daemon import DaemonConfig, DaemonInfo, run_daemon
 from sledagent._front_channel import LISTEN, SERVING, Channel, FrontSettings
-from sledagent._front_proc import FrontProcess
+from sledagent._front_proc import CpuWait, FrontProcess
 from sledagent._http import HttpLimits
 from sledagent._server import bind_listeners
 from sledagent.testing import RetryOverloaded, ensure_body_json, fast_config, open_fake_agent
@@ -48,6 +49,9 @@ T = TypeVar("T")
 async def daemon(
     tmp_path: Path, *, token: str | None = None, front_process: bool = True
 ) -> AsyncIterator[DaemonInfo]:
+    """The daemon on the embedded default. Its front never sheds a read for a
+    publication unless a test says the host is short of CPU (``Contended``): a loaded
+    test machine must not turn the reads these tests check into 503s."""
     config = DaemonConfig(
         listen="127.0.0.1:0", data_dir=tmp_path / "data", log_rate_bps=1024, seed_log_mb=0.01,
         agent=fast_config(), propolis="sim-inprocess", token=token,
@@ -56,6 +60,8 @@ async def daemon(
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         info: DaemonInfo = await nursery.start(run_daemon, config, shutdown)
+        if info.front is not None:
+            info.front.cpu_wait = CpuWait(read=lambda: 0)
         yield info
         shutdown.set()
 
@@ -391,3 +397,62 @@ async def test_until_the_front_serves_the_agent_accepts_then_leaves_new_connecti
                     sock.close()
             stop.set()
             channel.close()  # the "front" exits: the agent stops waiting for it
+
+
+async def test_while_the_agent_publishes_behind_time_the_front_refuses_reads_at_once(
+    tmp_path: Path,
+) -> None:
+    """ "Publication first" decided in the front: while halts are being published, the
+    agent's thread lags and it waits for a CPU (reads then take CPU the publication
+    needs), a read is refused there with 503 and ``Retry-After``, without waiting for
+    that thread; once it keeps up, reads are answered again."""
+    with trio.fail_after(DEADLINE_S):
+        async with daemon(tmp_path) as info, httpx.AsyncClient(base_url=info.api_url) as api:
+            pid = await start_vmm(api, info)
+            assert info.front is not None and info.admission is not None
+            info.front.cpu_wait = Contended()  # the host is short of CPU
+            info.admission.backlog = lambda: 3  # three halts on their way to Nexus
+            while True:
+                if info.front.told_publishing > 0:
+                    break
+                time.sleep(0.05)  # noqa: ASYNC251  (the agent's thread is behind: it computes)
+                await trio.sleep(0.03)
+            status, body = while_blocked(lambda: http_get(port(info), f"/vmms/{pid}/state"))
+            assert status == 503
+            refusal = json.loads(body)
+            assert refusal["error_code"] == "OVERLOADED"
+            assert "publication first" in refusal["message"]
+            info.admission.backlog = lambda: 0  # published
+            while True:
+                if info.front.told_publishing == 0:
+                    break
+                await trio.sleep(0.03)
+            r = await api.get(f"/vmms/{pid}/state")
+            assert r.status_code == 200
+
+
+async def test_with_a_cpu_of_its_own_the_agent_lets_the_front_answer_while_it_publishes(
+    tmp_path: Path,
+) -> None:
+    """On a host where the agent's thread never waits for a CPU, its lag is its own
+    work: reads answered by the front on another core cost it nothing, and are served."""
+    with trio.fail_after(DEADLINE_S):
+        async with daemon(tmp_path) as info, httpx.AsyncClient(base_url=info.api_url) as api:
+            pid = await start_vmm(api, info)
+            assert info.front is not None and info.admission is not None
+            info.front.cpu_wait = CpuWait(read=lambda: 0)  # never waits for a CPU
+            info.admission.backlog = lambda: 3
+            for _ in range(5):
+                time.sleep(0.05)  # noqa: ASYNC251  (the agent's thread is behind)
+                await trio.sleep(0.03)
+            assert info.front.told_publishing == 0
+            status, _ = while_blocked(lambda: http_get(port(info), f"/vmms/{pid}/state"))
+            assert status == 200
+
+
+class Contended(CpuWait):
+    def __init__(self) -> None:
+        super().__init__(read=lambda: 0)
+
+    def fraction(self) -> float:
+        return 1.0
