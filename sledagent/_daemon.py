@@ -206,6 +206,8 @@ class DaemonInfo:
     admission: ReadAdmission | None = None
     #: The front process serving the API (``[http] front_process``), if there is one.
     front_pid: int | None = None
+    #: The agent's end of it (tests: its channel, whether changes wait for it).
+    front: FrontProcess | None = None
 
 
 async def run_daemon(
@@ -405,6 +407,7 @@ async def _serve_agent(
                     peers.sim_host,
                     api_app.admission,
                     front.process.pid if front is not None else None,
+                    front,
                 )
             )
             await shutdown.wait()

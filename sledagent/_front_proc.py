@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 import structlog
@@ -47,7 +47,7 @@ from ._front_channel import (
     encode_answers,
 )
 from ._http import STATS as HTTP_STATS
-from ._http import ASGIApp, HttpLimits, HttpStatistics
+from ._http import ASGIApp, HttpLimits, HttpStatistics, Message, QuickGet, Scope
 from ._log import SETTINGS as LOG_SETTINGS
 from ._registry import Registry
 from ._server import serve_listeners
@@ -81,6 +81,11 @@ class FrontProcess:
         self._pending: collections.deque[tuple[bytes, bytes, Sequence[int]]] = collections.deque()
         self._wake = trio.Event()
         self._closed = False
+        #: Messages ever queued in ``_pending``, and how many of them have been sent;
+        #: ``_progress`` is set (and replaced) as they go (``answers_sent``).
+        self._queued = 0
+        self._dequeued = 0
+        self._progress = trio.Event()
         #: The front's counters as they last arrived.
         self.stats: FrontStats | None = None
 
@@ -132,7 +137,27 @@ class FrontProcess:
                 self._closed = True
                 return
         self._pending.append((kind, payload, fds))  # in order, behind what waits
+        self._queued += 1
         self._wake.set()
+
+    @property
+    def lagging(self) -> bool:
+        """Changes wait here for the front to read the channel (``answers_sent``)."""
+        return bool(self._pending)
+
+    async def answers_sent(self) -> None:
+        """Return once every change made so far is in the channel (or the front is
+        gone). The front takes every message in the channel before it answers a read
+        (``Replica.catch_up``), so an answer sent after this is never followed by an
+        older one from the front (read-your-writes). Immediate unless the front lags
+        (its end of the channel full: a host out of CPU, a burst of changes)."""
+        target = self._queued
+        while self._dequeued < target and not self._closed:
+            await self._progress.wait()
+
+    def _advanced(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
 
     async def _flush(self) -> None:
         """Send what could not be sent at once (the front was not reading: at start,
@@ -147,8 +172,11 @@ class FrontProcess:
                 except ChannelClosed:
                     self._pending.clear()
                     self._closed = True
+                    self._advanced()
                     return
                 self._pending.popleft()
+                self._dequeued += 1
+                self._advanced()
 
     # --- serving ------------------------------------------------------------------------
 
@@ -189,7 +217,7 @@ class FrontProcess:
                 async with trio.open_nursery() as serving:
                     serving.start_soon(
                         lambda: serve_listeners(
-                            app,
+                            _AnswersSentFirst(app, self),
                             [],
                             shutdown=local_stop,
                             limits=limits,
@@ -265,3 +293,44 @@ class FrontProcess:
             refused=stats.refused,
             abandoned=stats.abandoned,
         )
+
+
+class _AnswersSentFirst:
+    """``app`` for the connections the front hands over: no answer starts before every
+    change of the registry's answers made so far is in the channel (``answers_sent``).
+
+    Why: a client that saw this answer (a registration, a state change, a read) may read
+    the VMM next on another connection, which the front answers from its replica. When
+    the front lags (its end of the channel full: a host out of CPU, a burst of halts),
+    changes wait in the agent's queue; answering before they are sent let a client read
+    a VMM it had just registered as 404, or an older generation (read-your-writes). The
+    wait costs nothing while the front keeps up (the queue is empty)."""
+
+    def __init__(self, app: ASGIApp, front: FrontProcess) -> None:
+        self.app, self.front = app, front
+        inner: QuickGet | None = getattr(app, "quick_get", None)
+        self.quick_get: QuickGet | None = None
+        if inner is not None:
+
+            async def quick_get(target: bytes, head: bytes) -> bytes | None:
+                answer = await inner(target, head)
+                if answer is not None and front.lagging:
+                    await front.answers_sent()
+                return answer
+
+            self.quick_get = quick_get
+
+    async def __call__(
+        self,
+        scope: Scope,
+        receive: Callable[[], Awaitable[Message]],
+        send: Callable[[Message], Awaitable[None]],
+    ) -> None:
+        front = self.front
+
+        async def send_after_answers(message: Message) -> None:
+            if message["type"] == "http.response.start" and front.lagging:
+                await front.answers_sent()
+            await send(message)
+
+        await self.app(scope, receive, send_after_answers)

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import httpx
 import trio
+import trio.testing
 
 from sledagent import VmmState
 from sledagent._daemon import DaemonConfig, DaemonInfo, run_daemon
@@ -145,6 +146,69 @@ async def test_a_state_change_is_read_back_at_once_on_a_new_connection(tmp_path:
                 async with httpx.AsyncClient(base_url=info.api_url) as other:
                     r = await other.get(f"/vmms/{pid}/state")
                 assert r.status_code == 404, r.text
+
+
+async def test_a_registration_is_read_back_on_a_new_connection_while_the_front_lags(
+    tmp_path: Path,
+) -> None:
+    """Read-your-writes when the front cannot keep up with the channel (a host out of
+    CPU, a burst of changes): the changes wait in the agent's queue, and registrations
+    answered meanwhile were read back as 404 on a new connection. The lag is made
+    certain, not timed: the front is stopped (SIGSTOP) with its channel's buffer at the
+    minimum, and it reads while the agent's thread is blocked (nothing more is sent)."""
+    vmms = 20
+    with trio.fail_after(DEADLINE_S):
+        async with contextlib.AsyncExitStack() as stack:
+            info = await stack.enter_async_context(daemon(tmp_path))
+            front, front_pid = info.front, info.front_pid
+            assert front is not None and front_pid is not None
+            registry = info.agent.manager.registry
+            # A connection each, handed over to the agent (a write would do too): the
+            # registrations reach the agent with the front stopped.
+            clients = [
+                await stack.enter_async_context(httpx.AsyncClient(base_url=info.api_url))
+                for _ in range(vmms)
+            ]
+            for client in clients:
+                assert (await client.get("/zones")).status_code == 200
+            front.channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the minimum
+            pids = [uuid.uuid4() for _ in range(vmms)]
+            answered: dict[uuid.UUID, int] = {}  # what each client was told: the generation
+
+            async def register(api: httpx.AsyncClient, pid: uuid.UUID) -> None:
+                r = await api.put(f"/vmms/{pid}", json=ensure_body_json())
+                assert r.status_code == 200, r.text
+                answered[pid] = r.json()["vmm_state"]["gen"]
+
+            def read_back(told: dict[uuid.UUID, int]) -> list[tuple[int, int, int]]:
+                reads = []
+                for pid, gen in told.items():
+                    status, body = http_get(port(info), f"/vmms/{pid}/state")
+                    while status == 503:  # shed by a front that lags: it says retry
+                        status, body = http_get(port(info), f"/vmms/{pid}/state")
+                    now = json.loads(body)["vmm_state"]["gen"] if status == 200 else -1
+                    reads.append((status, now, gen))
+                return reads
+
+            os.kill(front_pid, signal.SIGSTOP)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for client, pid in zip(clients, pids, strict=True):
+                        nursery.start_soon(register, client, pid)
+                    # Every registration journaled, and changes waiting for the front.
+                    while not (front.lagging and all(map(registry.answer, pids))):  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                    # Let every answer the agent would give now reach its client.
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+                    os.kill(front_pid, signal.SIGCONT)
+                    told = dict(answered)
+                    reads = while_blocked(lambda: read_back(told))
+                    assert all(s == 200 and now >= gen for s, now, gen in reads), reads
+            finally:
+                os.kill(front_pid, signal.SIGCONT)
+            reads = await trio.to_thread.run_sync(read_back, answered)
+            assert len(reads) == vmms
+            assert all(s == 200 and now >= gen for s, now, gen in reads), reads
 
 
 async def test_every_other_request_is_served_by_the_agent_on_the_same_connection(
