@@ -20,6 +20,7 @@ here with its connection, and is served by the agent's own server code
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import os
 import socket
@@ -47,10 +48,10 @@ from ._front_channel import (
     encode_answers,
 )
 from ._http import STATS as HTTP_STATS
-from ._http import ASGIApp, HttpLimits, HttpStatistics, Message, QuickGet, Scope
+from ._http import ASGIApp, ConnectionTable, HttpLimits, HttpStatistics, Message, QuickGet, Scope
 from ._log import SETTINGS as LOG_SETTINGS
 from ._registry import Registry
-from ._server import serve_listeners
+from ._server import _BACKOFF_S, _Burst, fd_limit, serve_listeners
 
 log = structlog.get_logger("sledagent.http")
 
@@ -205,9 +206,11 @@ class FrontProcess:
         gone = trio.Event()
         local_stop = trio.Event()
 
-        async def incoming(admit: Callable[[trio.SocketStream, bytes | None], None]) -> None:
+        async def incoming(
+            admit: Callable[[trio.SocketStream, bytes | None], None], table: ConnectionTable
+        ) -> None:
             try:
-                await self._receive(admit, admission)
+                await self._receive(admit, table, admission)
             finally:
                 gone.set()
 
@@ -264,19 +267,29 @@ class FrontProcess:
     async def _receive(
         self,
         admit: Callable[[trio.SocketStream, bytes | None], None],
+        table: ConnectionTable,
         admission: ReadAdmission | None,
     ) -> None:
         """Connections handed back, and counters, until the front closes the channel."""
+        lost, failing = _Burst("http_handover_lost"), _Burst("http_accept_failing")
         try:
             while True:
-                kind, payload, fds = await self.channel.receive()
+                await _room_for_a_descriptor(self.channel.fileno(), table, failing)
+                message = self.channel.receive_nowait()
+                if message is None:
+                    await trio.lowlevel.wait_readable(self.channel.sock)
+                    continue
+                kind, payload, fds = message
                 if kind == HANDOVER and len(fds) == 1:
                     sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fds[0]))
                     admit(trio.SocketStream(sock), payload)
                     continue
                 for fd in fds:
                     os.close(fd)
-                if kind == STATS:
+                if kind == HANDOVER:  # its descriptor was dropped (MSG_CTRUNC): none free
+                    _count(HTTP_STATS.accept_errors, "EMFILE")
+                    lost.failed(fd_limit=fd_limit(), action="the client's connection was closed")
+                elif kind == STATS:
                     self._absorb(msgspec.msgpack.decode(payload, type=FrontStats), admission)
         except ChannelClosed:
             return
@@ -293,6 +306,43 @@ class FrontProcess:
             refused=stats.refused,
             abandoned=stats.abandoned,
         )
+
+
+def _count(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+async def _room_for_a_descriptor(probe: int, table: ConnectionTable, failing: _Burst) -> None:
+    """Return once this process can take one more descriptor.
+
+    Why: a handed-over connection arrives as a descriptor that ``recvmsg`` installs here;
+    with none free the kernel drops it (``MSG_CTRUNC``) and the client's connection is
+    closed unanswered. The accept loop this replaces closed an idle connection to make
+    room instead (``_server``: issue 16), so does this: the oldest idle connection is
+    closed, or with none idle it waits until one of ours ends (or a backoff of up to
+    1 s, for descriptors held elsewhere in the process). Counted as an accept error
+    (``EMFILE``), logged once per burst. One ``dup`` and ``close`` per message."""
+    backoff = _BACKOFF_S[0]
+    while True:
+        try:
+            os.close(os.dup(probe))
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            name = errno.errorcode[exc.errno]
+        _count(HTTP_STATS.accept_errors, name)
+        shed = table.shed_idle()
+        failing.failed(
+            errno=name,
+            open_connections=len(table.connections),
+            fd_limit=fd_limit(),
+            action="closed the oldest idle connection" if shed else "waiting",
+        )
+        if not shed:
+            with trio.move_on_after(backoff):
+                await table.freed.wait()
+            backoff = min(backoff * 2, _BACKOFF_S[1])
 
 
 class _AnswersSentFirst:

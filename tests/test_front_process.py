@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 import trio
@@ -40,12 +41,16 @@ T = TypeVar("T")
 
 @asynccontextmanager
 async def daemon(
-    tmp_path: Path, *, token: str | None = None, front_process: bool = True
+    tmp_path: Path,
+    *,
+    token: str | None = None,
+    front_process: bool = True,
+    archive_in: Literal["process", "thread"] = "process",
 ) -> AsyncIterator[DaemonInfo]:
     config = DaemonConfig(
         listen="127.0.0.1:0", data_dir=tmp_path / "data", log_rate_bps=1024, seed_log_mb=0.01,
         agent=fast_config(), propolis="sim-inprocess", token=token,
-        http=HttpLimits(front_process=front_process),
+        http=HttpLimits(front_process=front_process), archive_in=archive_in,
     )  # fmt: skip
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -209,6 +214,44 @@ async def test_a_registration_is_read_back_on_a_new_connection_while_the_front_l
             reads = await trio.to_thread.run_sync(read_back, answered)
             assert len(reads) == vmms
             assert all(s == 200 and now >= gen for s, now, gen in reads), reads
+
+
+async def test_a_request_handed_over_when_the_agent_has_no_descriptor_left_is_answered(
+    tmp_path: Path,
+) -> None:
+    """The agent out of descriptors (its soft limit reached: its zones' and peers'
+    connections): the kernel dropped each handed-over connection (``MSG_CTRUNC``) and
+    its client met a closed connection, unanswered, while idle connections held the
+    descriptors. As its accept loop did (issue 16), the agent closes the oldest idle
+    connection to make room, and the request is answered."""
+    with trio.fail_after(DEADLINE_S):
+        # No bundle worker processes: nothing else takes or frees descriptors meanwhile.
+        async with daemon(tmp_path, archive_in="thread") as info:
+
+            def kept_alive() -> http.client.HTTPConnection:
+                conn = http.client.HTTPConnection("127.0.0.1", port(info), timeout=DEADLINE_S)
+                conn.request("GET", "/no/such/route")  # handed over: the agent's now
+                assert conn.getresponse().read()
+                return conn
+
+            idle = [await trio.to_thread.run_sync(kept_alive) for _ in range(4)]
+            late = socket.create_connection(("127.0.0.1", port(info)), timeout=DEADLINE_S)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            lowest_free = os.dup(late.fileno())  # descriptors are taken lowest first
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # none left
+            try:
+                late.sendall(
+                    f"GET /vmms/{uuid.uuid4()}/state?x=1 HTTP/1.1\r\nhost: a\r\n\r\n".encode()
+                )
+                answer = await trio.to_thread.run_sync(late.recv, 65536)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            late.close()
+            for conn in idle:
+                conn.close()
+            assert answer.startswith(b"HTTP/1.1 404 "), answer
+            assert b"NO_SUCH_INSTANCE" in answer
 
 
 async def test_every_other_request_is_served_by_the_agent_on_the_same_connection(
