@@ -8,7 +8,9 @@ Configuration is one TOML file, validated at start (``_daemon_config``); flags
 override it.
 
 Shutdown (``shutdown`` set, e.g. by SIGINT/SIGTERM): the API stops accepting, the agent
-drains its reaper and notifier within ``shutdown_drain_s`` under a shielded scope, then
+drains its reaper and notifier within ``shutdown_drain_s`` under a shielded scope while
+the API's answers in flight finish (a bundle download: ``[http] graceful_s``, twice
+with the front process: its own, then the connections it handed over), then
 everything is cancelled; live VMMs, their zones and Propolis stay as they are for the
 next start to take back (``_readopt``).
 """
@@ -18,7 +20,9 @@ from __future__ import annotations
 import gc
 import os
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import structlog
@@ -150,10 +154,14 @@ async def _start_server(
     front_process: FrontProcess | None = None,
     registry: Registry | None = None,
     settings: FrontSettings | None = None,
+    done: trio.Event | None = None,
 ) -> str:
     """Serve ``app`` in ``nursery``; its URL. A failure to bind is ``ListenError``.
     ``front_process`` (with the ``registry`` it replicates and its ``settings``): the
-    API is served through it (``_front_proc``)."""
+    API is served through it (``_front_proc``). ``done``: set once the server has
+    returned (after ``shutdown``: its answers in flight finished or were cut at the
+    grace)."""
+    finished = done if done is not None else trio.Event()
     if front_process is not None and registry is not None and settings is not None:
         try:
             listeners, urls = await bind_listeners(listen)
@@ -163,6 +171,8 @@ async def _start_server(
             announce_serving(listeners, settings.limits)
         admission = getattr(app, "admission", None)
         await nursery.start(
+            _until_done,
+            finished,
             lambda task_status: front_process.serve(
                 app,
                 listeners,
@@ -171,11 +181,13 @@ async def _start_server(
                 shutdown=shutdown,
                 admission=admission if isinstance(admission, ReadAdmission) else None,
                 task_status=task_status,
-            )
+            ),
         )
         return urls[0]
     try:
         binds = await nursery.start(
+            _until_done,
+            finished,
             lambda task_status: serve_api(
                 app,
                 listen=listen,
@@ -185,11 +197,22 @@ async def _start_server(
                 front=front,
                 front_until=front_until,
                 task_status=task_status,
-            )
+            ),
         )
     except OSError as exc:  # raised before serving: nothing else to unwind
         raise ListenError(listen, listen_reason(exc)) from None
     return str(binds[0])
+
+
+async def _until_done(
+    done: trio.Event,
+    serve: Callable[[trio.TaskStatus[Any]], Awaitable[None]],
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    try:
+        await serve(task_status)
+    finally:
+        done.set()
 
 
 @attrs.frozen
@@ -207,7 +230,7 @@ class DaemonInfo:
     admission: ReadAdmission | None = None
     #: The front process serving the API (``[http] front_process``), if there is one.
     front_pid: int | None = None
-    #: The agent's end of it (tests: what it was told).
+    #: The agent's end of it (tests: what it was told, whether changes wait for it).
     front: FrontProcess | None = None
 
 
@@ -372,7 +395,7 @@ async def _serve_agent(
         async with open_sled_agent(
             config.agent, host, sled_id=sled_id, host_rebooted=rebooted
         ) as agent:
-            api_stop = trio.Event()
+            api_stop, api_done = trio.Event(), trio.Event()
             api_app = build_app(agent, token=token, reads=config.reads)
             api_url = await _start_server(
                 nursery,
@@ -393,6 +416,7 @@ async def _serve_agent(
                     token=token,
                     debug_requests=LOG_SETTINGS["level"] == "debug",
                 ),
+                done=api_done,
             )
             log.info(
                 "daemon_listening", api=api_url, nexus=nexus_url, data_dir=str(config.data_dir)
@@ -414,7 +438,12 @@ async def _serve_agent(
             await shutdown.wait()
             log.info("daemon_stopping")
             api_stop.set()
-        # Leaving the agent drained its reaper and notifier (shielded, bounded).
+        # Leaving the agent drained its reaper and notifier (shielded, bounded). The API's
+        # answers in flight (a bundle download) finish meanwhile, within their grace: the
+        # caller cancels the servers once this returns. The front process first finishes
+        # its own, then the agent the connections it handed over: twice the grace.
+        with trio.move_on_after(2 * config.http.graceful_s + 2):
+            await api_done.wait()
     finally:
         gc.enable()  # (a start that failed before its VMMs were taken back)
         with trio.CancelScope(shield=True):

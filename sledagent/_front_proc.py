@@ -22,6 +22,7 @@ here with its connection, and is served by the agent's own server code
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import os
 import socket
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 import structlog
@@ -52,10 +53,10 @@ from ._front_channel import (
     encode_answers,
 )
 from ._http import STATS as HTTP_STATS
-from ._http import ASGIApp, HttpStatistics
+from ._http import ASGIApp, ConnectionTable, HttpStatistics, Message, QuickGet, Scope
 from ._log import SETTINGS as LOG_SETTINGS
 from ._registry import Registry
-from ._server import serve_listeners
+from ._server import _BACKOFF_S, _Burst, fd_limit, serve_listeners
 
 log = structlog.get_logger("sledagent.http")
 
@@ -121,6 +122,11 @@ class FrontProcess:
         self._pending: collections.deque[tuple[bytes, bytes, Sequence[int]]] = collections.deque()
         self._wake = trio.Event()
         self._closed = False
+        #: Messages ever queued in ``_pending``, and how many of them have been sent;
+        #: ``_progress`` is set (and replaced) as they go (``answers_sent``).
+        self._queued = 0
+        self._dequeued = 0
+        self._progress = trio.Event()
         #: The front's counters as they last arrived.
         self.stats: FrontStats | None = None
         #: Set once the front accepts on the API's sockets.
@@ -178,7 +184,27 @@ class FrontProcess:
                 self._closed = True
                 return
         self._pending.append((kind, payload, fds))  # in order, behind what waits
+        self._queued += 1
         self._wake.set()
+
+    @property
+    def lagging(self) -> bool:
+        """Changes wait here for the front to read the channel (``answers_sent``)."""
+        return bool(self._pending)
+
+    async def answers_sent(self) -> None:
+        """Return once every change made so far is in the channel (or the front is
+        gone). The front takes every message in the channel before it answers a read
+        (``Replica.catch_up``), so an answer sent after this is never followed by an
+        older one from the front (read-your-writes). Immediate unless the front lags
+        (its end of the channel full: a host out of CPU, a burst of changes)."""
+        target = self._queued
+        while self._dequeued < target and not self._closed:
+            await self._progress.wait()
+
+    def _advanced(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
 
     async def _flush(self) -> None:
         """Send what could not be sent at once (the front was not reading: at start,
@@ -193,8 +219,11 @@ class FrontProcess:
                 except ChannelClosed:
                     self._pending.clear()
                     self._closed = True
+                    self._advanced()
                     return
                 self._pending.popleft()
+                self._dequeued += 1
+                self._advanced()
 
     # --- serving ------------------------------------------------------------------------
 
@@ -230,9 +259,13 @@ class FrontProcess:
         gone = trio.Event()
         local_stop = trio.Event()
 
-        async def incoming(admit: Callable[[trio.SocketStream, bytes | None], None]) -> None:
-            await self._receive(admit, admission, accepting)
-            gone.set()  # the front closed the channel: it exited
+        async def incoming(
+            admit: Callable[[trio.SocketStream, bytes | None], None], table: ConnectionTable
+        ) -> None:
+            try:
+                await self._receive(admit, table, admission, accepting)
+            finally:
+                gone.set()  # the front closed the channel: it exited
             if shutdown.is_set():
                 return
             registry.observer = None
@@ -254,7 +287,7 @@ class FrontProcess:
                 async with trio.open_nursery() as serving:
                     serving.start_soon(
                         lambda: serve_listeners(
-                            app,
+                            _AnswersSentFirst(app, self),
                             listeners,
                             shutdown=local_stop,
                             limits=limits,
@@ -304,13 +337,20 @@ class FrontProcess:
     async def _receive(
         self,
         admit: Callable[[trio.SocketStream, bytes | None], None],
+        table: ConnectionTable,
         admission: ReadAdmission | None,
         accepting: trio_util.AsyncBool,
     ) -> None:
         """Connections handed back, and counters, until the front closes the channel."""
+        lost, failing = _Burst("http_handover_lost"), _Burst("http_accept_failing")
         try:
             while True:
-                kind, payload, fds = await self.channel.receive()
+                await _room_for_a_descriptor(self.channel.fileno(), table, failing)
+                message = self.channel.receive_nowait()
+                if message is None:
+                    await trio.lowlevel.wait_readable(self.channel.sock)
+                    continue
+                kind, payload, fds = message
                 if kind == HANDOVER and len(fds) == 1:
                     stream = _stream(fds[0])
                     if stream is not None:
@@ -318,7 +358,10 @@ class FrontProcess:
                     continue
                 for fd in fds:
                     os.close(fd)
-                if kind == STATS:
+                if kind == HANDOVER:  # its descriptor was dropped (MSG_CTRUNC): none free
+                    _count(HTTP_STATS.accept_errors, "EMFILE")
+                    lost.failed(fd_limit=fd_limit(), action="the client's connection was closed")
+                elif kind == STATS:
                     try:
                         stats = msgspec.msgpack.decode(payload, type=FrontStats)
                     except msgspec.DecodeError as exc:  # a bug; the counters can wait
@@ -358,3 +401,81 @@ def _stream(fd: int) -> trio.SocketStream | None:
     except OSError:
         raw.close()
         return None
+
+
+def _count(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+async def _room_for_a_descriptor(probe: int, table: ConnectionTable, failing: _Burst) -> None:
+    """Return once this process can take one more descriptor.
+
+    Why: a handed-over connection arrives as a descriptor that ``recvmsg`` installs here;
+    with none free the kernel drops it (``MSG_CTRUNC``) and the client's connection is
+    closed unanswered. The accept loop this replaces closed an idle connection to make
+    room instead (``_server``: issue 16), so does this: the oldest idle connection is
+    closed, or with none idle it waits until one of ours ends (or a backoff of up to
+    1 s, for descriptors held elsewhere in the process). Counted as an accept error
+    (``EMFILE``), logged once per burst. One ``dup`` and ``close`` per message."""
+    backoff = _BACKOFF_S[0]
+    while True:
+        try:
+            os.close(os.dup(probe))
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            name = errno.errorcode[exc.errno]
+        _count(HTTP_STATS.accept_errors, name)
+        shed = table.shed_idle()
+        failing.failed(
+            errno=name,
+            open_connections=len(table.connections),
+            fd_limit=fd_limit(),
+            action="closed the oldest idle connection" if shed else "waiting",
+        )
+        if not shed:
+            with trio.move_on_after(backoff):
+                await table.freed.wait()
+            backoff = min(backoff * 2, _BACKOFF_S[1])
+
+
+class _AnswersSentFirst:
+    """``app`` for the connections the front hands over: no answer starts before every
+    change of the registry's answers made so far is in the channel (``answers_sent``).
+
+    Why: a client that saw this answer (a registration, a state change, a read) may read
+    the VMM next on another connection, which the front answers from its replica. When
+    the front lags (its end of the channel full: a host out of CPU, a burst of halts),
+    changes wait in the agent's queue; answering before they are sent let a client read
+    a VMM it had just registered as 404, or an older generation (read-your-writes). The
+    wait costs nothing while the front keeps up (the queue is empty)."""
+
+    def __init__(self, app: ASGIApp, front: FrontProcess) -> None:
+        self.app, self.front = app, front
+        inner: QuickGet | None = getattr(app, "quick_get", None)
+        self.quick_get: QuickGet | None = None
+        if inner is not None:
+
+            async def quick_get(target: bytes, head: bytes) -> bytes | None:
+                answer = await inner(target, head)
+                if answer is not None and front.lagging:
+                    await front.answers_sent()
+                return answer
+
+            self.quick_get = quick_get
+
+    async def __call__(
+        self,
+        scope: Scope,
+        receive: Callable[[], Awaitable[Message]],
+        send: Callable[[Message], Awaitable[None]],
+    ) -> None:
+        front = self.front
+
+        async def send_after_answers(message: Message) -> None:
+            if message["type"] == "http.response.start" and front.lagging:
+                await front.answers_sent()
+            await send(message)
+
+        await self.app(scope, receive, send_after_answers)

@@ -109,12 +109,18 @@ class Exchange:
         body = message.get("body", b"")
         if body and not self.head_only:  # HEAD: the headers of GET, no body (RFC 9110 9.3.2)
             out += conn.h11.send(h11.Data(data=body)) or b""
-        if not message.get("more_body", False):
+        last = not message.get("more_body", False)
+        if last:
             out += conn.h11.send(h11.EndOfMessage()) or b""
             self.finished = True
-            self.done.set()
         if out:  # a response of known length goes out in one write
             await conn.stream.send_all(out)
+        if last:
+            # Only now: an app that streams its answer (Starlette's ``FileResponse``)
+            # listens for ``http.disconnect`` and cancels its own send when it comes; set
+            # before the last write, a slow reader lost up to the last chunk (64 KiB of a
+            # bundle), and the connection stayed open, out of step with its client.
+            self.done.set()
 
     def _unread(self) -> int:
         """Declared body bytes not read yet (a chunked body: 0, unknown)."""

@@ -30,8 +30,11 @@ from ._http import STATS, ASGIApp, ConnectionTable, Handover, HttpLimits, refusa
 DEFAULT_LISTEN = "127.0.0.1:12345"
 log = structlog.get_logger("sledagent.http")
 
-#: ``await incoming(admit)``: brings connections to ``admit(stream, first_bytes)``.
-Incoming = Callable[[Callable[[trio.SocketStream, "bytes | None"], None]], Awaitable[None]]
+#: ``await incoming(admit, table)``: brings connections to ``admit(stream, first_bytes)``;
+#: ``table``: the server's connections (to close an idle one when descriptors run out).
+Incoming = Callable[
+    [Callable[[trio.SocketStream, "bytes | None"], None], ConnectionTable], Awaitable[None]
+]
 
 _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _BACKOFF_S = (0.01, 1.0)
@@ -117,10 +120,10 @@ async def serve_listeners(
     idle ones at their keep-alive timeout; after ``keep_alive_s + graceful_s`` the rest
     are cancelled. ``handover``: requests the quick path does not answer go elsewhere
     with their connection (the front process: ``ConnectionTable.handover``).
-    ``incoming(admit)``: a task that brings connections from elsewhere (handed over by
-    the front process) and passes each to ``admit(stream, first_bytes)``; it runs as
-    the accept loops do, until ``shutdown``. ``accepting``: the listeners are accepted
-    on only while it is True (the front process accepts on them otherwise)."""
+    ``incoming(admit, table)``: a task that brings connections from elsewhere (handed
+    over by the front process) and passes each to ``admit(stream, first_bytes)``; it
+    runs as the accept loops do, until ``shutdown``. ``accepting``: the listeners are
+    accepted on only while it is True (the front process accepts on them otherwise)."""
     limits = limits or HttpLimits()
     table = ConnectionTable(app, limits)
     table.handover = handover
@@ -140,6 +143,7 @@ async def serve_listeners(
                     accepting.start_soon(
                         incoming,
                         lambda stream, first: _admit(table, connections, at_cap, stream, first),
+                        table,
                     )
                 await shutdown.wait()
                 accepting.cancel_scope.cancel()

@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 import trio
@@ -47,7 +48,11 @@ T = TypeVar("T")
 
 @asynccontextmanager
 async def daemon(
-    tmp_path: Path, *, token: str | None = None, front_process: bool = True
+    tmp_path: Path,
+    *,
+    token: str | None = None,
+    front_process: bool = True,
+    archive_in: Literal["process", "thread"] = "process",
 ) -> AsyncIterator[DaemonInfo]:
     """The daemon on the embedded default. Its front never sheds a read for a
     publication unless a test says the host is short of CPU (``Contended``): a loaded
@@ -55,7 +60,7 @@ async def daemon(
     config = DaemonConfig(
         listen="127.0.0.1:0", data_dir=tmp_path / "data", log_rate_bps=1024, seed_log_mb=0.01,
         agent=fast_config(), propolis="sim-inprocess", token=token,
-        http=HttpLimits(front_process=front_process),
+        http=HttpLimits(front_process=front_process), archive_in=archive_in,
     )  # fmt: skip
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -158,6 +163,107 @@ async def test_a_state_change_is_read_back_at_once_on_a_new_connection(tmp_path:
                 async with httpx.AsyncClient(base_url=info.api_url) as other:
                     r = await other.get(f"/vmms/{pid}/state")
                 assert r.status_code == 404, r.text
+
+
+async def test_a_registration_is_read_back_on_a_new_connection_while_the_front_lags(
+    tmp_path: Path,
+) -> None:
+    """Read-your-writes when the front cannot keep up with the channel (a host out of
+    CPU, a burst of changes): the changes wait in the agent's queue, and registrations
+    answered meanwhile were read back as 404 on a new connection. The lag is made
+    certain, not timed: the front is stopped (SIGSTOP) with its channel's buffer at the
+    minimum, and it reads while the agent's thread is blocked (nothing more is sent)."""
+    vmms = 20
+    with trio.fail_after(DEADLINE_S):
+        async with contextlib.AsyncExitStack() as stack:
+            info = await stack.enter_async_context(daemon(tmp_path))
+            front, front_pid = info.front, info.front_pid
+            assert front is not None and front_pid is not None
+            registry = info.agent.manager.registry
+            # A connection each, handed over to the agent (a write would do too): the
+            # registrations reach the agent with the front stopped.
+            clients = [
+                await stack.enter_async_context(httpx.AsyncClient(base_url=info.api_url))
+                for _ in range(vmms)
+            ]
+            for client in clients:
+                assert (await client.get("/zones")).status_code == 200
+            front.channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the minimum
+            pids = [uuid.uuid4() for _ in range(vmms)]
+            answered: dict[uuid.UUID, int] = {}  # what each client was told: the generation
+
+            async def register(api: httpx.AsyncClient, pid: uuid.UUID) -> None:
+                r = await api.put(f"/vmms/{pid}", json=ensure_body_json())
+                assert r.status_code == 200, r.text
+                answered[pid] = r.json()["vmm_state"]["gen"]
+
+            def read_back(told: dict[uuid.UUID, int]) -> list[tuple[int, int, int]]:
+                reads = []
+                for pid, gen in told.items():
+                    status, body = http_get(port(info), f"/vmms/{pid}/state")
+                    while status == 503:  # shed by a front that lags: it says retry
+                        status, body = http_get(port(info), f"/vmms/{pid}/state")
+                    now = json.loads(body)["vmm_state"]["gen"] if status == 200 else -1
+                    reads.append((status, now, gen))
+                return reads
+
+            os.kill(front_pid, signal.SIGSTOP)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for client, pid in zip(clients, pids, strict=True):
+                        nursery.start_soon(register, client, pid)
+                    # Every registration journaled, and changes waiting for the front.
+                    while not (front.lagging and all(map(registry.answer, pids))):  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                    # Let every answer the agent would give now reach its client.
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+                    os.kill(front_pid, signal.SIGCONT)
+                    told = dict(answered)
+                    reads = while_blocked(lambda: read_back(told))
+                    assert all(s == 200 and now >= gen for s, now, gen in reads), reads
+            finally:
+                os.kill(front_pid, signal.SIGCONT)
+            reads = await trio.to_thread.run_sync(read_back, answered)
+            assert len(reads) == vmms
+            assert all(s == 200 and now >= gen for s, now, gen in reads), reads
+
+
+async def test_a_request_handed_over_when_the_agent_has_no_descriptor_left_is_answered(
+    tmp_path: Path,
+) -> None:
+    """The agent out of descriptors (its soft limit reached: its zones' and peers'
+    connections): the kernel dropped each handed-over connection (``MSG_CTRUNC``) and
+    its client met a closed connection, unanswered, while idle connections held the
+    descriptors. As its accept loop did (issue 16), the agent closes the oldest idle
+    connection to make room, and the request is answered."""
+    with trio.fail_after(DEADLINE_S):
+        # No bundle worker processes: nothing else takes or frees descriptors meanwhile.
+        async with daemon(tmp_path, archive_in="thread") as info:
+
+            def kept_alive() -> http.client.HTTPConnection:
+                conn = http.client.HTTPConnection("127.0.0.1", port(info), timeout=DEADLINE_S)
+                conn.request("GET", "/no/such/route")  # handed over: the agent's now
+                assert conn.getresponse().read()
+                return conn
+
+            idle = [await trio.to_thread.run_sync(kept_alive) for _ in range(4)]
+            late = socket.create_connection(("127.0.0.1", port(info)), timeout=DEADLINE_S)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            lowest_free = os.dup(late.fileno())  # descriptors are taken lowest first
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # none left
+            try:
+                late.sendall(
+                    f"GET /vmms/{uuid.uuid4()}/state?x=1 HTTP/1.1\r\nhost: a\r\n\r\n".encode()
+                )
+                answer = await trio.to_thread.run_sync(late.recv, 65536)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            late.close()
+            for conn in idle:
+                conn.close()
+            assert answer.startswith(b"HTTP/1.1 404 "), answer
+            assert b"NO_SUCH_INSTANCE" in answer
 
 
 async def test_every_other_request_is_served_by_the_agent_on_the_same_connection(

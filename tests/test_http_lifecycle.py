@@ -1,15 +1,20 @@
 """The HTTP server's answers to what the app or the client never finished: a head that
 never completes (408), an app that answers nothing (500), a request still running when
 the shutdown's grace ends (cancelled), a client that leaves mid-answer (nothing logged,
-the server goes on). docs/design.md and docs/reliability.md cite these."""
+the server goes on), a file streamed to a slow reader (whole). docs/design.md and docs/reliability.md cite these."""
 
 from __future__ import annotations
 
 import json
+import random
+import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
+from starlette.responses import FileResponse
 
 import sledagent._http
 from sledagent._http import HttpLimits, Scope
@@ -114,3 +119,39 @@ async def test_a_client_that_leaves_mid_answer_is_not_an_error_and_the_server_go
             assert (await read_response(other, bytearray()))[:1] == (200,)
     assert [type(e) for e in broke] == [trio.BrokenResourceError]
     assert [entry for entry in logged if not entry.startswith(("debug:", "info:"))] == []
+
+
+async def test_a_file_download_to_a_slow_reader_arrives_whole(tmp_path: Path) -> None:
+    """Starlette's ``FileResponse`` listens for ``http.disconnect`` and cancels its own
+    send when it comes. The server said the exchange was over before writing the last
+    chunk, so a reader slower than the socket buffers lost up to its last 64 KiB (a
+    bundle download over a slow link), and the connection stayed open out of step."""
+    payload = random.Random(7).randbytes(3 * 65536 + 60_000)  # a large last chunk
+    (tmp_path / "bundle.tar.gz").write_bytes(payload)
+
+    async def download(scope: Scope, receive: Any, send: Any) -> None:
+        response = FileResponse(tmp_path / "bundle.tar.gz", media_type="application/gzip")
+        await response(scope, receive, send)
+
+    with trio.fail_after(30):
+        async with serving(app=download) as server:
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow link
+            await sock.connect(("127.0.0.1", server.port))
+            await sock.send(b"GET /bundle HTTP/1.1\r\nhost: a\r\n\r\n")
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += await sock.recv(1024)
+            # Whatever the server does while this reader waits, it has done.
+            await trio.testing.wait_all_tasks_blocked()
+            body = received.split(b"\r\n\r\n", 1)[1]
+            while len(body) < len(payload) and (data := await sock.recv(65536)):
+                body += data
+            assert body == payload
+            # The same connection serves the next request.
+            await sock.send(b"GET /bundle HTTP/1.1\r\nhost: a\r\n\r\n")
+            again = b""
+            while len(again) < len(payload) or b"\r\n\r\n" not in again:
+                again += await sock.recv(65536)
+            assert again.split(b"\r\n\r\n", 1)[1] == payload
+            sock.close()
