@@ -81,12 +81,18 @@ class LoopLag(trio.abc.Instrument):
     def __init__(self) -> None:
         self._batch_start = time.perf_counter()
         self._last_batch_s = 0.0
+        #: Called with each batch's length as it ends (the front process's "publication
+        #: first": ``_front_proc``). It must be quick, and may not call into trio but
+        #: through a ``TrioToken``.
+        self.on_batch: Callable[[float], None] | None = None
 
     def after_io_wait(self, timeout: float) -> None:
         self._batch_start = time.perf_counter()
 
     def before_io_wait(self, timeout: float) -> None:
         self._last_batch_s = time.perf_counter() - self._batch_start
+        if self.on_batch is not None:
+            self.on_batch(self._last_batch_s)
 
     def lag_s(self) -> float:
         return time.perf_counter() - self._batch_start + self._last_batch_s

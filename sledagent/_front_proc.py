@@ -37,7 +37,7 @@ import structlog
 import trio
 import trio_util
 
-from ._admission import AdmissionStatistics, ReadAdmission, current_loop_lag
+from ._admission import AdmissionStatistics, ReadAdmission, loop_lag
 from ._front_channel import (
     ANSWERS,
     HANDOVER,
@@ -60,7 +60,8 @@ from ._server import _BACKOFF_S, _Burst, fd_limit, serve_listeners
 
 log = structlog.get_logger("sledagent.http")
 
-#: How often the agent looks whether it publishes behind time (``_report_publishing``).
+#: How often, at most, the agent looks whether it publishes behind time while its
+#: thread lags (``_watch_publishing``).
 PUBLISHING_EVERY_S = 0.02
 #: Reads step aside for publications only while the agent's thread waited for a CPU
 #: more than this share of the time (``CpuWait``).
@@ -135,6 +136,8 @@ class FrontProcess:
         self.told_publishing = 0.0
         #: How much of the time the agent's thread waits for a CPU (tests: their own).
         self.cpu_wait: CpuWait = CpuWait()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._checked = 0.0
 
     @classmethod
     async def start(cls) -> FrontProcess:
@@ -185,7 +188,10 @@ class FrontProcess:
                 return
         self._pending.append((kind, payload, fds))  # in order, behind what waits
         self._queued += 1
-        self._wake.set()
+        if self._token is not None:  # also safe from a trio instrument (``_batch_ended``)
+            self._token.run_sync_soon(self._wake.set)
+        else:
+            self._wake.set()
 
     @property
     def lagging(self) -> bool:
@@ -279,11 +285,10 @@ class FrontProcess:
                 action="the agent serves the API itself",
             )
 
+        unwatch = self._watch_publishing(admission) if admission is not None else None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush)
-                if admission is not None:
-                    nursery.start_soon(self._report_publishing, admission)
                 async with trio.open_nursery() as serving:
                     serving.start_soon(
                         lambda: serve_listeners(
@@ -307,32 +312,59 @@ class FrontProcess:
                 nursery.cancel_scope.cancel()
         finally:
             registry.observer = None
+            if unwatch is not None:
+                unwatch()
             for listener in listeners:
                 listener.socket.close()
             await self.aclose()
 
-    async def _report_publishing(self, admission: ReadAdmission) -> None:
+    def _watch_publishing(self, admission: ReadAdmission) -> Callable[[], None]:
         """Tell the front, when it changes, whether reads must step aside for halts being
         published (``ReadAdmission``'s "publication first", decided in the front: a read
-        refused there is refused at once, not after waiting for this thread).
+        refused there is refused at once, not after waiting for this thread); returns
+        the function that stops watching.
 
-        They must when halts are under way (``backlog``), this thread lags (more than
-        ``publishing_lag_s``) *and* it waits for a CPU (``CpuWait``: more than
-        ``CPU_WAIT_SHED`` of the last interval): the reads the front answers, and their
-        clients on the same host, then take CPU the publication needs. With a core of
-        its own (a large host) the agent's lag is its own work, and reads answered on
-        another core cost it nothing: they are not shed. The value sent is the lag."""
+        They must when halts are under way (``backlog``), this thread lags (a scheduler
+        batch longer than ``publishing_lag_s``) *and* it waits for a CPU (``CpuWait``:
+        more than ``CPU_WAIT_SHED`` of the time since it last looked): the reads the front
+        answers, and their clients on the same host, then take CPU the publication
+        needs. With a core of its own (a large host) the agent's lag is its own work,
+        and reads answered on another core cost it nothing: they are not shed.
+
+        Watched at the end of each batch (``LoopLag.on_batch``), not by a timer: one
+        comparison per batch while the thread keeps up; the backlog and the CPU wait
+        are looked at every ``PUBLISHING_EVERY_S`` at most while it lags. The value
+        sent is the batch's length."""
         threshold = admission.limits.publishing_lag_s
-        told = 0.0
-        while True:
-            await trio.sleep(PUBLISHING_EVERY_S)
-            behind = current_loop_lag()
-            waited = self.cpu_wait.fraction()
-            if behind <= threshold or admission.backlog() <= 0 or waited < CPU_WAIT_SHED:
-                behind = 0.0
-            if (behind > 0) != (told > 0) or abs(behind - told) > threshold * 4:
-                self._send(PUBLISHING, msgspec.msgpack.encode(behind))
-                told = self.told_publishing = behind
+        self._token = trio.lowlevel.current_trio_token()
+        lag = loop_lag()
+
+        def batch_ended(batch_s: float) -> None:
+            told = self.told_publishing
+            if batch_s <= threshold:
+                if told > 0:  # it keeps up again: reads are served at once
+                    self._tell(0.0)
+                return
+            now = time.monotonic()
+            if now - self._checked < PUBLISHING_EVERY_S:
+                return
+            self._checked = now
+            if admission.backlog() <= 0 or self.cpu_wait.fraction() < CPU_WAIT_SHED:
+                batch_s = 0.0
+            if (batch_s > 0) != (told > 0) or abs(batch_s - told) > threshold * 4:
+                self._tell(batch_s)
+
+        lag.on_batch = batch_ended
+
+        def stop() -> None:
+            if lag.on_batch is batch_ended:
+                lag.on_batch = None
+
+        return stop
+
+    def _tell(self, behind: float) -> None:
+        self.told_publishing = behind
+        self._send(PUBLISHING, msgspec.msgpack.encode(behind))
 
     async def _receive(
         self,
