@@ -33,6 +33,7 @@ decides.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -101,8 +102,8 @@ class Replica:
     def catch_up(self) -> None:
         """Apply every message already waiting, without waiting for one."""
         try:
-            while (message := self.channel.receive_nowait()) is not None:
-                self._apply(*message)
+            while (message := self.channel.receive_plain_nowait()) is not None:
+                self._apply(*message, [])
         except ChannelClosed:
             self.gone.cancel()
 
@@ -220,6 +221,7 @@ async def serve(channel: Channel) -> None:
                 await replica.send(STATS, _stats(admission, handed[0]))
 
         nursery.start_soon(report)
+        gc.freeze()  # imports and the replica: a full collection need not walk them
         log.info("http_front_serving", pid=os.getpid(), answers=len(replica.answers))
         nursery.start_soon(replica.send, SERVING, b"")  # the agent stops accepting
         await serve_listeners(

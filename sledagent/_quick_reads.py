@@ -42,8 +42,15 @@ _ids = random.Random()
 
 
 def request_id() -> str:
-    """A random (version 4) UUID, as dropshot's; drawn without a syscall per request."""
-    return str(uuid.UUID(int=_ids.getrandbits(128), version=4))
+    """A random (version 4) UUID, as dropshot's; drawn without a syscall per request,
+    and formatted without building a ``uuid.UUID`` (a third of the cost)."""
+    h = "%032x" % (_ids.getrandbits(128) & _V4_CLEAR | _V4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# RFC 9562 4.1, 5.4: version 4 in bits 48-51 and the variant 10 in bits 64-65.
+_V4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_V4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
 def bearer_matches(value: bytes, token: bytes) -> bool:

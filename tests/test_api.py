@@ -473,3 +473,15 @@ async def test_every_503_says_when_to_retry() -> None:
             assert r.json()["error_code"] == "INSUFFICIENT_CAPACITY"
             assert r.headers["retry-after"] == "1"
             stop.set()
+
+
+def test_every_request_id_is_a_random_version_4_uuid_in_its_usual_form() -> None:
+    import uuid as uuidlib
+
+    from sledagent._quick_reads import request_id
+
+    ids = [request_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for rid in ids:
+        parsed = uuidlib.UUID(rid)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuidlib.RFC_4122, rid)
