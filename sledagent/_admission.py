@@ -268,3 +268,37 @@ class ReadAdmission:
         )
         self._burst_start = None
         self._burst_count = 0
+
+
+#: Reads step aside for publications only while the agent's thread waited for a CPU
+#: more than this share of the time (``CpuWait``; the front process's "publication
+#: first": ``_front_proc``).
+CPU_WAIT_SHED = 0.1
+
+
+class CpuWait:
+    """The share of wall time the calling thread spent runnable but waiting for a CPU
+    since the last call (Linux ``/proc/thread-self/schedstat``: its run delay). Where
+    the kernel does not say, 1.0: the host is assumed to be short of CPU (as before
+    the front process, when every read cost the agent's own thread).
+
+    ``read``: the run delay so far, nanoseconds (tests pass their own)."""
+
+    def __init__(self, read: Callable[[], int | None] | None = None) -> None:
+        self._read = read or _run_delay_ns
+        self._last = (time.monotonic_ns(), self._read())
+
+    def fraction(self) -> float:
+        now, delay = time.monotonic_ns(), self._read()
+        (then, before), self._last = self._last, (now, delay)
+        if delay is None or before is None or now <= then:
+            return 1.0
+        return (delay - before) / (now - then)
+
+
+def _run_delay_ns() -> int | None:
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as stat:
+            return int(stat.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -22,7 +22,6 @@ here with its connection, and is served by the agent's own server code
 from __future__ import annotations
 
 import collections
-import errno
 import json
 import os
 import socket
@@ -30,14 +29,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 import structlog
 import trio
 import trio_util
 
-from ._admission import AdmissionStatistics, ReadAdmission, loop_lag
+from ._admission import CPU_WAIT_SHED, AdmissionStatistics, CpuWait, ReadAdmission, loop_lag
 from ._front_channel import (
     ANSWERS,
     HANDOVER,
@@ -52,48 +51,18 @@ from ._front_channel import (
     FrontStats,
     encode_answers,
 )
+from ._front_handed import AnswersSentFirst, count, room_for_a_descriptor, stream_of
 from ._http import STATS as HTTP_STATS
-from ._http import ASGIApp, ConnectionTable, HttpStatistics, Message, QuickGet, Scope
+from ._http import ASGIApp, ConnectionTable, HttpStatistics
 from ._log import SETTINGS as LOG_SETTINGS
 from ._registry import Registry
-from ._server import _BACKOFF_S, _Burst, fd_limit, serve_listeners
+from ._server import _Burst, fd_limit, serve_listeners
 
 log = structlog.get_logger("sledagent.http")
 
 #: How often, at most, the agent looks whether it publishes behind time while its
 #: thread lags (``_watch_publishing``).
 PUBLISHING_EVERY_S = 0.02
-#: Reads step aside for publications only while the agent's thread waited for a CPU
-#: more than this share of the time (``CpuWait``).
-CPU_WAIT_SHED = 0.1
-
-
-class CpuWait:
-    """The share of wall time the calling thread spent runnable but waiting for a CPU
-    since the last call (Linux ``/proc/thread-self/schedstat``: its run delay). Where
-    the kernel does not say, 1.0: the host is assumed to be short of CPU (as before
-    the front process, when every read cost the agent's own thread).
-
-    ``read``: the run delay so far, nanoseconds (tests pass their own)."""
-
-    def __init__(self, read: Callable[[], int | None] | None = None) -> None:
-        self._read = read or _run_delay_ns
-        self._last = (time.monotonic_ns(), self._read())
-
-    def fraction(self) -> float:
-        now, delay = time.monotonic_ns(), self._read()
-        (then, before), self._last = self._last, (now, delay)
-        if delay is None or before is None or now <= then:
-            return 1.0
-        return (delay - before) / (now - then)
-
-
-def _run_delay_ns() -> int | None:
-    try:
-        with open("/proc/thread-self/schedstat", "rb") as stat:
-            return int(stat.read().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 #: The front's interpreter imports only the modules it runs, not the package's
@@ -292,7 +261,7 @@ class FrontProcess:
                 async with trio.open_nursery() as serving:
                     serving.start_soon(
                         lambda: serve_listeners(
-                            _AnswersSentFirst(app, self),
+                            AnswersSentFirst(app, self),
                             listeners,
                             shutdown=local_stop,
                             limits=limits,
@@ -377,21 +346,21 @@ class FrontProcess:
         lost, failing = _Burst("http_handover_lost"), _Burst("http_accept_failing")
         try:
             while True:
-                await _room_for_a_descriptor(self.channel.fileno(), table, failing)
+                await room_for_a_descriptor(self.channel.fileno(), table, failing)
                 message = self.channel.receive_nowait()
                 if message is None:
                     await trio.lowlevel.wait_readable(self.channel.sock)
                     continue
                 kind, payload, fds = message
                 if kind == HANDOVER and len(fds) == 1:
-                    stream = _stream(fds[0])
+                    stream = stream_of(fds[0])
                     if stream is not None:
                         admit(stream, payload)
                     continue
                 for fd in fds:
                     os.close(fd)
                 if kind == HANDOVER:  # its descriptor was dropped (MSG_CTRUNC): none free
-                    _count(HTTP_STATS.accept_errors, "EMFILE")
+                    count(HTTP_STATS.accept_errors, "EMFILE")
                     lost.failed(fd_limit=fd_limit(), action="the client's connection was closed")
                 elif kind == STATS:
                     try:
@@ -418,96 +387,3 @@ class FrontProcess:
             refused=stats.refused,
             abandoned=stats.abandoned,
         )
-
-
-def _stream(fd: int) -> trio.SocketStream | None:
-    """A stream over a handed-over connection's descriptor (owned from here on); None if
-    it is no longer one (reset by its client on the way: nothing to serve)."""
-    try:
-        raw = socket.socket(fileno=fd)
-    except OSError:
-        os.close(fd)
-        return None
-    try:
-        return trio.SocketStream(trio.socket.from_stdlib_socket(raw))
-    except OSError:
-        raw.close()
-        return None
-
-
-def _count(counts: dict[str, int], key: str) -> None:
-    counts[key] = counts.get(key, 0) + 1
-
-
-async def _room_for_a_descriptor(probe: int, table: ConnectionTable, failing: _Burst) -> None:
-    """Return once this process can take one more descriptor.
-
-    Why: a handed-over connection arrives as a descriptor that ``recvmsg`` installs here;
-    with none free the kernel drops it (``MSG_CTRUNC``) and the client's connection is
-    closed unanswered. The accept loop this replaces closed an idle connection to make
-    room instead (``_server``: issue 16), so does this: the oldest idle connection is
-    closed, or with none idle it waits until one of ours ends (or a backoff of up to
-    1 s, for descriptors held elsewhere in the process). Counted as an accept error
-    (``EMFILE``), logged once per burst. One ``dup`` and ``close`` per message."""
-    backoff = _BACKOFF_S[0]
-    while True:
-        try:
-            os.close(os.dup(probe))
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                raise
-            name = errno.errorcode[exc.errno]
-        _count(HTTP_STATS.accept_errors, name)
-        shed = table.shed_idle()
-        failing.failed(
-            errno=name,
-            open_connections=len(table.connections),
-            fd_limit=fd_limit(),
-            action="closed the oldest idle connection" if shed else "waiting",
-        )
-        if not shed:
-            with trio.move_on_after(backoff):
-                await table.freed.wait()
-            backoff = min(backoff * 2, _BACKOFF_S[1])
-
-
-class _AnswersSentFirst:
-    """``app`` for the connections the front hands over: no answer starts before every
-    change of the registry's answers made so far is in the channel (``answers_sent``).
-
-    Why: a client that saw this answer (a registration, a state change, a read) may read
-    the VMM next on another connection, which the front answers from its replica. When
-    the front lags (its end of the channel full: a host out of CPU, a burst of halts),
-    changes wait in the agent's queue; answering before they are sent let a client read
-    a VMM it had just registered as 404, or an older generation (read-your-writes). The
-    wait costs nothing while the front keeps up (the queue is empty)."""
-
-    def __init__(self, app: ASGIApp, front: FrontProcess) -> None:
-        self.app, self.front = app, front
-        inner: QuickGet | None = getattr(app, "quick_get", None)
-        self.quick_get: QuickGet | None = None
-        if inner is not None:
-
-            async def quick_get(target: bytes, head: bytes) -> bytes | None:
-                answer = await inner(target, head)
-                if answer is not None and front.lagging:
-                    await front.answers_sent()
-                return answer
-
-            self.quick_get = quick_get
-
-    async def __call__(
-        self,
-        scope: Scope,
-        receive: Callable[[], Awaitable[Message]],
-        send: Callable[[Message], Awaitable[None]],
-    ) -> None:
-        front = self.front
-
-        async def send_after_answers(message: Message) -> None:
-            if message["type"] == "http.response.start" and front.lagging:
-                await front.answers_sent()
-            await send(message)
-
-        await self.app(scope, receive, send_after_answers)

@@ -33,11 +33,11 @@ import trio
 import trio.testing
 
 from sledagent import VmmState
-from sledagent._admission import ReadLimits
+from sledagent._admission import CpuWait, ReadLimits
 from sledagent._api import build_app
 from sledagent._daemon import DaemonConfig, DaemonInfo, run_daemon
 from sledagent._front_channel import LISTEN, SERVING, Channel, FrontSettings
-from sledagent._front_proc import CpuWait, FrontProcess
+from sledagent._front_proc import FrontProcess
 from sledagent._http import HttpLimits
 from sledagent._server import bind_listeners
 from sledagent.testing import RetryOverloaded, ensure_body_json, fast_config, open_fake_agent
