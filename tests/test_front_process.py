@@ -29,14 +29,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import httpx
+import msgspec
 import trio
 import trio.testing
 
 from sledagent import VmmState
-from sledagent._admission import CpuWait, ReadLimits
+from sledagent._admission import CpuWait, ReadAdmission, ReadLimits
 from sledagent._api import build_app
 from sledagent._daemon import DaemonConfig, DaemonInfo, run_daemon
-from sledagent._front_channel import LISTEN, SERVING, Channel, FrontSettings
+from sledagent._front_channel import LISTEN, PUBLISHING, SERVING, Channel, FrontSettings
 from sledagent._front_proc import FrontProcess
 from sledagent._http import HttpLimits
 from sledagent._server import bind_listeners
@@ -524,7 +525,7 @@ async def test_while_the_agent_publishes_behind_time_the_front_refuses_reads_at_
                 time.sleep(0.05)  # noqa: ASYNC251  (the agent's thread is behind: it computes)
                 # The next batch would be short (it would turn "publication first" off
                 # again): only a schedule point here, and the read while still blocked.
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             status, body = while_blocked(lambda: http_get(port(info), f"/vmms/{pid}/state"))
             assert status == 503
             refusal = json.loads(body)
@@ -570,11 +571,6 @@ async def test_the_front_serves_reads_again_when_the_agent_goes_idle_after_a_lon
     """A long batch while halts are published turns "publication first" on in the front;
     if the agent has nothing to do next (no I/O, no timer due) it must still tell the
     front to serve again, not leave it refusing every read until something wakes it."""
-    import msgspec
-
-    from sledagent._admission import ReadAdmission
-    from sledagent._front_channel import PUBLISHING
-
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     theirs.settimeout(DEADLINE_S)
     front = FrontProcess(Any, Channel(ours))  # type: ignore[arg-type]  (no process needed)
