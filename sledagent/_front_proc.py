@@ -107,6 +107,8 @@ class FrontProcess:
         self.cpu_wait: CpuWait = CpuWait()
         self._token: trio.lowlevel.TrioToken | None = None
         self._checked = 0.0
+        #: Set (through the token) when the front is told to refuse reads.
+        self._publishing_on = trio.Event()
 
     @classmethod
     async def start(cls) -> FrontProcess:
@@ -258,6 +260,7 @@ class FrontProcess:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush)
+                nursery.start_soon(self._publishing_ends)
                 async with trio.open_nursery() as serving:
                     serving.start_soon(
                         lambda: serve_listeners(
@@ -334,6 +337,24 @@ class FrontProcess:
     def _tell(self, behind: float) -> None:
         self.told_publishing = behind
         self._send(PUBLISHING, msgspec.msgpack.encode(behind))
+        if behind > 0 and self._token is not None:  # from an instrument: only the token
+            self._token.run_sync_soon(self._publishing_on.set)
+
+    async def _publishing_ends(self) -> None:
+        """While the front refuses reads, wake this thread every ``PUBLISHING_EVERY_S``.
+
+        Why: "publication first" is turned off at the end of a short batch; an agent that
+        goes idle right after the long batch that turned it on runs no further batch (no
+        I/O, no timer due), and the front went on refusing every read until something
+        else woke the agent (the front's counters, a second later). The wake-up is a
+        batch of its own: short when idle, so the front is told to serve again. No timer
+        while the front serves."""
+        while True:
+            await self._publishing_on.wait()
+            self._publishing_on = trio.Event()
+            await trio.sleep(PUBLISHING_EVERY_S)  # its end is a batch: it looks again
+            if self.told_publishing > 0:
+                self._publishing_on.set()
 
     async def _receive(
         self,

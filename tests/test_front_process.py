@@ -29,14 +29,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import httpx
+import msgspec
 import trio
 import trio.testing
 
 from sledagent import VmmState
-from sledagent._admission import CpuWait, ReadLimits
+from sledagent._admission import CpuWait, ReadAdmission, ReadLimits
 from sledagent._api import build_app
 from sledagent._daemon import DaemonConfig, DaemonInfo, run_daemon
-from sledagent._front_channel import LISTEN, SERVING, Channel, FrontSettings
+from sledagent._front_channel import LISTEN, PUBLISHING, SERVING, Channel, FrontSettings
 from sledagent._front_proc import FrontProcess
 from sledagent._http import HttpLimits
 from sledagent._server import bind_listeners
@@ -522,7 +523,9 @@ async def test_while_the_agent_publishes_behind_time_the_front_refuses_reads_at_
                 if info.front.told_publishing > 0:
                     break
                 time.sleep(0.05)  # noqa: ASYNC251  (the agent's thread is behind: it computes)
-                await trio.sleep(0.03)
+                # The next batch would be short (it would turn "publication first" off
+                # again): only a schedule point here, and the read while still blocked.
+                await trio.lowlevel.checkpoint()
             status, body = while_blocked(lambda: http_get(port(info), f"/vmms/{pid}/state"))
             assert status == 503
             refusal = json.loads(body)
@@ -562,3 +565,46 @@ class Contended(CpuWait):
 
     def fraction(self) -> float:
         return 1.0
+
+
+async def test_the_front_serves_reads_again_when_the_agent_goes_idle_after_a_long_batch() -> None:
+    """A long batch while halts are published turns "publication first" on in the front;
+    if the agent has nothing to do next (no I/O, no timer due) it must still tell the
+    front to serve again, not leave it refusing every read until something wakes it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.settimeout(DEADLINE_S)
+    front = FrontProcess(Any, Channel(ours))  # type: ignore[arg-type]  (no process needed)
+    front.cpu_wait = Contended()
+    admission = ReadAdmission(lambda: 3)  # halts on their way to Nexus
+
+    def told() -> list[float]:
+        values: list[float] = []
+        while not values or values[-1] > 0:
+            data = theirs.recv(1024)
+            assert data[:1] == PUBLISHING
+            values.append(msgspec.msgpack.decode(data[1:], type=float))
+        return values
+
+    with trio.fail_after(DEADLINE_S):
+        async with trio.open_nursery() as nursery:
+            unwatch = front._watch_publishing(admission)
+            nursery.start_soon(front._flush)
+            nursery.start_soon(front._publishing_ends)
+            go, never = trio.Event(), trio.Event()
+
+            async def long_batch_then_idle() -> None:
+                await go.wait()
+                time.sleep(0.05)  # noqa: ASYNC251  (one long batch: the thread computes)
+                await never.wait()  # and then nothing: no I/O, no timer
+
+            nursery.start_soon(long_batch_then_idle)
+            await trio.testing.wait_all_tasks_blocked()
+            go.set()
+            # The reader starts in the same batch as the long one; after it the agent's
+            # loop has nothing to do.
+            values = await trio.to_thread.run_sync(told, abandon_on_cancel=True)
+            assert values[0] > 0 and values[-1] == 0.0
+            unwatch()
+            nursery.cancel_scope.cancel()
+    theirs.close()
+    ours.close()
