@@ -22,6 +22,7 @@ here with its connection, and is served by the agent's own server code
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import socket
@@ -60,6 +61,10 @@ from ._server import _Burst, fd_limit, serve_listeners
 
 log = structlog.get_logger("sledagent.http")
 
+#: The front is killed (and the agent serves the API itself) when it has taken nothing
+#: from the channel for this long while changes wait for it (``_flush``): a start's
+#: whole registry waits at most its imports (~1 s on a loaded host).
+FRONT_STALL_S = 10.0
 #: How often, at most, the agent looks whether it publishes behind time while its
 #: thread lags (``_watch_publishing``).
 PUBLISHING_EVERY_S = 0.02
@@ -192,7 +197,11 @@ class FrontProcess:
             while self._pending:
                 kind, payload, fds = self._pending[0]
                 try:
-                    await self.channel.send(kind, payload, fds)
+                    with trio.fail_after(FRONT_STALL_S):
+                        await self.channel.send(kind, payload, fds)
+                except trio.TooSlowError:
+                    self._stalled()
+                    return
                 except ChannelClosed:
                     self._pending.clear()
                     self._closed = True
@@ -201,6 +210,24 @@ class FrontProcess:
                 self._pending.popleft()
                 self._dequeued += 1
                 self._advanced()
+
+    def _stalled(self) -> None:
+        """The front has taken nothing from the channel for ``FRONT_STALL_S`` (stopped,
+        wedged): answers on the agent's side wait for it (``answers_sent``) and new
+        connections wait in the listen backlog. Kill it: the agent then serves the
+        sockets itself (``http_front_exited``), as when the front dies."""
+        log.error(
+            "http_front_stalled",
+            pid=self.process.pid,
+            waited_s=FRONT_STALL_S,
+            changes_waiting=len(self._pending),
+            action="killed; the agent serves the API itself",
+        )
+        self._pending.clear()
+        self._closed = True
+        self._advanced()
+        with contextlib.suppress(OSError):
+            self.process.kill()
 
     # --- serving ------------------------------------------------------------------------
 

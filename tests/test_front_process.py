@@ -30,10 +30,12 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 import msgspec
+import pytest
 import trio
 import trio.testing
 
 from sledagent import VmmState
+from sledagent import _front_proc as front_proc
 from sledagent._admission import CpuWait, ReadAdmission, ReadLimits
 from sledagent._api import build_app
 from sledagent._daemon import DaemonConfig, DaemonInfo, run_daemon
@@ -608,3 +610,46 @@ async def test_the_front_serves_reads_again_when_the_agent_goes_idle_after_a_lon
             nursery.cancel_scope.cancel()
     theirs.close()
     ours.close()
+
+
+async def test_a_stopped_front_is_killed_and_the_agent_serves_the_port_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A front that takes nothing from its channel (SIGSTOP, wedged) would hold every
+    answer on the agent's connections (they wait for the changes to reach it) and
+    leave new connections in the listen backlog: after ``FRONT_STALL_S`` the agent
+    kills it and serves the sockets itself."""
+    monkeypatch.setattr(front_proc, "FRONT_STALL_S", 0.5)
+    vmms = 20
+    with trio.fail_after(DEADLINE_S):
+        async with contextlib.AsyncExitStack() as stack:
+            info = await stack.enter_async_context(daemon(tmp_path))
+            front, front_pid = info.front, info.front_pid
+            assert front is not None and front_pid is not None
+            clients = [
+                await stack.enter_async_context(httpx.AsyncClient(base_url=info.api_url))
+                for _ in range(vmms)
+            ]
+            for client in clients:  # each connection handed over to the agent
+                assert (await client.get("/zones")).status_code == 200
+            front.channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+            pids = [uuid.uuid4() for _ in range(vmms)]
+            os.kill(front_pid, signal.SIGSTOP)
+            try:
+
+                async def register(api: httpx.AsyncClient, pid: uuid.UUID) -> None:
+                    r = await api.put(f"/vmms/{pid}", json=ensure_body_json())
+                    assert r.status_code == 200, r.text
+
+                async with trio.open_nursery() as nursery:
+                    for client, pid in zip(clients, pids, strict=True):
+                        nursery.start_soon(register, client, pid)
+                # Every registration answered: the stalled front was killed.
+                assert await front.process.wait() == -signal.SIGKILL
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(front_pid, signal.SIGCONT)
+            for pid in pids:  # new connections: the agent's own
+                async with httpx.AsyncClient(base_url=info.api_url) as fresh:
+                    r = await fresh.get(f"/vmms/{pid}/state")
+                assert r.status_code == 200, r.text
