@@ -159,6 +159,8 @@ class ReadAdmission:
         #: Reads take turns while the loop lags (False: a loop that only reads, the
         #: front process's, where turns would only reorder them).
         self.turns = True
+        #: Which process decides these reads (``agent`` or ``front``), in the log lines.
+        self.decided_in = "agent"
         self.now = now
         self._clock = clock
         self._turns = trio.CapacityLimiter(self.limits.reads_per_batch)
@@ -239,12 +241,15 @@ class ReadAdmission:
         if self._burst_start is None:
             self._burst_start = self._burst_logged = now
             self._burst_count = 1
+            fields: dict[str, object] = {"decided_in": self.decided_in}
+            if self.decided_in == "agent":  # the front knows only whether, not how many
+                fields["publications_under_way"] = self.backlog()
             log.warning(
                 "reads_shedding",
                 reason=reason,
                 lag_ms=round(lag * 1000, 1),
-                publications_under_way=self.backlog(),
                 retry_after_s=self.limits.retry_after_s,
+                **fields,
             )
             return
         self._burst_count += 1
@@ -253,6 +258,7 @@ class ReadAdmission:
             log.warning(
                 "reads_shedding",
                 reason=reason,
+                decided_in=self.decided_in,
                 shed_in_burst=self._burst_count,
                 lasted_s=round(now - self._burst_start, 1),
                 lag_ms=round(lag * 1000, 1),
@@ -262,6 +268,7 @@ class ReadAdmission:
         assert self._burst_start is not None
         log.info(
             "reads_shed",
+            decided_in=self.decided_in,
             shed=self._burst_count,
             lasted_s=round(self._clock() - self._burst_start, 3),
             total_by_reason=dict(self._shed),

@@ -196,6 +196,7 @@ async def serve(channel: Channel) -> None:
         admission = ReadAdmission(replica.publishing, settings.reads)
         admission.busy = replica.agent_lag
         admission.turns = False
+        admission.decided_in = "front"
         token = settings.token.encode() if settings.token else None
         quick = state_reads(
             replica.answer,

@@ -299,6 +299,17 @@ def test_a_long_burst_of_refusals_is_logged_again_with_its_count() -> None:
     assert [e["event"] for e in events] == ["reads_shedding", "reads_shedding", "reads_shed"]
     assert events[1]["shed_in_burst"] == 5 and events[1]["lasted_s"] == 12.0
     assert events[2]["shed"] == 5 and events[2]["lasted_s"] == 15.0
+    assert {e["decided_in"] for e in events} == {"agent"}
+    assert events[0]["publications_under_way"] == 1
+
+
+def test_the_front_process_says_its_refusals_are_its_own_and_gives_no_count() -> None:
+    a = ReadAdmission(lambda: 1, ReadLimits(), lag=lambda: 0.01)
+    a.decided_in = "front"  # as ``_front_main`` sets it: it knows whether, not how many
+    with structlog.testing.capture_logs() as logs:
+        assert a.check() == PUBLICATION_FIRST
+    (line,) = [e for e in logs if e["event"] == "reads_shedding"]
+    assert line["decided_in"] == "front" and "publications_under_way" not in line
 
 
 async def test_while_the_thread_lags_reads_take_turns_a_few_per_scheduler_batch() -> None:
