@@ -304,7 +304,7 @@ def test_a_long_burst_of_refusals_is_logged_again_with_its_count() -> None:
 
 
 def test_the_front_process_says_its_refusals_are_its_own_and_gives_no_count() -> None:
-    a = ReadAdmission(lambda: 1, ReadLimits(), lag=lambda: 0.01)
+    a = ReadAdmission(lambda: 1, ReadLimits(), lag=lambda: 0.01, clock=lambda: 0.0)
     a.decided_in = "front"  # as ``_front_main`` sets it: it knows whether, not how many
     with structlog.testing.capture_logs() as logs:
         assert a.check() == PUBLICATION_FIRST
