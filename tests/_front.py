@@ -1,11 +1,20 @@
-"""Start the API server with a front thread (``serve_api(front=True)``), for tests."""
+"""Helpers for the front tests: the API with a front thread (``serve_api(front=True)``),
+and reads made while the agent's trio thread is blocked (thread or process front)."""
 
 from __future__ import annotations
+
+import http.client
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import trio
 
 from sledagent._http import ASGIApp, HttpLimits
 from sledagent._server import serve_api
+
+T = TypeVar("T")
+DEADLINE_S = 30
 
 
 async def serve_with_front(
@@ -32,3 +41,36 @@ async def serve_with_front(
 
 def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
+
+
+def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """A blocking ``GET`` on a connection of its own: (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def while_blocked(fn: Callable[[], T]) -> T:
+    """``fn()`` run on a thread of its own while this (the agent's) trio thread is
+    blocked, not yielding to its loop, until ``fn`` returns; its result. An answer can
+    then only come from a front."""
+    result: list[Any] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:  # handed to the test
+            result.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(DEADLINE_S), "no answer while the agent's loop was blocked"
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]  # type: ignore[no-any-return]

@@ -19,10 +19,9 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -44,6 +43,8 @@ from sledagent._front_proc import FrontProcess
 from sledagent._http import HttpLimits
 from sledagent._server import bind_listeners
 from sledagent.testing import RetryOverloaded, ensure_body_json, fast_config, open_fake_agent
+
+from ._front import http_get, while_blocked
 
 DEADLINE_S = 60
 T = TypeVar("T")
@@ -78,35 +79,17 @@ def port(info: DaemonInfo) -> int:
     return int(info.api_url.rsplit(":", 1)[1])
 
 
-def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-def while_blocked(fn: Callable[[], T]) -> T:
-    """``fn()`` run on a thread of its own while this (the agent's) trio thread is
-    blocked, not yielding to its loop, until ``fn`` returns; its result."""
-    result: list[Any] = []
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            result.append(fn())
-        except BaseException as exc:  # handed to the test
-            result.append(exc)
-        finally:
-            done.set()
-
-    threading.Thread(target=run, daemon=True).start()
-    assert done.wait(DEADLINE_S), "no answer while the agent's loop was blocked"
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]  # type: ignore[no-any-return]
+async def clients_on_the_agent(
+    stack: contextlib.AsyncExitStack, info: DaemonInfo, n: int
+) -> list[httpx.AsyncClient]:
+    """``n`` clients, each with a kept-alive connection the front has handed to the
+    agent (a request other than a state read moves it there)."""
+    clients = [
+        await stack.enter_async_context(httpx.AsyncClient(base_url=info.api_url)) for _ in range(n)
+    ]
+    for client in clients:
+        assert (await client.get("/zones")).status_code == 200
+    return clients
 
 
 async def start_vmm(api: httpx.AsyncClient, info: DaemonInfo) -> uuid.UUID:
@@ -185,12 +168,7 @@ async def test_a_registration_is_read_back_on_a_new_connection_while_the_front_l
             registry = info.agent.manager.registry
             # A connection each, handed over to the agent (a write would do too): the
             # registrations reach the agent with the front stopped.
-            clients = [
-                await stack.enter_async_context(httpx.AsyncClient(base_url=info.api_url))
-                for _ in range(vmms)
-            ]
-            for client in clients:
-                assert (await client.get("/zones")).status_code == 200
+            clients = await clients_on_the_agent(stack, info, vmms)
             front.channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the minimum
             pids = [uuid.uuid4() for _ in range(vmms)]
             answered: dict[uuid.UUID, int] = {}  # what each client was told: the generation
@@ -626,12 +604,7 @@ async def test_a_stopped_front_is_killed_and_the_agent_serves_the_port_itself(
             info = await stack.enter_async_context(daemon(tmp_path))
             front, front_pid = info.front, info.front_pid
             assert front is not None and front_pid is not None
-            clients = [
-                await stack.enter_async_context(httpx.AsyncClient(base_url=info.api_url))
-                for _ in range(vmms)
-            ]
-            for client in clients:  # each connection handed over to the agent
-                assert (await client.get("/zones")).status_code == 200
+            clients = await clients_on_the_agent(stack, info, vmms)
             front.channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
             pids = [uuid.uuid4() for _ in range(vmms)]
             os.kill(front_pid, signal.SIGSTOP)

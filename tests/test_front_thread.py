@@ -29,7 +29,7 @@ from sledagent._api import build_app
 from sledagent._server import serve_api
 from sledagent.testing import AgentHarness, ensure_body_json, fast_config, open_fake_agent
 
-from ._front import port_of, serve_with_front
+from ._front import http_get, port_of, serve_with_front, while_blocked
 
 DEADLINE_S = 30
 
@@ -58,37 +58,6 @@ async def front_server(*, token: str | None = None) -> AsyncIterator[Front]:
         stop.set()
 
 
-def _get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-def _while_blocked(fn: object) -> object:
-    """Run ``fn()`` on a thread of its own while this (the agent's) trio thread is
-    blocked, not yielding to its loop, until ``fn`` returns; its result."""
-    result: list[object] = []
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            result.append(fn())  # type: ignore[operator]
-        except BaseException as exc:  # handed to the test
-            result.append(exc)
-        finally:
-            done.set()
-
-    threading.Thread(target=run, daemon=True).start()
-    assert done.wait(DEADLINE_S), "no answer while the agent's loop was blocked"
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
-
-
 async def test_a_state_read_is_answered_while_the_agents_loop_is_blocked() -> None:
     with trio.fail_after(DEADLINE_S):
         async with front_server() as f:
@@ -96,13 +65,13 @@ async def test_a_state_read_is_answered_while_the_agents_loop_is_blocked() -> No
             expected = f.harness.agent.manager.registry.get(pid).state
             # Nothing on its way to Nexus: "publication first" has nothing to protect.
             await f.harness.agent.notifier.wait_idle()
-            status, body = _while_blocked(lambda: _get(f.port, f"/vmms/{pid}/state"))  # type: ignore[misc]
+            status, body = while_blocked(lambda: http_get(f.port, f"/vmms/{pid}/state"))  # type: ignore[misc]
             assert status == 200
             answer = json.loads(body)
             assert answer["vmm_state"]["state"] == "running"
             assert answer["vmm_state"]["gen"] == expected.vmm_state.gen
             unknown = uuid.uuid4()
-            status, body = _while_blocked(lambda: _get(f.port, f"/vmms/{unknown}/state"))  # type: ignore[misc]
+            status, body = while_blocked(lambda: http_get(f.port, f"/vmms/{unknown}/state"))  # type: ignore[misc]
             assert status == 404
             assert json.loads(body)["error_code"] == "NO_SUCH_INSTANCE"
 
@@ -128,7 +97,7 @@ async def test_a_registration_waits_for_the_agents_loop_while_reads_do_not() -> 
 
             thread = threading.Thread(target=register, daemon=True)
             thread.start()
-            status, _ = _while_blocked(lambda: _get(f.port, f"/vmms/{running}/state"))  # type: ignore[misc]
+            status, _ = while_blocked(lambda: http_get(f.port, f"/vmms/{running}/state"))  # type: ignore[misc]
             assert status == 200
             assert answered == []  # the app runs on the agent's loop: it was blocked
             await trio.to_thread.run_sync(thread.join, DEADLINE_S)
