@@ -190,26 +190,36 @@ class ReadAdmission:
             reason = PUBLICATION_FIRST
         return self._decided(reason, lag)
 
+    def decide(self) -> str | None:
+        """``admit`` without turns, for a loop that only reads (the front process's):
+        None: serve the read now; else the reason it is refused."""
+        lag = self.lag()
+        return self._decided(self._reason(lag), lag)
+
     async def admit(self) -> str | None:
         """``check``, and while the thread lags with nothing to publish, wait for a turn
         first (``reads_per_batch`` per scheduler batch). Serve the read at once (no
         schedule point) when this returns None."""
         lag = self.lag()
-        busy = lag if self.busy is None else self.busy()
-        limits = self.limits
-        if lag <= limits.publishing_lag_s and busy <= limits.publishing_lag_s:
-            return self._decided(None, lag)  # the threads keep up: no turn needed
-        if lag > limits.late_s:
-            return self._decided(LATE, lag)
-        if busy > limits.publishing_lag_s and self.backlog() > 0:
-            return self._decided(PUBLICATION_FIRST, lag)
-        if lag <= limits.publishing_lag_s or not self.turns:
-            return self._decided(None, lag)  # a front that keeps up, or only reads
+        reason = self._reason(lag)
+        if reason is not None or not self.turns or lag <= self.limits.publishing_lag_s:
+            return self._decided(reason, lag)  # refused, or the thread keeps up
         arrived = self.now() - lag
         await self._turns.acquire()
         self._turns.release()  # the next read's turn comes in the next batch
         waited = self.now() - arrived
-        return self._decided(LATE if waited > limits.late_s else None, waited)
+        return self._decided(LATE if waited > self.limits.late_s else None, waited)
+
+    def _reason(self, lag: float) -> str | None:
+        busy = lag if self.busy is None else self.busy()
+        limits = self.limits
+        if lag <= limits.publishing_lag_s and busy <= limits.publishing_lag_s:
+            return None  # the threads keep up
+        if lag > limits.late_s:
+            return LATE
+        if busy > limits.publishing_lag_s and self.backlog() > 0:
+            return PUBLICATION_FIRST
+        return None
 
     def _decided(self, reason: str | None, lag: float) -> str | None:
         self.waited.observe(lag)

@@ -32,7 +32,7 @@ import msgspec
 import trio
 
 from ._admission import ReadLimits
-from ._http import HttpLimits
+from ._http_common import HttpLimits
 
 ANSWERS = b"A"
 LISTEN = b"L"

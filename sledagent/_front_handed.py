@@ -18,7 +18,9 @@ import trio
 
 from ._http import STATS as HTTP_STATS
 from ._http import ASGIApp, ConnectionTable, Message, QuickGet, Scope
-from ._server import _BACKOFF_S, _Burst, fd_limit
+from ._http_common import BACKOFF_S as _BACKOFF_S
+from ._http_common import Burst as _Burst
+from ._http_common import fd_limit
 
 if TYPE_CHECKING:
     from ._front_proc import FrontProcess

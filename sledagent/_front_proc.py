@@ -55,9 +55,11 @@ from ._front_channel import (
 from ._front_handed import AnswersSentFirst, count, room_for_a_descriptor, stream_of
 from ._http import STATS as HTTP_STATS
 from ._http import ASGIApp, ConnectionTable, HttpStatistics
+from ._http_common import Burst as _Burst
+from ._http_common import fd_limit
 from ._log import SETTINGS as LOG_SETTINGS
 from ._registry import Registry
-from ._server import _Burst, fd_limit, serve_listeners
+from ._server import serve_listeners
 
 log = structlog.get_logger("sledagent.http")
 

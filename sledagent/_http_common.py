@@ -5,14 +5,20 @@ request ``_http_exchange``'s."""
 
 from __future__ import annotations
 
+import errno
 import json
+import resource
+import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
 from typing import Any
 
 import attrs
+import structlog
 from attrs import validators as v
+
+log = structlog.get_logger("sledagent.http")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -115,3 +121,43 @@ def refusal(status: int, message: str, *, head_only: bool = False) -> bytes:
         f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n"
     ).encode()
     return head if head_only else head + body
+
+
+#: accept(2) failures that mean "no room now" (not "this connection is bad").
+CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+#: After such a failure with no idle connection to close: wait this long, doubling up to
+#: the second figure (seconds), or until a connection ends.
+BACKOFF_S = (0.01, 1.0)
+#: Failures closer together than this are one burst (one log line); a burst that lasts
+#: is logged again this often, with its count.
+BURST_GAP_S = 10.0
+BURST_RELOG_S = 60.0
+
+
+def fd_limit() -> int:
+    """This process's soft limit on open descriptors (RLIMIT_NOFILE)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class Burst:
+    """Logs a run of failures once (and again each minute while it lasts).
+
+    ``clock``: seconds (the trio servers pass ``trio.current_time``; the front
+    process's loop ``time.monotonic``)."""
+
+    def __init__(self, event: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.event = event
+        self.clock = clock
+        self.last = self.logged = -float("inf")
+        self.count = 0
+
+    def failed(self, **fields: object) -> None:
+        now = self.clock()
+        if now - self.last >= BURST_GAP_S:
+            self.count = 0
+            self.logged = -float("inf")
+        self.last = now
+        self.count += 1
+        if now - self.logged >= BURST_RELOG_S:
+            self.logged = now
+            log.warning(self.event, failures_in_burst=self.count, **fields)

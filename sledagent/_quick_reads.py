@@ -26,6 +26,7 @@ import structlog
 from ._admission import ReadAdmission
 from ._codec import encode
 from ._errors import AgentError, NoSuchVmm, Overloaded
+from ._quick_shape import simple_get_target
 from ._wire import Error
 
 log = structlog.get_logger("sledagent.api")
@@ -39,6 +40,10 @@ STATE_TARGET = re.compile(rb"/vmms/([0-9A-Fa-f-]{32,36})/state")
 _BEARER = re.compile(rb"(?:^|\n)authorization:[ \t]*([!-~ \t]*?)[ \t]*\r\n", re.I)
 
 _ids = random.Random()
+#: ``StateReads.answer_now`` keeps what this many distinct requests of up to
+#: ``_SEEN_BYTES`` each mean (one per poller's connection, in practice); then starts over.
+_SEEN_MAX = 4096
+_SEEN_BYTES = 1024
 
 
 def request_id() -> str:
@@ -78,44 +83,88 @@ def refused_read(reason: str, retry_after_s: int) -> Overloaded:
     )
 
 
-def state_reads(
-    answer: Callable[[uuid.UUID], bytes | None],
-    known: Callable[[uuid.UUID], bool],
-    admission: ReadAdmission,
-    *,
-    token: bytes | None = None,
-    debug_requests: bool = False,
-) -> QuickGet:
+class StateReads:
     """The quick path for state reads over ``answer(propolis_id)`` (the encoded journaled
     ``SledVmmState``; None: none yet) and ``known(propolis_id)`` (registered here).
     ``token``: every read must carry ``Authorization: Bearer <token>`` (else the router
-    answers its 401). ``debug_requests``: log each answer (``api_request``)."""
+    answers its 401). ``debug_requests``: log each answer (``api_request``).
 
-    async def quick_get(target: bytes, head: bytes) -> bytes | None:
+    ``await reads(target, head)`` is a ``QuickGet`` (the admission may make the read wait
+    for its turn: the agent's loop); ``reads.answer_now(request, max_head_bytes)``
+    judges the request's shape too and decides at once, without turns
+    (``ReadAdmission.decide``: the front process's loop, which only reads)."""
+
+    def __init__(
+        self,
+        answer: Callable[[uuid.UUID], bytes | None],
+        known: Callable[[uuid.UUID], bool],
+        admission: ReadAdmission,
+        *,
+        token: bytes | None = None,
+        debug_requests: bool = False,
+    ) -> None:
+        self.answer, self.known, self.admission = answer, known, admission
+        self.token, self.debug_requests = token, debug_requests
+        #: ``answer_now``'s requests already judged: bytes -> (target, propolis_id).
+        self._seen: dict[bytes, tuple[bytes, uuid.UUID]] = {}
+
+    async def __call__(self, target: bytes, head: bytes) -> bytes | None:
+        propolis_id = self.target_id(target, head)
+        if propolis_id is None:
+            return None
+        return self.reply(propolis_id, target, await self.admission.admit())
+
+    def answer_now(self, request: bytes, max_head_bytes: int) -> bytes | None:
+        """The whole answer to ``request`` (a connection's bytes after an idle wait) if it
+        is exactly one quick read (``simple_get_target``), decided at once; None: the
+        agent's router must answer it.
+
+        A poller sends the same bytes every time (target, host, token): what those bytes
+        mean (shape, token, id: about two thirds of the Python a read costs) is kept for
+        up to ``_SEEN_MAX`` distinct requests; the decision and the answer never are."""
+        seen = self._seen.get(request)
+        if seen is None:
+            target = simple_get_target(request, max_head_bytes)
+            propolis_id = None if target is None else self.target_id(target, request)
+            if target is None or propolis_id is None:
+                return None
+            seen = (target, propolis_id)
+            if len(request) <= _SEEN_BYTES:
+                if len(self._seen) >= _SEEN_MAX:
+                    self._seen.clear()
+                self._seen[request] = seen
+        return self.reply(seen[1], seen[0], self.admission.decide())
+
+    def target_id(self, target: bytes, head: bytes) -> uuid.UUID | None:
+        """The VMM a quick read is for; None: the router must answer it."""
         match = STATE_TARGET.fullmatch(target)
         if match is None:
             return None
-        if token is not None:
+        if self.token is not None:
             bearer = _BEARER.search(head)
-            if bearer is None or not bearer_matches(bearer[1], token):
+            if bearer is None or not bearer_matches(bearer[1], self.token):
                 return None  # the router answers 401
         try:
-            propolis_id = uuid.UUID(match[1].decode())
+            return uuid.UUID(match[1].decode())
         except ValueError:
             return None  # the router answers 400 naming the parameter
-        reason = await admission.admit()
+
+    def reply(self, propolis_id: uuid.UUID, target: bytes, refused: str | None) -> bytes | None:
+        """The whole answer to a read for ``propolis_id``, refused for the admission's
+        reason ``refused`` (None: served); None: the router must answer it."""
         rid = request_id()
-        if reason is not None:  # counted and logged per burst by the admission
-            exc: AgentError = refused_read(reason, admission.retry_after_s)
+        if refused is not None:  # counted and logged per burst by the admission
+            admission = self.admission
+            exc: AgentError = refused_read(refused, admission.retry_after_s)
             body = encode(Error(message=exc.message, request_id=rid, error_code=exc.error_code))
             return whole_answer(503, body, rid, b"retry-after: %d\r\n" % admission.retry_after_s)
-        state = answer(propolis_id)
+        state = self.answer(propolis_id)
         if state is not None:
-            if debug_requests:
+            if self.debug_requests:
                 log.debug("api_request", request_id=rid, method="GET",
                           path=target.decode(), status=200)  # fmt: skip
             return whole_answer(200, state, rid)
-        if known(propolis_id):
+        if self.known(propolis_id):
             return None  # registered, its state not on disk yet: the router waits for it
         exc = NoSuchVmm(propolis_id)
         log.info(
@@ -130,4 +179,14 @@ def state_reads(
         body = encode(Error(message=exc.message, request_id=rid, error_code=exc.error_code))
         return whole_answer(exc.status, body, rid)
 
-    return quick_get
+
+def state_reads(
+    answer: Callable[[uuid.UUID], bytes | None],
+    known: Callable[[uuid.UUID], bool],
+    admission: ReadAdmission,
+    *,
+    token: bytes | None = None,
+    debug_requests: bool = False,
+) -> StateReads:
+    """``StateReads``: the quick path for state reads (a ``QuickGet``)."""
+    return StateReads(answer, known, admission, token=token, debug_requests=debug_requests)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import resource
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -26,6 +25,10 @@ import trio_util
 from ._addr import parse_listen
 from ._front import duplicate_listeners, serve_front, watch_agent_loop
 from ._http import STATS, ASGIApp, ConnectionTable, Handover, HttpLimits, refusal
+from ._http_common import BACKOFF_S as _BACKOFF_S
+from ._http_common import CAPACITY_ERRNOS as _CAPACITY_ERRNOS
+from ._http_common import Burst as _Burst
+from ._http_common import fd_limit
 
 DEFAULT_LISTEN = "127.0.0.1:12345"
 log = structlog.get_logger("sledagent.http")
@@ -35,38 +38,6 @@ log = structlog.get_logger("sledagent.http")
 Incoming = Callable[
     [Callable[[trio.SocketStream, "bytes | None"], None], ConnectionTable], Awaitable[None]
 ]
-
-_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-_BACKOFF_S = (0.01, 1.0)
-#: Failures closer together than this are one burst (one log line); a burst that lasts
-#: is logged again this often, with its count.
-_BURST_GAP_S = 10.0
-_BURST_RELOG_S = 60.0
-
-
-def fd_limit() -> int:
-    """This process's soft limit on open descriptors (RLIMIT_NOFILE)."""
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-class _Burst:
-    """Logs a run of failures once (and again each minute while it lasts)."""
-
-    def __init__(self, event: str) -> None:
-        self.event = event
-        self.last = self.logged = -float("inf")
-        self.count = 0
-
-    def failed(self, **fields: object) -> None:
-        now = trio.current_time()
-        if now - self.last >= _BURST_GAP_S:
-            self.count = 0
-            self.logged = -float("inf")
-        self.last = now
-        self.count += 1
-        if now - self.logged >= _BURST_RELOG_S:
-            self.logged = now
-            log.warning(self.event, failures_in_burst=self.count, **fields)
 
 
 async def serve_http(
@@ -139,7 +110,7 @@ async def serve_listeners(
                     else:
                         accepting.start_soon(_gated, gate, listener, table, connections)
                 if incoming is not None:
-                    at_cap = _Burst("http_connection_cap_reached")
+                    at_cap = _Burst("http_connection_cap_reached", trio.current_time)
                     accepting.start_soon(
                         incoming,
                         lambda stream, first: _admit(table, connections, at_cap, stream, first),
@@ -202,8 +173,8 @@ async def _accept_loop(
     listener: trio.SocketListener, table: ConnectionTable, nursery: trio.Nursery
 ) -> None:
     backoff = _BACKOFF_S[0]
-    accept_failures = _Burst("http_accept_failing")
-    at_cap = _Burst("http_connection_cap_reached")
+    accept_failures = _Burst("http_accept_failing", trio.current_time)
+    at_cap = _Burst("http_connection_cap_reached", trio.current_time)
     while True:
         try:
             stream = await listener.accept()
