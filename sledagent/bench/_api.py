@@ -1,7 +1,7 @@
 """``sledagent bench api``: what one API request costs the agent's trio thread.
 
 The agent (on the fake host, one running VMM) serves its API in this process; readers in
-a process of their own (``_probe.py``: one keep-alive connection each, lean h11 client)
+a process of their own (``_probe.py``: one keep-alive connection each, an epoll loop)
 send ``GET /vmms/{id}/state`` back to back. Reported: the server's CPU per request (this
 process's CPU time over the run, all threads, divided by the requests), requests per
 second and latency; with ``--front process`` the reads go to a front process
@@ -63,10 +63,11 @@ async def run_api_bench(
             async with reader_process(
                 urls[0], [pid] * connections, interval_s=0.0, timeout_s=10.0, count=per_conn
             ) as readers:
-                front0 = _cpu_s(front_process)
+                front0, readers0 = _cpu_s(front_process), _cpu_s(readers.proc)
                 cpu0, t0 = time.process_time(), time.monotonic()
                 await readers.go()
                 result = await readers.result()
+                readers_cpu = _cpu_s(readers.proc) - readers0  # before it exits
                 wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
                 front_cpu = _cpu_s(front_process) - front0
             shutdown.set()
@@ -82,18 +83,21 @@ async def run_api_bench(
         "requests_per_s": round(len(latencies) / wall, 1),
         "server_cpu_ms_per_request": round(cpu / done * 1e3, 3),
         "latency_s": summary(latencies),
+        # the readers' own CPU (their process, on the same cores): not the server's
+        "readers_cpu_ms_per_request": round(readers_cpu / done * 1e3, 3),
     }  # fmt: skip
     if front_process is not None:
         report["front_cpu_ms_per_request"] = round(front_cpu / done * 1e3, 3)
     return report
 
 
-def _cpu_s(front: FrontProcess | None) -> float:
-    """The front process's CPU time so far (user + system, seconds; Linux ``/proc``)."""
-    if front is None:
+def _cpu_s(process: FrontProcess | trio.Process | None) -> float:
+    """A process's CPU time so far (user + system, seconds; Linux ``/proc``)."""
+    if process is None:
         return 0.0
+    pid = process.process.pid if isinstance(process, FrontProcess) else process.pid
     try:
-        with open(f"/proc/{front.process.pid}/stat") as stat:
+        with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0

@@ -9,177 +9,277 @@ after a timeout. After a ``503`` with ``Retry-After`` a reader waits that long b
 next read (as a well-behaved client does), unless the spec says
 ``"honour_retry_after": false``.
 
+One epoll loop, no trio (as the agent's front process, ``_front_loop``): on a real sled
+the readers are other machines, and here every microsecond of their CPU is taken from
+the 2 cores the agent runs on. Under trio they cost about as much CPU per read as the
+front that answers them (docs/performance.md, "Session 11"); ``cpu_s`` in the result
+says what they cost in this run.
+
 Protocol on stdin/stdout (one line each): argv[1] is a JSON object
 ``{"api": url, "ids": [...], "interval_s": s, "timeout_s": s, "seed": n, "token": t}``;
 the process connects every reader and prints ``ready``; on ``go`` each reader starts,
 from a random offset within ``interval_s``, a read every ``interval_s``; on ``stop`` it
 prints ``{"latencies_s": [...], "refused_latencies_s": [...], "timeouts": n, "errors": n,
-"status": {code: n}, "own_lag_s": [...]}`` and exits (``refused_latencies_s``: the 503s'
-alone; ``own_lag_s``: how late this process's own loop ran, sampled every 10 ms). With
-``"count": n`` in the spec each reader makes n reads back to back and the result is
-printed when all are done (``sledagent bench api``). ``errors``: connections that failed;
-every answer, whatever its status, is timed.
+"status": {code: n}, "own_lag_s": [...], "cpu_s": s}`` and exits (``refused_latencies_s``:
+the 503s' alone; ``own_lag_s``: how late this process's own loop ran, sampled every
+10 ms; ``cpu_s``: this process's CPU time from ``go``). With ``"count": n`` in the spec
+each reader makes n reads back to back and the result is printed when all are done
+(``sledagent bench api``). ``errors``: connections that failed; every answer, whatever
+its status, is timed.
 
-Only the standard library and trio: it starts in a fraction of a second.
+Only the standard library: it starts in a fraction of a second.
 """
 
 from __future__ import annotations
 
+import errno
+import heapq
 import json
+import os
 import random
+import selectors
+import socket
 import sys
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
-import trio
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+_LAG_EVERY_S = 0.01
 
 
-class _Conn:
-    """One keep-alive HTTP/1.1 connection; ``get`` returns the status code and the
-    ``Retry-After`` seconds of a 503 (0 if none).
+class _Reader:
+    """One VMM's poller: one keep-alive connection, one read in flight at most."""
 
-    The request is written once as bytes and the answer read by hand (status line,
-    ``content-length``, body): on a real sled the readers are other machines, and here
-    every microsecond of the readers' CPU is taken from the 2 cores the agent runs on.
-    An answer without ``content-length`` (the agent always sends one) is an error."""
+    __slots__ = ("buf", "left", "request", "retry_after", "sent_at", "sock", "started")
 
-    def __init__(self, host: str, port: int, headers: list[tuple[str, str]]) -> None:
-        self.host, self.port, self.headers = host, port, headers
-        self.stream: trio.SocketStream | None = None
-        self._requests: dict[str, bytes] = {}
+    def __init__(self, request: bytes, count: int | None) -> None:
+        self.request = request
+        self.sock: socket.socket | None = None
+        self.buf = b""
+        #: When the read in flight started (monotonic), None between reads.
+        self.started: float | None = None
+        #: The request has been written (False: still connecting).
+        self.sent_at = False
+        self.retry_after = 0.0
+        #: Reads left (``count``); None: until stopped.
+        self.left = count
 
-    async def close(self) -> None:
-        if self.stream is not None:
-            await self.stream.aclose()
-        self.stream = None
 
-    async def get(self, target: str) -> tuple[int, float]:
-        request = self._requests.get(target)
-        if request is None:
-            fields_out = "".join(f"{k}: {v}\r\n" for k, v in self.headers)
-            request = f"GET {target} HTTP/1.1\r\n{fields_out}\r\n".encode()
-            self._requests[target] = request
-        if self.stream is None:
-            self.stream = await trio.open_tcp_stream(self.host, self.port)
-        stream = self.stream
-        await stream.send_all(request)
-        buf = b""
-        while (end := buf.find(b"\r\n\r\n")) < 0:
-            data = await stream.receive_some(65536)
-            if not data:
-                raise ConnectionError("server closed the connection")
-            buf += data
+class Readers:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        url = urlsplit(spec["api"])
+        self.addr = (url.hostname or "127.0.0.1", url.port or 80)
+        headers = f"host: {url.netloc}\r\n"
+        if spec.get("token"):
+            headers += f"authorization: Bearer {spec['token']}\r\n"
+        self.interval, self.timeout = spec["interval_s"], spec["timeout_s"]
+        self.honour = spec.get("honour_retry_after", True)
+        self.count: int | None = spec.get("count")
+        self.seed = spec["seed"]
+        self.readers = [
+            _Reader(f"GET /vmms/{vmm}/state HTTP/1.1\r\n{headers}\r\n".encode(), self.count)
+            for vmm in spec["ids"]
+        ]
+        self.sel = selectors.DefaultSelector()
+        #: (when, order, reader): reads due to start, and reads' deadlines.
+        self.due: list[tuple[float, int, _Reader]] = []
+        self.deadlines: list[tuple[float, int, _Reader]] = []
+        self.order = 0
+        self.active = len(self.readers)
+        self.out: dict[str, Any] = {
+            "latencies_s": [], "refused_latencies_s": [], "timeouts": 0, "errors": 0,
+            "status": {}, "own_lag_s": [],
+        }  # fmt: skip
+
+    # --- connections ----------------------------------------------------------------------
+
+    def connect_all(self) -> None:
+        """Connect every reader before ``ready``: the measurement has no handshakes."""
+        for reader in self.readers:
+            sock = socket.create_connection(self.addr)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            reader.sock = sock
+            self.sel.register(sock, _READ, reader)
+
+    def _reconnect(self, reader: _Reader) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in self.addr[0] else socket.AF_INET)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        code = sock.connect_ex(self.addr)
+        if code not in (0, errno.EINPROGRESS):
+            sock.close()
+            raise OSError(code, "connect")
+        reader.sock = sock
+        self.sel.register(sock, _WRITE, reader)
+
+    def _drop(self, reader: _Reader) -> None:
+        if reader.sock is not None:
+            self.sel.unregister(reader.sock)
+            reader.sock.close()
+            reader.sock = None
+        reader.buf = b""
+
+    # --- one read ----------------------------------------------------------------------------
+
+    def _start(self, reader: _Reader, now: float) -> None:
+        reader.started = now
+        reader.sent_at = False
+        self.order += 1
+        heapq.heappush(self.deadlines, (now + self.timeout, self.order, reader))
+        try:
+            if reader.sock is None:
+                self._reconnect(reader)  # the request goes once it is connected
+                return
+            self._send(reader)
+        except OSError:
+            self._failed(reader, now)
+
+    def _send(self, reader: _Reader) -> None:
+        assert reader.sock is not None
+        reader.sock.send(reader.request)  # a few hundred bytes: the buffer takes them
+        reader.sent_at = True
+
+    def _writable(self, reader: _Reader, now: float) -> None:
+        """A reconnect finished (or failed)."""
+        assert reader.sock is not None
+        if reader.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            self._failed(reader, now)
+            return
+        self.sel.modify(reader.sock, _READ, reader)
+        try:
+            self._send(reader)
+        except OSError:
+            self._failed(reader, now)
+
+    def _readable(self, reader: _Reader, now: float) -> None:
+        assert reader.sock is not None
+        try:
+            data = reader.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if reader.started is not None:
+                self._failed(reader, now)
+            else:
+                self._drop(reader)  # closed between reads: reconnect at the next
+            return
+        if reader.started is None:  # bytes nobody asked for
+            self._failed(reader, now)
+            return
+        reader.buf += data
+        buf = reader.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
         head = buf[:end].lower()
-        status = int(head[9:12])
         fields: dict[bytes, bytes] = {}
         for line in head.split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
             fields[name] = value.strip()
-        if b"content-length" not in fields:
-            raise ConnectionError("an answer without content-length")
-        length = int(fields[b"content-length"])
+        length = fields.get(b"content-length")
+        if length is None:  # the agent always sends one
+            self._failed(reader, now)
+            return
         body = len(buf) - end - 4
-        while body < length:
-            data = await stream.receive_some(65536)
-            if not data:
-                raise ConnectionError("server closed the connection")
-            body += len(data)
-        if body > length:
-            raise ConnectionError("bytes after the answer")
+        if body < int(length):
+            return
+        if body > int(length):  # bytes after the answer
+            self._failed(reader, now)
+            return
+        status = int(head[9:12])
+        took = now - reader.started
+        out = self.out
+        out["latencies_s"].append(took)
+        if status == 503:
+            out["refused_latencies_s"].append(took)
+            reader.retry_after = float(fields.get(b"retry-after", b"0"))
+        out["status"][str(status)] = out["status"].get(str(status), 0) + 1
+        reader.buf = b""
         if fields.get(b"connection") == b"close":
-            await self.close()
-        retry_after = float(fields.get(b"retry-after", b"0")) if status == 503 else 0.0
-        return status, retry_after
+            self._drop(reader)
+        self._done(reader, now)
+
+    def _failed(self, reader: _Reader, now: float, timeout: bool = False) -> None:
+        self.out["timeouts" if timeout else "errors"] += 1
+        self._drop(reader)
+        self._done(reader, now)
+
+    def _done(self, reader: _Reader, now: float) -> None:
+        """The read ended: schedule the next one (fixed period from this one's start, as a
+        poller with a timer would; after a 503 with Retry-After, no sooner than that)."""
+        started, reader.started = reader.started, None
+        assert started is not None
+        if reader.left is not None:
+            reader.left -= 1
+            if reader.left <= 0:
+                self.active -= 1
+                return
+        wait = self.interval - (now - started)
+        if reader.retry_after and self.honour:
+            wait = max(wait, reader.retry_after)
+        reader.retry_after = 0.0
+        self.order += 1
+        heapq.heappush(self.due, (now + max(0.0, wait), self.order, reader))
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Read until ``stop`` on stdin (or, with a count, until every reader is done)."""
+        now = time.monotonic()
+        for reader in self.readers:
+            offset = random.Random(f"{self.seed}{reader.request!r}").uniform(0, self.interval)
+            self.order += 1
+            heapq.heappush(self.due, (now + offset, self.order, reader))
+        self.sel.register(0, _READ, None)
+        lag_due = now + _LAG_EVERY_S
+        lags = self.out["own_lag_s"]
+        while self.count is None or self.active > 0:
+            due = min(lag_due, self.due[0][0] if self.due else lag_due)
+            if self.deadlines:
+                due = min(due, self.deadlines[0][0])
+            events = self.sel.select(max(0.0, due - time.monotonic()))
+            now = time.monotonic()
+            for key, mask in events:
+                reader = key.data
+                if reader is None:
+                    return  # "stop", or the parent went away
+                elif reader.sock is None or reader.sock.fileno() != key.fd:
+                    continue  # dropped earlier in this batch
+                elif mask & _WRITE:
+                    self._writable(reader, now)
+                else:
+                    self._readable(reader, now)
+            while self.deadlines and self.deadlines[0][0] <= now:
+                _, _, reader = heapq.heappop(self.deadlines)
+                if reader.started is not None and reader.started + self.timeout <= now:
+                    self._failed(reader, now, timeout=True)
+            while self.due and self.due[0][0] <= now:
+                self._start(heapq.heappop(self.due)[2], now)
+            if now >= lag_due:
+                lags.append(now - lag_due)
+                lag_due = now + _LAG_EVERY_S
 
 
-async def _reader(
-    conn: _Conn, target: str, spec: dict[str, Any], go: trio.Event, out: dict[str, Any]
-) -> None:
-    interval, timeout = spec["interval_s"], spec["timeout_s"]
-    offset = random.Random(f"{spec['seed']}{target}").uniform(0, interval)
-    count = spec.get("count")  # a fixed number of reads, back to back (bench api)
-    retry_after = 0.0
-    await go.wait()
-    await trio.sleep(offset)
-    while count is None or count > 0:
-        count = None if count is None else count - 1
-        t0 = time.monotonic()
-        with trio.move_on_after(timeout) as scope:
-            try:
-                status, retry_after = await conn.get(target)
-            except (OSError, ConnectionError, ValueError):
-                out["errors"] += 1
-                await conn.close()
-            else:
-                # 404 is an answer too: a VMM that was published is then removed; a 503
-                # (the agent shedding reads) too, and its latency is also kept apart.
-                took = time.monotonic() - t0
-                out["latencies_s"].append(took)
-                if status == 503:
-                    out["refused_latencies_s"].append(took)
-                out["status"][str(status)] = out["status"].get(str(status), 0) + 1
-        if scope.cancelled_caught:
-            out["timeouts"] += 1
-            await conn.close()
-        # Fixed period from the read's start, as a poller with a timer would; after a 503
-        # with Retry-After, no sooner than that (a well-behaved client; "honour_retry_after").
-        wait = interval - (time.monotonic() - t0)
-        if retry_after and spec.get("honour_retry_after", True):
-            wait = max(wait, retry_after)
-            retry_after = 0.0
-        await trio.sleep(max(0.0, wait))
-
-
-async def _own_lag(go: trio.Event, out: dict[str, Any]) -> None:
-    """How late this process's own loop runs (a 10 ms sleep's overshoot, seconds): a
-    latency the readers report includes it, and it is not the agent's."""
-    lags: list[float] = out.setdefault("own_lag_s", [])
-    await go.wait()
-    while True:
-        t0 = time.monotonic()
-        await trio.sleep(0.01)
-        lags.append(time.monotonic() - t0 - 0.01)
-
-
-async def _main(spec: dict[str, Any]) -> None:
-    url = urlsplit(spec["api"])
-    headers = [("host", url.netloc)]
-    if spec.get("token"):
-        headers.append(("authorization", f"Bearer {spec['token']}"))
-    out: dict[str, Any] = {
-        "latencies_s": [],
-        "refused_latencies_s": [],
-        "timeouts": 0,
-        "errors": 0,
-        "status": {},
-    }
-    go = trio.Event()
-    stdin = trio.lowlevel.FdStream(0)
-    async with trio.open_nursery() as nursery:
-        conns = [_Conn(url.hostname or "127.0.0.1", url.port or 80, headers) for _ in spec["ids"]]
-        for conn in conns:  # connect before "ready": the measurement has no handshakes
-            conn.stream = await trio.open_tcp_stream(conn.host, conn.port)
-        nursery.start_soon(_own_lag, go, out)  # cancelled with the outer nursery
-        async with trio.open_nursery() as readers:
-            for conn, vmm in zip(conns, spec["ids"], strict=True):
-                readers.start_soon(_reader, conn, f"/vmms/{vmm}/state", spec, go, out)
-            print("ready", flush=True)
-            buf = b""
-            while b"stop" not in buf:
-                if b"go" in buf:
-                    go.set()
-                    if spec.get("count"):
-                        break  # the readers end by themselves
-                chunk = await stdin.receive_some()
-                if not chunk:
-                    break
-                buf += chunk
-            else:
-                readers.cancel_scope.cancel()
-        nursery.cancel_scope.cancel()
-    print(json.dumps(out), flush=True)
+def main(spec: dict[str, Any]) -> None:
+    readers = Readers(spec)
+    readers.connect_all()
+    print("ready", flush=True)
+    line = b""
+    while not line.endswith(b"\n"):  # unbuffered: "stop" must wake the loop's epoll
+        chunk = os.read(0, 64)
+        if not chunk:
+            break
+        line += chunk
+    cpu0 = time.process_time()
+    if line.startswith(b"go"):
+        readers.run()
+    readers.out["cpu_s"] = round(time.process_time() - cpu0, 3)
+    print(json.dumps(readers.out), flush=True)
 
 
 if __name__ == "__main__":
-    trio.run(_main, json.loads(sys.argv[1]))
+    main(json.loads(sys.argv[1]))
