@@ -42,7 +42,7 @@ HANDOVER = b"H"
 STATS = b"T"
 SERVING = b"R"
 
-#: Largest message either side sends: a handover carries up to 64 KiB read (``_http``).
+#: Largest message either side sends: a handover carries up to 64 KiB read (``_front_loop``).
 MAX_MESSAGE = 128 * 1024
 #: Answers are sent in messages of at most this many bytes.
 ANSWERS_PER_MESSAGE_BYTES = 32 * 1024

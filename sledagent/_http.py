@@ -53,9 +53,6 @@ from ._quick_shape import simple_get_target
 #: ``None`` hands the request to the app as usual. See ``_Connection._quick``.
 QuickGet = Callable[[bytes, bytes], Awaitable["bytes | None"]]
 
-#: ``await handover(socket, data)``: give the connection and the bytes read from it to
-#: another server (``ConnectionTable.handover``).
-Handover = Callable[[trio.socket.SocketType, bytes], Awaitable[None]]
 
 _RECV = 64 * 1024
 log = structlog.get_logger("sledagent.http")
@@ -81,9 +78,6 @@ class ConnectionTable:
         #: idle ones end at their keep-alive timeout. No client meets a closed
         #: connection it was told it could reuse (as it would if they were closed now).
         self.retiring = False
-        #: Set in the front process (``_front_main``): a request the quick path did not
-        #: answer is handed, with the bytes read so far, to the agent with the connection.
-        self.handover: Handover | None = None
         self.connections: set[_Connection] = set()
         self.idle: dict[_Connection, None] = {}
         #: Set (and replaced) whenever a connection ends: a descriptor is free.
@@ -193,9 +187,6 @@ class _Connection:
                     data = received
                 if table.quick_get is not None and await self._quick(data, table.quick_get):
                     return _QUICK
-                if table.handover is not None and data:
-                    await table.handover(self.stream.socket, data)
-                    return None  # the connection is another server's now: ours just closes
                 self.h11.receive_data(data)
             with trio.move_on_after(self.limits.head_timeout_s) as head:
                 event = await self.read_event()

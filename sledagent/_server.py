@@ -24,7 +24,7 @@ import trio_util
 
 from ._addr import parse_listen
 from ._front import duplicate_listeners, serve_front, watch_agent_loop
-from ._http import STATS, ASGIApp, ConnectionTable, Handover, HttpLimits, refusal
+from ._http import STATS, ASGIApp, ConnectionTable, HttpLimits, refusal
 from ._http_common import BACKOFF_S as _BACKOFF_S
 from ._http_common import CAPACITY_ERRNOS as _CAPACITY_ERRNOS
 from ._http_common import Burst as _Burst
@@ -81,7 +81,6 @@ async def serve_listeners(
     limits: HttpLimits | None = None,
     announce: bool = True,
     retire: Callable[[], bool] | None = None,
-    handover: Handover | None = None,
     incoming: Incoming | None = None,
     accepting: trio_util.AsyncBool | None = None,
 ) -> None:
@@ -89,15 +88,12 @@ async def serve_listeners(
     at ``shutdown``; True: another server takes over the port: connections are not closed under
     their clients but told to close with their next answer (``ConnectionTable.retiring``),
     idle ones at their keep-alive timeout; after ``keep_alive_s + graceful_s`` the rest
-    are cancelled. ``handover``: requests the quick path does not answer go elsewhere
-    with their connection (the front process: ``ConnectionTable.handover``).
-    ``incoming(admit, table)``: a task that brings connections from elsewhere (handed
+    are cancelled. ``incoming(admit, table)``: a task that brings connections from elsewhere (handed
     over by the front process) and passes each to ``admit(stream, first_bytes)``; it
     runs as the accept loops do, until ``shutdown``. ``accepting``: the listeners are
     accepted on only while it is True (the front process accepts on them otherwise)."""
     limits = limits or HttpLimits()
     table = ConnectionTable(app, limits)
-    table.handover = handover
     gate = accepting
     if announce:
         announce_serving(listeners, limits)
