@@ -67,6 +67,11 @@ log = structlog.get_logger("sledagent.http")
 #: from the channel for this long while changes wait for it (``_flush``): a start's
 #: whole registry waits at most its imports (~1 s on a loaded host).
 FRONT_STALL_S = 10.0
+#: The front is killed too when it has sent nothing for this long once it serves: its
+#: counters come every ``_front_loop.STATS_EVERY_S`` (1 s) whatever it does, and one that
+#: stopped running (SIGSTOP, wedged) with no change waiting for it held every new
+#: connection in the listen backlog, unnoticed.
+FRONT_SILENT_S = 10.0
 #: How often, at most, the agent looks whether it publishes behind time while its
 #: thread lags (``_watch_publishing``).
 PUBLISHING_EVERY_S = 0.02
@@ -202,7 +207,7 @@ class FrontProcess:
                     with trio.fail_after(FRONT_STALL_S):
                         await self.channel.send(kind, payload, fds)
                 except trio.TooSlowError:
-                    self._stalled()
+                    self._stalled(f"took nothing from its channel for {FRONT_STALL_S} s")
                     return
                 except ChannelClosed:
                     self._pending.clear()
@@ -213,15 +218,16 @@ class FrontProcess:
                 self._dequeued += 1
                 self._advanced()
 
-    def _stalled(self) -> None:
-        """The front has taken nothing from the channel for ``FRONT_STALL_S`` (stopped,
-        wedged): answers on the agent's side wait for it (``answers_sent``) and new
-        connections wait in the listen backlog. Kill it: the agent then serves the
-        sockets itself (``http_front_exited``), as when the front dies."""
+    def _stalled(self, why: str) -> None:
+        """The front has taken nothing from the channel for ``FRONT_STALL_S``, or sent
+        nothing for ``FRONT_SILENT_S`` (stopped, wedged): answers on the agent's side wait
+        for it (``answers_sent``) and new connections wait in the listen backlog. Kill
+        it: the agent then serves the sockets itself (``http_front_exited``), as when
+        the front dies."""
         log.error(
             "http_front_stalled",
             pid=self.process.pid,
-            waited_s=FRONT_STALL_S,
+            why=why,
             changes_waiting=len(self._pending),
             action="killed; the agent serves the API itself",
         )
@@ -399,8 +405,16 @@ class FrontProcess:
                 await room_for_a_descriptor(self.channel.fileno(), table, failing)
                 message = self.channel.receive_nowait()
                 if message is None:
-                    await trio.lowlevel.wait_readable(self.channel.sock)
-                    continue
+                    if not self.serving.is_set():
+                        await trio.lowlevel.wait_readable(self.channel.sock)
+                        continue
+                    with trio.move_on_after(FRONT_SILENT_S):
+                        await trio.lowlevel.wait_readable(self.channel.sock)
+                        continue
+                    # One more look: this thread, not the front, may have been the one held.
+                    if (message := self.channel.receive_nowait()) is None:
+                        self._stalled(f"sent nothing for {FRONT_SILENT_S} s")
+                        continue  # the channel closes with it: ChannelClosed
                 kind, payload, fds = message
                 if kind == HANDOVER and len(fds) == 1:
                     stream = stream_of(fds[0])

@@ -1,0 +1,54 @@
+"""The front process's liveness as the agent watches it (``_front_proc``; issue 21, QA).
+
+A front that serves the API's sockets but stops running (SIGSTOP, a wedged loop) holds
+every new connection in the listen backlog: with no state change waiting for it, the
+agent never noticed, and every request (reads and writes alike) timed out. The front's
+counters come about once a second (``_front_loop.STATS_EVERY_S``); silence from it for
+``FRONT_SILENT_S`` means it is stalled: it is killed and the agent serves the port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from sledagent import _front_proc as front_proc
+from sledagent._front_loop import STATS_EVERY_S
+
+from .test_front_process import daemon
+
+DEADLINE_S = 60
+
+
+async def test_a_stopped_front_with_nothing_to_send_it_is_killed_and_the_agent_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Longer than the front's counters' period: a running front is never silent that long
+    # (if a loaded host made it so, it would be killed and the agent would answer: the
+    # outcome checked here is the same).
+    monkeypatch.setattr(front_proc, "FRONT_SILENT_S", STATS_EVERY_S * 3)
+    with trio.fail_after(DEADLINE_S):
+        async with daemon(tmp_path) as info:
+            front, front_pid = info.front, info.front_pid
+            assert front is not None and front_pid is not None
+            await front.serving.wait()
+            os.kill(front_pid, signal.SIGSTOP)
+            try:
+                # Nothing changes in the registry: only the front's silence tells.
+                async with httpx.AsyncClient(base_url=info.api_url, timeout=DEADLINE_S) as api:
+                    r = await api.get(f"/vmms/{uuid.uuid4()}/state")
+                    assert r.status_code == 404, r.text
+                    assert r.json()["error_code"] == "NO_SUCH_INSTANCE"
+                    r = await api.get("/zones")
+                    assert r.status_code == 200, r.text
+                assert await front.process.wait() == -signal.SIGKILL
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(front_pid, signal.SIGCONT)
