@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
+import attrs
 import msgspec
 import structlog
 import trio
@@ -278,6 +279,7 @@ class FrontProcess:
                 await self._receive(admit, table, admission, accepting)
             finally:
                 gone.set()  # the front closed the channel: it exited
+                self._connections_closed()
             if shutdown.is_set():
                 return
             registry.observer = None
@@ -438,6 +440,12 @@ class FrontProcess:
                     accepting.value = False  # the front accepts from now on
         except ChannelClosed:
             return
+
+    def _connections_closed(self) -> None:
+        """The front's connections ended with it: they leave the open-connections gauge
+        (``sledagent_http_connections``); its counters stay (they only grow)."""
+        if (other := HTTP_STATS.elsewhere) is not None:
+            HTTP_STATS.elsewhere = attrs.evolve(other, connections_open=0)
 
     def _absorb(self, stats: FrontStats, admission: ReadAdmission | None) -> None:
         self.stats = stats

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
+import socket
 import uuid
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import trio
 from sledagent import _front_proc as front_proc
 from sledagent._front_loop import STATS_EVERY_S
 
-from .test_front_process import daemon
+from .test_front_process import daemon, port
 
 DEADLINE_S = 60
 
@@ -52,3 +54,37 @@ async def test_a_stopped_front_with_nothing_to_send_it_is_killed_and_the_agent_a
             finally:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(front_pid, signal.SIGCONT)
+
+
+async def test_a_dead_fronts_connections_are_no_longer_counted_as_open(tmp_path: Path) -> None:
+    """``sledagent_http_connections`` is a gauge: the connections a front held when it died
+    closed with it. They stayed in the gauge for the agent's whole life (an operator
+    watching it against ``max_connections`` saw connections that did not exist)."""
+    held = 20
+
+    async def open_connections(api: httpx.AsyncClient) -> float:
+        text = (await api.get("/metrics")).text
+        found = re.search(r"^sledagent_http_connections (\S+)$", text, re.M)
+        assert found is not None, text
+        return float(found[1])
+
+    with trio.fail_after(DEADLINE_S):
+        async with daemon(tmp_path) as info:
+            front, front_pid = info.front, info.front_pid
+            assert front is not None and front_pid is not None
+            await front.serving.wait()
+            idle = [socket.create_connection(("127.0.0.1", port(info))) for _ in range(held)]
+            try:
+                async with httpx.AsyncClient(base_url=info.api_url) as api:
+                    while True:  # the front reports its counters about once a second
+                        if await open_connections(api) >= held:
+                            break
+                        await trio.sleep(0.1)
+                os.kill(front_pid, signal.SIGKILL)
+                await front.process.wait()
+            finally:
+                for sock in idle:
+                    sock.close()
+            # A new connection is the agent's once it knows the front is gone.
+            async with httpx.AsyncClient(base_url=info.api_url) as api:
+                assert await open_connections(api) < held
