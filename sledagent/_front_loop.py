@@ -224,6 +224,10 @@ class FrontLoop:
             except OSError as exc:
                 if exc.errno in _IGNORED_ACCEPT:
                     continue
+                if exc.errno in CAPACITY_ERRNOS and not _readable(listener):
+                    # Linux fails accept(2) for want of a descriptor before it looks for
+                    # a connection: none waits, so no idle connection is closed for it.
+                    return
                 if not self._accept_failed(exc):
                     return
                 continue
@@ -407,3 +411,10 @@ class FrontLoop:
                 return
             select.select([], [self.channel.sock], [], left)
             self._flush()
+
+
+def _readable(sock: socket.socket) -> bool:
+    """A connection (or bytes) waits on ``sock``; never blocks, needs no descriptor."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))

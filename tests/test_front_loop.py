@@ -8,7 +8,10 @@ would see: an answer, a handed-over descriptor, the connection closed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
+import resource
 import socket
 import threading
 import time
@@ -244,3 +247,43 @@ def test_out_of_descriptors_with_none_idle_accepting_pauses_then_resumes() -> No
             client.sendall(READ)
             assert read_answer(client) == ANSWER
         assert listener.failures == 0
+
+
+@contextmanager
+def descriptors_exhausted() -> Iterator[None]:
+    """Every descriptor of this process (the loop's thread included) in use until the
+    block ends: the soft RLIMIT_NOFILE lowered to the highest one open, then the holes
+    below it filled."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+    fillers: list[int] = []
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_out_of_descriptors_a_new_connection_costs_one_idle_connection_not_two() -> None:
+    """Linux fails accept(2) with EMFILE before it looks for a connection: after the one
+    that came is accepted, the next try fails too with none waiting. Closing an idle
+    connection for that one closed a client's kept-alive connection for nothing (the
+    agent's accept loop waits for a connection first)."""
+    with front_loop() as front, front.connect() as oldest, front.connect() as kept:
+        for client in (oldest, kept):
+            client.sendall(READ)
+            assert read_answer(client) == ANSWER
+        new = socket.socket()  # its descriptor before there are none
+        new.settimeout(DEADLINE_S)
+        with new, descriptors_exhausted():
+            new.connect(("127.0.0.1", front.port))
+            new.sendall(READ)
+            assert read_answer(new) == ANSWER
+            assert closed_by_server(oldest)  # closed to make room for it
+            kept.sendall(READ)
+            assert read_answer(kept) == ANSWER  # and no other
