@@ -126,6 +126,19 @@ class Channel:
             raise ChannelClosed("the other end closed the channel")
         return data[:1], data[1:], fds
 
+    def next_kind_nowait(self) -> bytes | None:
+        """The kind of the next message, left in the channel (its descriptors too); None
+        if none is waiting. Raises ``ChannelClosed`` at the end of the stream."""
+        try:
+            kind = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise ChannelClosed(str(exc)) from None
+        if not kind:
+            raise ChannelClosed("the other end closed the channel")
+        return kind
+
     def receive_plain_nowait(self) -> tuple[bytes, bytes] | None:
         """``receive_nowait`` for a side that expects no more descriptors (the front,
         once it has its sockets): a plain ``recv``, about a third of ``recvmsg``'s cost

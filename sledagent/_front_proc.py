@@ -404,9 +404,7 @@ class FrontProcess:
         lost, failing = _Burst("http_handover_lost"), _Burst("http_accept_failing")
         try:
             while True:
-                await room_for_a_descriptor(self.channel.fileno(), table, failing)
-                message = self.channel.receive_nowait()
-                if message is None:
+                if (waiting := self.channel.next_kind_nowait()) is None:
                     if not self.serving.is_set():
                         await trio.lowlevel.wait_readable(self.channel.sock)
                         continue
@@ -414,9 +412,13 @@ class FrontProcess:
                         await trio.lowlevel.wait_readable(self.channel.sock)
                         continue
                     # One more look: this thread, not the front, may have been the one held.
-                    if (message := self.channel.receive_nowait()) is None:
+                    if (waiting := self.channel.next_kind_nowait()) is None:
                         self._stalled(f"sent nothing for {FRONT_SILENT_S} s")
                         continue  # the channel closes with it: ChannelClosed
+                if waiting == HANDOVER:  # room for its descriptor; only then (issue 16)
+                    await room_for_a_descriptor(self.channel.fileno(), table, failing)
+                if (message := self.channel.receive_nowait()) is None:
+                    continue
                 kind, payload, fds = message
                 if kind == HANDOVER and len(fds) == 1:
                     stream = stream_of(fds[0])

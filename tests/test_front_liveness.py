@@ -10,8 +10,10 @@ counters come about once a second (``_front_loop.STATS_EVERY_S``); silence from 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import re
+import resource
 import signal
 import socket
 import uuid
@@ -88,3 +90,47 @@ async def test_a_dead_fronts_connections_are_no_longer_counted_as_open(tmp_path:
             # A new connection is the agent's once it knows the front is gone.
             async with httpx.AsyncClient(base_url=info.api_url) as api:
                 assert await open_connections(api) < held
+
+
+async def test_out_of_descriptors_a_handed_over_connection_costs_one_idle_connection(
+    tmp_path: Path,
+) -> None:
+    """The agent out of descriptors closes its oldest idle connection for a connection
+    the front hands over, and no other: it made room again before it looked whether
+    anything more came, closing a second client's kept-alive connection for nothing."""
+    with trio.fail_after(DEADLINE_S):
+        # No bundle worker processes: nothing else takes or frees descriptors meanwhile.
+        async with daemon(tmp_path, archive_in="thread") as info:
+            assert info.front is not None
+            await info.front.serving.wait()  # else the agent accepts them itself
+
+            def kept_alive() -> http.client.HTTPConnection:
+                conn = http.client.HTTPConnection("127.0.0.1", port(info), timeout=DEADLINE_S)
+                conn.request("GET", "/no/such/route")  # handed over: the agent's now
+                assert conn.getresponse().read()
+                return conn
+
+            def still_answers(conn: http.client.HTTPConnection) -> bool:
+                try:
+                    conn.request("GET", "/no/such/route")
+                    return conn.getresponse().status == 404
+                except (ConnectionError, http.client.HTTPException):
+                    return False
+
+            idle = [await trio.to_thread.run_sync(kept_alive) for _ in range(4)]
+            late = socket.create_connection(("127.0.0.1", port(info)), timeout=DEADLINE_S)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            lowest_free = os.dup(late.fileno())  # descriptors are taken lowest first
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # none left
+            try:
+                late.sendall(b"GET /zones HTTP/1.1\r\nhost: a\r\n\r\n")
+                answer = await trio.to_thread.run_sync(late.recv, 65536)
+                assert answer.startswith(b"HTTP/1.1 200 "), answer
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            late.close()
+            answering = [await trio.to_thread.run_sync(still_answers, c) for c in idle]
+            for conn in idle:
+                conn.close()
+            assert answering == [False, True, True, True]  # the oldest made room

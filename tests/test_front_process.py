@@ -220,6 +220,8 @@ async def test_a_request_handed_over_when_the_agent_has_no_descriptor_left_is_an
     with trio.fail_after(DEADLINE_S):
         # No bundle worker processes: nothing else takes or frees descriptors meanwhile.
         async with daemon(tmp_path, archive_in="thread") as info:
+            assert info.front is not None
+            await info.front.serving.wait()  # else the agent accepts them itself
 
             def kept_alive() -> http.client.HTTPConnection:
                 conn = http.client.HTTPConnection("127.0.0.1", port(info), timeout=DEADLINE_S)
