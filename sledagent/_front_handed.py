@@ -54,7 +54,8 @@ async def room_for_a_descriptor(probe: int, table: ConnectionTable, failing: _Bu
     room instead (``_server``: issue 16), so does this: the oldest idle connection is
     closed, or with none idle it waits until one of ours ends (or a backoff of up to
     1 s, for descriptors held elsewhere in the process). Counted as an accept error
-    (``EMFILE``), logged once per burst. One ``dup`` and ``close`` per message."""
+    (``EMFILE``), logged once per burst. One ``dup`` and ``close`` per handover (called
+    only when one waits in the channel: ``Channel.next_kind_nowait``)."""
     backoff = _BACKOFF_S[0]
     while True:
         try:
