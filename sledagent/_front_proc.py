@@ -28,7 +28,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Sequence
 
@@ -38,7 +37,7 @@ import structlog
 import trio
 import trio_util
 
-from ._admission import CPU_WAIT_SHED, AdmissionStatistics, CpuWait, ReadAdmission, loop_lag
+from ._admission import AdmissionStatistics, CpuWait, ReadAdmission
 from ._front_channel import (
     ANSWERS,
     HANDOVER,
@@ -54,6 +53,7 @@ from ._front_channel import (
     encode_answers,
 )
 from ._front_handed import AnswersSentFirst, count, room_for_a_descriptor, stream_of
+from ._front_publishing import PublishingWatch
 from ._http import STATS as HTTP_STATS
 from ._http import ASGIApp, ConnectionTable, HttpStatistics
 from ._http_common import Burst as _Burst
@@ -73,9 +73,6 @@ FRONT_STALL_S = 10.0
 #: stopped running (SIGSTOP, wedged) with no change waiting for it held every new
 #: connection in the listen backlog, unnoticed.
 FRONT_SILENT_S = 10.0
-#: How often, at most, the agent looks whether it publishes behind time while its
-#: thread lags (``_watch_publishing``).
-PUBLISHING_EVERY_S = 0.02
 
 
 #: The front's interpreter imports only the modules it runs, not the package's
@@ -114,14 +111,23 @@ class FrontProcess:
         self.stats: FrontStats | None = None
         #: Set once the front accepts on the API's sockets.
         self.serving = trio.Event()
-        #: The agent's lag the front was last told of (``PUBLISHING``; 0.0: none).
-        self.told_publishing = 0.0
-        #: How much of the time the agent's thread waits for a CPU (tests: their own).
-        self.cpu_wait: CpuWait = CpuWait()
+        #: When the front must refuse reads (``PUBLISHING``): "publication first".
+        self.publishing = PublishingWatch(lambda payload: self._send(PUBLISHING, payload))
         self._token: trio.lowlevel.TrioToken | None = None
-        self._checked = 0.0
-        #: Set (through the token) when the front is told to refuse reads.
-        self._publishing_on = trio.Event()
+
+    @property
+    def told_publishing(self) -> float:
+        """The agent's lag the front was last told of (``PUBLISHING``; 0.0: none)."""
+        return self.publishing.told
+
+    @property
+    def cpu_wait(self) -> CpuWait:
+        """How much of the time the agent's thread waits for a CPU (tests: their own)."""
+        return self.publishing.cpu_wait
+
+    @cpu_wait.setter
+    def cpu_wait(self, value: CpuWait) -> None:
+        self.publishing.cpu_wait = value
 
     @classmethod
     async def start(cls) -> FrontProcess:
@@ -293,11 +299,11 @@ class FrontProcess:
                 action="the agent serves the API itself",
             )
 
-        unwatch = self._watch_publishing(admission) if admission is not None else None
+        unwatch = self.watch_publishing(admission) if admission is not None else None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush)
-                nursery.start_soon(self._publishing_ends)
+                nursery.start_soon(self.publishing.ends)
                 async with trio.open_nursery() as serving:
                     serving.start_soon(
                         lambda: serve_listeners(
@@ -327,71 +333,11 @@ class FrontProcess:
                 listener.socket.close()
             await self.aclose()
 
-    def _watch_publishing(self, admission: ReadAdmission) -> Callable[[], None]:
-        """Tell the front, when it changes, whether reads must step aside for halts being
-        published (``ReadAdmission``'s "publication first", decided in the front: a read
-        refused there is refused at once, not after waiting for this thread); returns
-        the function that stops watching.
-
-        They must when halts are under way (``backlog``), this thread lags (a scheduler
-        batch longer than ``publishing_lag_s``) *and* it waits for a CPU (``CpuWait``:
-        more than ``CPU_WAIT_SHED`` of the time since it last looked): the reads the front
-        answers, and their clients on the same host, then take CPU the publication
-        needs. With a core of its own (a large host) the agent's lag is its own work,
-        and reads answered on another core cost it nothing: they are not shed.
-
-        Watched at the end of each batch (``LoopLag.on_batch``), not by a timer: one
-        comparison per batch while the thread keeps up; the backlog and the CPU wait
-        are looked at every ``PUBLISHING_EVERY_S`` at most while it lags. The value
-        sent is the batch's length."""
-        threshold = admission.limits.publishing_lag_s
+    def watch_publishing(self, admission: ReadAdmission) -> Callable[[], None]:
+        """Tell the front when reads must step aside for halts being published
+        (``PublishingWatch``); returns the function that stops watching."""
         self._token = trio.lowlevel.current_trio_token()
-        lag = loop_lag()
-
-        def batch_ended(batch_s: float) -> None:
-            told = self.told_publishing
-            if batch_s <= threshold:
-                if told > 0:  # it keeps up again: reads are served at once
-                    self._tell(0.0)
-                return
-            now = time.monotonic()
-            if now - self._checked < PUBLISHING_EVERY_S:
-                return
-            self._checked = now
-            if admission.backlog() <= 0 or self.cpu_wait.fraction() < CPU_WAIT_SHED:
-                batch_s = 0.0
-            if (batch_s > 0) != (told > 0) or abs(batch_s - told) > threshold * 4:
-                self._tell(batch_s)
-
-        lag.on_batch = batch_ended
-
-        def stop() -> None:
-            if lag.on_batch is batch_ended:
-                lag.on_batch = None
-
-        return stop
-
-    def _tell(self, behind: float) -> None:
-        self.told_publishing = behind
-        self._send(PUBLISHING, msgspec.msgpack.encode(behind))
-        if behind > 0 and self._token is not None:  # from an instrument: only the token
-            self._token.run_sync_soon(self._publishing_on.set)
-
-    async def _publishing_ends(self) -> None:
-        """While the front refuses reads, wake this thread every ``PUBLISHING_EVERY_S``.
-
-        Why: "publication first" is turned off at the end of a short batch; an agent that
-        goes idle right after the long batch that turned it on runs no further batch (no
-        I/O, no timer due), and the front went on refusing every read until something
-        else woke the agent (the front's counters, a second later). The wake-up is a
-        batch of its own: short when idle, so the front is told to serve again. No timer
-        while the front serves."""
-        while True:
-            await self._publishing_on.wait()
-            self._publishing_on = trio.Event()
-            await trio.sleep(PUBLISHING_EVERY_S)  # its end is a batch: it looks again
-            if self.told_publishing > 0:
-                self._publishing_on.set()
+        return self.publishing.watch(admission, self._token)
 
     async def _receive(
         self,

@@ -569,9 +569,9 @@ async def test_the_front_serves_reads_again_when_the_agent_goes_idle_after_a_lon
 
     with trio.fail_after(DEADLINE_S):
         async with trio.open_nursery() as nursery:
-            unwatch = front._watch_publishing(admission)
+            unwatch = front.watch_publishing(admission)
             nursery.start_soon(front._flush)
-            nursery.start_soon(front._publishing_ends)
+            nursery.start_soon(front.publishing.ends)
             go, never = trio.Event(), trio.Event()
 
             async def long_batch_then_idle() -> None:
