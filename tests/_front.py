@@ -74,3 +74,13 @@ def while_blocked(fn: Callable[[], T]) -> T:
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]  # type: ignore[no-any-return]
+
+
+def kept_alive_on_the_agent(port: int) -> http.client.HTTPConnection:
+    """A kept-alive connection the front process has handed to the agent (a request
+    that is not a state read moves it there), its first answer read. Blocking: run it
+    in a thread."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
+    conn.request("GET", "/no/such/route")  # handed over: the agent's now
+    assert conn.getresponse().read()
+    return conn

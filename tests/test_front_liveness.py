@@ -26,6 +26,7 @@ import trio
 from sledagent import _front_proc as front_proc
 from sledagent._front_loop import STATS_EVERY_S
 
+from ._front import kept_alive_on_the_agent
 from .test_front_process import daemon, port
 
 DEADLINE_S = 60
@@ -105,10 +106,7 @@ async def test_out_of_descriptors_a_handed_over_connection_costs_one_idle_connec
             await info.front.serving.wait()  # else the agent accepts them itself
 
             def kept_alive() -> http.client.HTTPConnection:
-                conn = http.client.HTTPConnection("127.0.0.1", port(info), timeout=DEADLINE_S)
-                conn.request("GET", "/no/such/route")  # handed over: the agent's now
-                assert conn.getresponse().read()
-                return conn
+                return kept_alive_on_the_agent(port(info))
 
             def still_answers(conn: http.client.HTTPConnection) -> bool:
                 try:

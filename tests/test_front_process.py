@@ -44,7 +44,7 @@ from sledagent._http import HttpLimits
 from sledagent._server import bind_listeners
 from sledagent.testing import RetryOverloaded, ensure_body_json, fast_config, open_fake_agent
 
-from ._front import http_get, while_blocked
+from ._front import http_get, kept_alive_on_the_agent, while_blocked
 
 DEADLINE_S = 60
 T = TypeVar("T")
@@ -224,10 +224,7 @@ async def test_a_request_handed_over_when_the_agent_has_no_descriptor_left_is_an
             await info.front.serving.wait()  # else the agent accepts them itself
 
             def kept_alive() -> http.client.HTTPConnection:
-                conn = http.client.HTTPConnection("127.0.0.1", port(info), timeout=DEADLINE_S)
-                conn.request("GET", "/no/such/route")  # handed over: the agent's now
-                assert conn.getresponse().read()
-                return conn
+                return kept_alive_on_the_agent(port(info))
 
             idle = [await trio.to_thread.run_sync(kept_alive) for _ in range(4)]
             late = socket.create_connection(("127.0.0.1", port(info)), timeout=DEADLINE_S)
